@@ -1,0 +1,1 @@
+"""Thin ``mmalign`` subcommands: parse arguments, call one library function."""

@@ -1,0 +1,217 @@
+"""Plumbing shared by every recipe: accelerator, optimizer, schedule, data order, logging, checkpoints.
+
+Free functions, no base class: each ``train_*`` loop reads top to bottom and calls these.
+
+Data order and exact resume: the order of examples is a pure function of (seed, epoch), and optimizer step
+``s`` always consumes the same global batch (``batch_indices``). A checkpoint therefore only needs the step
+number besides model/optimizer/scheduler/RNG state, and a resumed run continues with exactly the batches an
+uninterrupted run would have seen. Each process takes its own slice of the global batch
+(``process_slice``); gradient accumulation runs through ``accelerator.accumulate`` so the same loop works
+under DDP, DeepSpeed and FSDP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + schedule. ``projector_lr`` gives the vision-language projector its own rate (None: ``lr``)."""
+
+    lr: float = 1e-4
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or (self.projector_lr is not None and self.projector_lr <= 0):
+            raise ValueError("learning rates must be > 0")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, its seed, precision, and how often it logs and checkpoints (0 = at the end only)."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("log_every >= 1, save_every >= 0 and keep_checkpoints >= 1 are required")
+
+
+def make_accelerator(run: RunConfig, grad_accum: int = 1) -> Accelerator:
+    """An Accelerator for this run; devices and process layout come from ``accelerate launch``."""
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        project_dir=run.output_dir,
+    )
+    set_seed(run.seed)
+    return accelerator
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig,
+                    projector_params: Iterable[str] = ()) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; names in ``projector_params`` get ``optim.projector_lr``."""
+    projector = set(projector_params)
+    main, proj = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (proj if optim.projector_lr is not None and name in projector else main).append(param)
+    if not main and not proj:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": main, "lr": optim.lr}]
+    if proj:
+        groups.append({"params": proj, "lr": optim.projector_lr})
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    """Warmup then cosine / linear decay or constant, over ``total_steps`` optimizer steps."""
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[optim.schedule]
+    warmup = math.ceil(optim.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    if n_examples < global_batch:
+        raise ValueError(f"{n_examples} examples are fewer than one global batch of {global_batch}")
+    return n_examples // global_batch
+
+
+def batch_indices(n_examples: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Example indices of the global batch consumed at optimizer step ``step`` (0-based).
+
+    Epoch ``e`` uses the permutation seeded by ``seed + e``; the tail that does not fill a batch is dropped.
+    """
+    per_epoch = steps_per_epoch(n_examples, global_batch)
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[k * global_batch:(k + 1) * global_batch].tolist()
+
+
+def process_slice(indices: list[int], accelerator: Accelerator) -> list[int]:
+    """This process's contiguous share of a global batch (equal shares; global batch % processes == 0)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if len(indices) % world:
+        raise ValueError(f"global batch {len(indices)} is not divisible by {world} processes")
+    share = len(indices) // world
+    return indices[rank * share:(rank + 1) * share]
+
+
+class MetricsLogger:
+    """Per-step metrics to ``metrics.jsonl`` (and TensorBoard) on the main process.
+
+    On resume from step ``resume_step``, lines of later steps left by the killed run are dropped first, so
+    the log holds every step exactly once.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: str | Path, step: int, extra: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Save model, optimizer, registered objects (scheduler) and RNG states after optimizer step ``step``.
+
+    The state is written to a temporary folder and renamed, and ``trainer_state.json`` is written last, so a
+    kill mid-save never leaves a checkpoint that ``latest_checkpoint`` would pick.
+    """
+    root = _checkpoint_dir(out_dir)
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **extra}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(p for p in root.glob("step_*") if p.suffix != ".tmp")[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``out_dir`` or None."""
+    root = _checkpoint_dir(out_dir)
+    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).exists() and p.suffix != ".tmp")
+    return done[-1] if done else None
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` saved; returns its ``trainer_state.json`` (with ``step``)."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str):
+    """A tqdm progress bar with ETA on the main process."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)

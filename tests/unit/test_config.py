@@ -1,0 +1,56 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import yaml
+
+from mmalign.config import ConfigError, config_hash, load_config, save_config
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass
+class Recipe:
+    name: str = "x"
+    steps: int = 10
+    splits: list[str] = field(default_factory=lambda: ["a"])
+    projector_lr: float | None = None
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_yaml_then_overrides_with_nested_defaults_kept(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"steps": 3, "optim": {"schedule": "constant"}}))
+    cfg = load_config(Recipe, path, ["optim.lr=2e-5", "splits=[p, q]", "projector_lr=1"])
+    assert cfg.steps == 3 and cfg.optim.schedule == "constant" and cfg.optim.lr == 2e-5
+    assert cfg.splits == ["p", "q"] and cfg.projector_lr == 1.0 and isinstance(cfg.projector_lr, float)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown key(s) ['lrr']"),
+        (["stepz=1"], "unknown key(s) ['stepz']"),
+        (["steps=many"], "steps: expected int"),
+        (["optim.schedule=linear"], "'linear' is not one of"),
+        (["steps"], "not of the form key.sub=value"),
+        (["steps=true"], "steps: expected int"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(Recipe, None, overrides)
+    assert message in str(err.value)
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(Recipe, None, ["steps=7", "optim.lr=0.5"])
+    path = save_config(cfg, tmp_path)
+    assert path.read_text().startswith(f"# config_hash: {config_hash(cfg)}")
+    again = load_config(Recipe, path)
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config(Recipe, None, ["steps=8"])) != config_hash(cfg)

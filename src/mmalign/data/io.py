@@ -1,0 +1,80 @@
+"""File-level reading and writing of record rows: JSONL lines and Parquet tables (no record logic).
+
+Parquet layout of a record file: ``id: string``, ``images: list<struct<path: string, bytes: binary>>``
+(one of path/bytes set per image, the storage layout of ``datasets.Image``), ``prompt: string`` (JSON:
+a string or a list of chat messages), ``chosen: string``, ``rejected: list<string>``, ``source: string``,
+``meta: string`` (JSON object). Files are written to a temporary name and renamed, so a crashed writer
+never leaves a half file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PARQUET_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("images", pa.list_(pa.struct([("path", pa.string()), ("bytes", pa.binary())]))),
+    ("prompt", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.list_(pa.string())),
+    ("source", pa.string()),
+    ("meta", pa.string()),
+])
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each non-blank line (1-based, as an editor shows them)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            if text.strip():
+                yield number, text
+
+
+def write_jsonl(path: str | Path, objects: Iterable[Any]) -> None:
+    """One compact JSON object per line, UTF-8; NaN/inf refused (JSON has no such numbers)."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for obj in objects:
+            handle.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def read_parquet_rows(path: str | Path, batch_size: int = 256) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(row number, row dict)`` of a Parquet file (1-based), read in batches to bound memory."""
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def write_parquet(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Record dicts (images as ``str | bytes``) -> a Parquet file in ``PARQUET_SCHEMA``."""
+    columns: dict[str, list[Any]] = {name: [] for name in PARQUET_SCHEMA.names}
+    for row in rows:
+        columns["id"].append(row["id"])
+        columns["images"].append([
+            {"path": None, "bytes": ref} if isinstance(ref, bytes) else {"path": ref, "bytes": None}
+            for ref in row["images"]
+        ])
+        columns["prompt"].append(json.dumps(row["prompt"], ensure_ascii=False))
+        columns["chosen"].append(row["chosen"])
+        columns["rejected"].append(row["rejected"])
+        columns["source"].append(row["source"])
+        columns["meta"].append(json.dumps(row["meta"], ensure_ascii=False, allow_nan=False))
+    path = Path(path)
+    tmp = _tmp_path(path)
+    pq.write_table(pa.table(columns, schema=PARQUET_SCHEMA), tmp)
+    tmp.replace(path)

@@ -1,0 +1,389 @@
+"""The one record format every stage reads and writes, validated at the boundary.
+
+A ``PreferenceRecord`` is one prompt with its images, one chosen answer and zero or more rejected answers
+(several rejected per chosen are allowed; SFT sets and BDHS inputs carry ``rejected == []``). On disk:
+
+- JSONL: one JSON object per line with exactly the keys ``id, images, prompt, chosen, rejected, source,
+  meta`` (``source`` and ``meta`` may be left out); an embedded image is ``{"bytes": "<base64>"}``.
+- Parquet: the same columns; images as ``list<struct<path: string, bytes: binary>>`` (the layout of a
+  ``datasets.Image`` column), ``prompt`` and ``meta`` as JSON text (see ``mmalign.data.io``).
+
+Every record read is checked (types, empty texts, rejected == chosen, non-finite numbers in ``meta``,
+duplicate ids, unknown keys, prompt/image count, each image file confined to the data root and decodable).
+A bad record raises ``RecordError`` naming file, line, record id and field, or, with ``skip_invalid_to``,
+is written to that JSONL file and skipped. ``write_records`` checks the same fields (not the image files,
+which live under a root the writer does not know) and writes a provenance sidecar when given one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmalign.data import io
+from mmalign.data.chat import to_messages
+from mmalign.data.images import ImageError, open_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreferenceRecord", "RecordError", "FieldError", "check_fields", "check_images", "validate_records",
+           "read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path"]
+
+RECORD_KEYS = ("id", "images", "prompt", "chosen", "rejected", "source", "meta")
+_REQUIRED_KEYS = ("id", "images", "prompt", "chosen", "rejected")
+_ROLES = ("system", "user", "assistant")
+_PROVENANCE_RESERVED = ("count", "created")
+
+
+@dataclass
+class PreferenceRecord:
+    """One prompt + images with a chosen answer and ``len(rejected) >= 0`` rejected answers.
+
+    ``images``: paths relative to a data root, or encoded image bytes. ``prompt``: text with optional
+    ``<image>`` markers, or HF chat messages ending with a user turn. ``meta``: JSON values only
+    (e.g. ``reward_margin``, provenance of the pair).
+    """
+
+    id: str
+    images: list[str | bytes]
+    prompt: str | list[dict]
+    chosen: str
+    rejected: list[str]
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+class RecordError(ValueError):
+    """A record that breaks the format; the message names file, line, record id and field."""
+
+    def __init__(self, reason: str, *, file: str | None = None, line: int | None = None,
+                 record_id: str | None = None, field: str | None = None):
+        self.reason, self.file, self.line, self.record_id, self.field = reason, file, line, record_id, field
+        where = [file, f"line {line}" if line is not None else None,
+                 f"record {record_id!r}" if record_id is not None else None,
+                 f"field {field!r}" if field is not None else None]
+        super().__init__(", ".join(w for w in where if w is not None) + f": {reason}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "id": self.record_id, "field": self.field,
+                "reason": self.reason}
+
+
+class FieldError(ValueError):
+    """A problem in one field of one record, before file/line are known (turned into RecordError)."""
+
+    def __init__(self, field: str | None, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+def _type_error(where: str, expected: str, value: Any) -> FieldError:
+    return FieldError(where, f"expected {expected}, got {type(value).__name__}")
+
+
+def _check_text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _type_error(where, "a string", value)
+    if not value.strip():
+        raise FieldError(where, "empty text")
+    return value
+
+
+def _check_json_value(value: Any, where: str) -> None:
+    """meta must round-trip through JSON with finite numbers (a NaN margin would poison a loss)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(where, f"non-finite number {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _type_error(where, "string keys", key)
+            _check_json_value(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_value(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        raise _type_error(where, "a JSON value", value)
+
+
+def _check_content_part(part: Any, where: str) -> None:
+    if not isinstance(part, dict):
+        raise _type_error(where, "a content part object", part)
+    kind = part.get("type")
+    if kind == "image":
+        if set(part) != {"type"}:
+            raise FieldError(where, f"image parts carry only 'type' (images live in 'images'), got {sorted(part)}")
+    elif kind == "text":
+        if set(part) != {"type", "text"}:
+            raise FieldError(where, f"text parts carry exactly 'type' and 'text', got {sorted(part)}")
+        _check_text(part["text"], f"{where}.text")
+    else:
+        raise FieldError(f"{where}.type", f"expected 'text' or 'image', got {kind!r}")
+
+
+def _check_messages(prompt: list) -> None:
+    if not prompt:
+        raise FieldError("prompt", "empty message list")
+    for i, message in enumerate(prompt):
+        where = f"prompt[{i}]"
+        if not isinstance(message, dict):
+            raise _type_error(where, "a message object", message)
+        if set(message) != {"role", "content"}:
+            raise FieldError(where, f"a message has exactly the keys 'role' and 'content', got {sorted(message)}")
+        if message["role"] not in _ROLES:
+            raise FieldError(f"{where}.role", f"expected one of {list(_ROLES)}, got {message['role']!r}")
+        content = message["content"]
+        if isinstance(content, list):
+            if not content:
+                raise FieldError(f"{where}.content", "empty content list")
+            for j, part in enumerate(content):
+                _check_content_part(part, f"{where}.content[{j}]")
+        else:
+            _check_text(content, f"{where}.content")
+    if prompt[-1]["role"] != "user":
+        raise FieldError(f"prompt[{len(prompt) - 1}].role", "the last message must be the user's turn")
+
+
+def _check_keys(raw: dict) -> None:
+    unknown = [k for k in raw if k not in RECORD_KEYS]
+    if unknown:
+        raise FieldError(unknown[0], f"unknown key(s) {unknown}; a record has only {list(RECORD_KEYS)}")
+    for key in _REQUIRED_KEYS:
+        if key not in raw:
+            raise FieldError(key, "missing required key")
+
+
+def check_fields(raw: Any, *, min_rejected: int = 0) -> PreferenceRecord:
+    """Check everything but the image files of one decoded record dict; raises FieldError."""
+    if not isinstance(raw, dict):
+        raise _type_error(None, "a JSON object", raw)
+    _check_keys(raw)
+    rid = _check_text(raw["id"], "id")
+    images = raw["images"]
+    if not isinstance(images, list):
+        raise _type_error("images", "a list", images)
+    for i, ref in enumerate(images):
+        if not isinstance(ref, (str, bytes)) or not ref:
+            raise FieldError(f"images[{i}]", f"expected a non-empty path or image bytes, got {ref!r:.60}")
+    prompt = raw["prompt"]
+    if isinstance(prompt, list):
+        _check_messages(prompt)
+    else:
+        _check_text(prompt, "prompt")
+    try:
+        to_messages(prompt, len(images))
+    except ValueError as err:
+        raise FieldError("prompt", str(err)) from err
+    chosen = _check_text(raw["chosen"], "chosen")
+    rejected = raw["rejected"]
+    if not isinstance(rejected, list):
+        raise _type_error("rejected", "a list", rejected)
+    for i, answer in enumerate(rejected):
+        if _check_text(answer, f"rejected[{i}]").strip() == chosen.strip():
+            raise FieldError(f"rejected[{i}]", "identical to chosen")
+    if len(rejected) < min_rejected:
+        raise FieldError("rejected", f"{len(rejected)} rejected answer(s), at least {min_rejected} required")
+    source = raw.get("source", "")
+    if not isinstance(source, str):
+        raise _type_error("source", "a string", source)
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise _type_error("meta", "an object", meta)
+    _check_json_value(meta, "meta")
+    return PreferenceRecord(rid, list(images), prompt, chosen, list(rejected), source, dict(meta))
+
+
+def check_images(record: PreferenceRecord, data_root: str | Path) -> None:
+    """Open every image of a record (confined to ``data_root``, fully decoded); raises FieldError."""
+    for i, ref in enumerate(record.images):
+        try:
+            open_image(ref, data_root)
+        except ImageError as err:
+            raise FieldError(f"images[{i}]", str(err)) from err
+
+
+def validate_records(rows: Iterable[tuple[int, Any]], decode: Callable[[Any], Any], *, file: str,
+                     data_root: str | Path, min_rejected: int = 0,
+                     skip_invalid_to: str | Path | None = None) -> list[PreferenceRecord]:
+    """Decode + check numbered raw rows into records, raising or skipping per record.
+
+    ``rows``: ``(line, raw)`` pairs; ``decode``: raw -> record dict (may raise FieldError). Without
+    ``skip_invalid_to`` the first bad record raises RecordError; with it, bad ones go to that JSONL.
+    """
+    records: list[PreferenceRecord] = []
+    errors: list[RecordError] = []
+    first_line: dict[str, int] = {}
+    for line, raw in rows:
+        decoded: Any = None
+        try:
+            decoded = decode(raw)
+            record = check_fields(decoded, min_rejected=min_rejected)
+            if record.id in first_line:
+                raise FieldError("id", f"duplicate id (first at line {first_line[record.id]})")
+            check_images(record, data_root)
+        except FieldError as err:
+            rid = decoded.get("id") if isinstance(decoded, dict) and isinstance(decoded.get("id"), str) else None
+            error = RecordError(err.reason, file=file, line=line, record_id=rid, field=err.field)
+            if skip_invalid_to is None:
+                raise error from err
+            errors.append(error)
+            continue
+        first_line[record.id] = line
+        records.append(record)
+    if skip_invalid_to is not None:
+        io.write_jsonl(skip_invalid_to, [e.as_dict() for e in errors])
+        if errors:
+            logger.warning("%s: skipped %d invalid record(s), listed in %s", file, len(errors), skip_invalid_to)
+    return records
+
+
+def _decode_json_line(text: str) -> Any:
+    """One JSONL line -> record dict with ``{"bytes": base64}`` images decoded to bytes."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FieldError(None, f"not valid JSON: {err}") from err
+    if isinstance(raw, dict) and isinstance(raw.get("images"), list):
+        raw["images"] = [_decode_json_image(ref, i) for i, ref in enumerate(raw["images"])]
+    return raw
+
+
+def _decode_json_image(ref: Any, index: int) -> Any:
+    if not isinstance(ref, dict):
+        return ref
+    if set(ref) != {"bytes"} or not isinstance(ref["bytes"], str):
+        raise FieldError(f"images[{index}]", f"an embedded image is {{'bytes': <base64 string>}}, got keys {sorted(ref)}")
+    try:
+        return base64.b64decode(ref["bytes"], validate=True)
+    except binascii.Error as err:
+        raise FieldError(f"images[{index}]", f"invalid base64: {err}") from err
+
+
+def _decode_image_struct(ref: Any, index: int) -> Any:
+    """``{"path", "bytes"}`` (Parquet / ``datasets.Image`` storage) -> bytes when present, else the path."""
+    if not isinstance(ref, dict):
+        return ref
+    if set(ref) != {"path", "bytes"} or (ref["bytes"] is None and ref["path"] is None):
+        raise FieldError(f"images[{index}]", f"an image struct has 'path' or 'bytes' set, got {ref!r:.80}")
+    return ref["bytes"] if ref["bytes"] is not None else ref["path"]
+
+
+def _decode_parquet_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of a record Parquet file (JSON ``prompt``/``meta``, image structs) -> record dict."""
+    row = dict(row)
+    for key in ("prompt", "meta"):
+        if isinstance(row.get(key), str):
+            try:
+                row[key] = json.loads(row[key])
+            except json.JSONDecodeError as err:
+                raise FieldError(key, f"not valid JSON text: {err}") from err
+    if isinstance(row.get("images"), list):
+        row["images"] = [_decode_image_struct(ref, i) for i, ref in enumerate(row["images"])]
+    return row
+
+
+def _decode_dataset_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``datasets`` row in record layout -> record dict.
+
+    Arrow gives every struct the union of keys across rows, so message parts come back as
+    ``{"type": "image", "text": None}``; the None-valued keys are dropped.
+    """
+    row = dict(row)
+    if isinstance(row.get("images"), list):
+        row["images"] = [_decode_image_struct(ref, i) for i, ref in enumerate(row["images"])]
+    if isinstance(row.get("prompt"), list):
+        row["prompt"] = [
+            m | {"content": [{k: v for k, v in p.items() if v is not None} for p in m["content"]]}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+            for m in row["prompt"]
+        ]
+    return row
+
+
+def records_from_dataset(ds: Any, *, data_root: str | Path, min_rejected: int = 0,
+                         skip_invalid_to: str | Path | None = None, name: str = "<dataset>") -> list[PreferenceRecord]:
+    """Validate a ``datasets.Dataset`` whose columns are the record keys into records.
+
+    Rows are read from the Arrow storage, so ``datasets.Image`` columns arrive as encoded bytes (never
+    decoded and re-encoded). ``name`` stands in for the file name in errors; "line" is the row number.
+    """
+    def rows() -> Iterable[tuple[int, dict[str, Any]]]:
+        number = 0
+        for table in ds.with_format("arrow").iter(batch_size=256):
+            for row in table.to_pylist():
+                number += 1
+                yield number, row
+
+    return validate_records(rows(), _decode_dataset_row, file=name, data_root=data_root,
+                            min_rejected=min_rejected, skip_invalid_to=skip_invalid_to)
+
+
+def record_to_json(record: PreferenceRecord) -> dict[str, Any]:
+    """The JSONL object of a record (bytes images as base64)."""
+    images = [{"bytes": base64.b64encode(r).decode("ascii")} if isinstance(r, bytes) else r for r in record.images]
+    return {"id": record.id, "images": images, "prompt": record.prompt, "chosen": record.chosen,
+            "rejected": record.rejected, "source": record.source, "meta": record.meta}
+
+
+def read_records(path: str | Path, *, data_root: str | Path | None = None, min_rejected: int = 0,
+                 skip_invalid_to: str | Path | None = None) -> list[PreferenceRecord]:
+    """Read and validate a ``.jsonl`` or ``.parquet`` record file.
+
+    Image paths are relative to ``data_root`` (default: the file's folder). Raises RecordError on the first
+    bad record, or with ``skip_invalid_to`` writes the bad ones there (file, line, id, field, reason).
+    """
+    path = Path(path)
+    root = Path(data_root) if data_root is not None else path.parent
+    if path.suffix == ".jsonl":
+        rows, decode = io.read_jsonl_lines(path), _decode_json_line
+    elif path.suffix == ".parquet":
+        rows, decode = io.read_parquet_rows(path), _decode_parquet_row
+    else:
+        raise ValueError(f"{path}: unknown record file type {path.suffix!r}; expected .jsonl or .parquet")
+    return validate_records(rows, decode, file=str(path), data_root=root, min_rejected=min_rejected,
+                            skip_invalid_to=skip_invalid_to)
+
+
+def write_records(path: str | Path, records: Iterable[PreferenceRecord], provenance: dict | None = None) -> None:
+    """Write records as ``.jsonl`` or ``.parquet`` after checking their fields.
+
+    With ``provenance`` (e.g. ``{"sampler": "bdhs", "seed": 0, "model": ..., "config_hash": ...}``) a
+    sidecar ``<file>.provenance.json`` is written with ``count`` and ``created`` (UTC) added.
+    """
+    path = Path(path)
+    records = list(records)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: unknown record file type {path.suffix!r}; expected .jsonl or .parquet")
+    if provenance is not None and any(k in provenance for k in _PROVENANCE_RESERVED):
+        raise ValueError(f"provenance keys {list(_PROVENANCE_RESERVED)} are filled in by write_records")
+    seen: set[str] = set()
+    for line, record in enumerate(records, start=1):
+        try:
+            check_fields(record_to_json(record) | {"images": record.images})
+            if record.id in seen:
+                raise FieldError("id", "duplicate id")
+        except FieldError as err:
+            raise RecordError(err.reason, file=str(path), line=line, record_id=str(record.id), field=err.field) from err
+        seen.add(record.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        io.write_jsonl(path, [record_to_json(r) for r in records])
+    else:
+        io.write_parquet(path, [record_to_json(r) | {"images": r.images} for r in records])
+    if provenance is not None:
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        sidecar = dict(provenance) | {"count": len(records), "created": created}
+        provenance_path(path).write_text(json.dumps(sidecar, indent=2, allow_nan=False) + "\n")
+
+
+def provenance_path(path: str | Path) -> Path:
+    """``<file>.provenance.json`` beside a record file."""
+    path = Path(path)
+    return path.with_name(path.name + ".provenance.json")

@@ -1,0 +1,92 @@
+"""The ShapesWorld lab's co-occurrence hallucination metrics (issue 3), from ``bias.json`` pairs.
+
+A bias pair ``(trigger, partner)`` means the partner co-occurred with the trigger with probability p in
+the SFT data, so a model leaning on its language prior names the partner when only the trigger is there.
+
+Caption level, over captions of images that contain a trigger but not its partner (one unit per such
+(caption, pair); a caption is resampled with all its units):
+    partner_rate               = #units whose caption names the absent partner / #units
+    partner_rate_given_trigger = #units naming both trigger and absent partner / #units naming the trigger
+
+POPE level, over "no" questions:
+    yes_rate_partner = yes-rate on adversarial-split questions about an absent bias partner (the lab's
+                       adversarial split asks exactly for the absent partners of present triggers)
+    yes_rate_random  = yes-rate on random-split questions about objects that are no bias partner
+    yes_rate_gap     = yes_rate_partner - yes_rate_random   (> 0: the prior pulls answers to "yes")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mmalign.evaluation.stats import ratio
+
+ADVERSARIAL_SPLIT = "adversarial"
+RANDOM_SPLIT = "random"
+
+
+def cooccur_record(chair_record: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> dict[str, Any] | None:
+    """Per-caption units ``{"trigger", "partner", "trigger_named", "partner_named"}``, or None if none apply.
+
+    ``chair_record`` is a record of ``chair.chair_record`` (its ``truth`` and ``mentions``).
+    """
+    present = set(chair_record["truth"])
+    named = {cls for _, cls in chair_record["mentions"]}
+    units = [
+        {"trigger": t, "partner": p, "trigger_named": t in named, "partner_named": p in named}
+        for t, p in pairs if t in present and p not in present
+    ]
+    if not units:
+        return None
+    return {"id": chair_record["id"], "answer": chair_record["answer"], "units": units}
+
+
+def cooccur_columns(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-caption unit counts, each of shape ``[n]`` (n = captions with at least one unit)."""
+    def count(fn: Any) -> np.ndarray:
+        return np.array([sum(1 for u in r["units"] if fn(u)) for r in records], dtype=float)
+
+    return {
+        "units": count(lambda u: True),
+        "partner_named": count(lambda u: u["partner_named"]),
+        "trigger_named": count(lambda u: u["trigger_named"]),
+        "both_named": count(lambda u: u["trigger_named"] and u["partner_named"]),
+    }
+
+
+COOCCUR_METRICS = {
+    "partner_rate": lambda s: ratio(s["partner_named"], s["units"]),
+    "partner_rate_given_trigger": lambda s: ratio(s["both_named"], s["trigger_named"]),
+}
+
+
+def pope_bias_columns(pope_records: Sequence[dict[str, Any]],
+                      pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Indicators over the "no" questions of the two groups, each of shape ``[n]``.
+
+    ``pope_records``: scorer records with ``split``, ``object``, ``truth`` and ``parsed``.
+    """
+    partners = {p for _, p in pairs}
+    rows = []
+    for r in pope_records:
+        if r["truth"] != "no":
+            continue
+        is_partner = r["split"] == ADVERSARIAL_SPLIT and r["object"] in partners
+        is_random = r["split"] == RANDOM_SPLIT and r["object"] not in partners
+        if is_partner or is_random:
+            rows.append((is_partner, is_random, r["parsed"] == "yes"))
+    table = np.array(rows, dtype=float).reshape(-1, 3)
+    return {
+        "partner": table[:, 0], "partner_yes": table[:, 0] * table[:, 2],
+        "random": table[:, 1], "random_yes": table[:, 1] * table[:, 2],
+    }
+
+
+POPE_BIAS_METRICS = {
+    "yes_rate_partner": lambda s: ratio(s["partner_yes"], s["partner"]),
+    "yes_rate_random": lambda s: ratio(s["random_yes"], s["random"]),
+    "yes_rate_gap": lambda s: ratio(s["partner_yes"], s["partner"]) - ratio(s["random_yes"], s["random"]),
+}

@@ -1,0 +1,99 @@
+"""Answer log-probs of a VLM: per token, summed per sequence, and split into chosen / K rejected.
+
+Batches come from ``mmalign.data.collate`` (``labels`` = -100 except on answer tokens). Logits are computed
+only where they are needed: the model's ``logits_to_keep`` takes a boolean [N, T] mask of the positions that
+predict an answer token, so the [N, T, V] logit tensor of prompt and image positions is never built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from mmalign.data.collate import IGNORE_INDEX
+
+# Collation bookkeeping that is not a model input.
+_NON_MODEL_KEYS = ("labels", "row_record", "row_answer")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch entries the model's forward takes (everything but labels and row bookkeeping)."""
+    return {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+
+
+def answer_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """Log-probs of the answer tokens under ``model``.
+
+    Returns ``token_logps`` float32[N, T] (log p(input_ids[n, t] | input_ids[n, <t], images), zero where no
+    answer token) and ``answer_mask`` bool[N, T] (= labels != -100). Logits are built only at the N_a positions
+    ``t - 1`` that predict an answer token ``t``: [N_a, V] instead of [N, T, V].
+    """
+    labels = batch["labels"]
+    answer_mask = labels != IGNORE_INDEX
+    if bool(answer_mask[:, 0].any()):
+        raise ValueError("an answer token at position 0 has no preceding context to predict it from")
+    predicts_answer = torch.zeros_like(answer_mask)
+    predicts_answer[:, :-1] = answer_mask[:, 1:]
+    logits = model(**model_inputs(batch), logits_to_keep=predicts_answer, use_cache=False).logits
+    logits = logits.float()  # [N_a, V]; log-softmax in float32 even under bf16 autocast
+    targets = labels[answer_mask]  # [N_a], same row-major order as the kept positions
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    token_logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device)
+    token_logps = token_logps.masked_scatter(answer_mask, picked)
+    return token_logps, answer_mask
+
+
+def sequence_logps(token_logps: Tensor, answer_mask: Tensor) -> Tensor:
+    """Summed answer log-probs float[N] from token_logps float[N, T] and answer_mask bool[N, T]."""
+    return (token_logps * answer_mask).sum(dim=-1)
+
+
+class PreferenceForward(NamedTuple):
+    """Log-probs of a preference batch of R records, K = the most rejected answers of any record.
+
+    chosen_logps float[R]; rejected_logps float[R, K] (0 where absent); rejected_mask bool[R, K];
+    chosen_lengths float[R], rejected_lengths float[R, K]: answer token counts;
+    chosen_token_logps float[R, T], chosen_mask bool[R, T]: per-token values of the chosen rows (SFT term).
+    """
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    rejected_mask: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    chosen_token_logps: Tensor
+    chosen_mask: Tensor
+
+
+def preference_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForward:
+    """One concatenated forward over the chosen and every rejected row of a ``collate_preference`` batch.
+
+    The reference layout: each row carries its prompt and images again (``row_record`` [N] and ``row_answer``
+    [N], 0 = chosen, j = j-th rejected, place the rows). Rows are scattered into [R] and [R, K] tensors.
+    """
+    token_logps, answer_mask = answer_token_logps(model, batch)
+    logps = sequence_logps(token_logps, answer_mask)
+    lengths = answer_mask.sum(dim=-1).to(logps.dtype)
+    row_record, row_answer = batch["row_record"], batch["row_answer"]
+    n_records, k = int(row_record.max()) + 1, int(row_answer.max())
+    if k < 1:
+        raise ValueError("a preference batch needs at least one rejected answer")
+    is_chosen = row_answer == 0
+    if int(is_chosen.sum()) != n_records:
+        raise ValueError("every record of a preference batch needs exactly one chosen row")
+    chosen_rows = row_record[is_chosen].argsort()  # chosen row of each record, by record index
+    chosen_idx = torch.nonzero(is_chosen).squeeze(-1)[chosen_rows]
+    rejected_logps = logps.new_zeros(n_records, k)
+    rejected_lengths = logps.new_zeros(n_records, k)
+    rejected_mask = torch.zeros(n_records, k, dtype=torch.bool, device=logps.device)
+    rec, slot = row_record[~is_chosen], row_answer[~is_chosen] - 1
+    rejected_logps = rejected_logps.index_put((rec, slot), logps[~is_chosen])
+    rejected_lengths = rejected_lengths.index_put((rec, slot), lengths[~is_chosen])
+    rejected_mask[rec, slot] = True
+    return PreferenceForward(
+        logps[chosen_idx], rejected_logps, rejected_mask, lengths[chosen_idx], rejected_lengths,
+        token_logps[chosen_idx], answer_mask[chosen_idx],
+    )

@@ -252,3 +252,18 @@ def test_write_records_refuses_invalid_record(root):
         write_records(root / "w.jsonl", [PreferenceRecord("a", [], "Q?", "A.", ["A."])])
     assert str(info.value) == f"{root / 'w.jsonl'}, line 1, record 'a', field 'rejected[0]': identical to chosen"
     assert not (root / "w.jsonl").exists()
+
+
+def test_cli_validate_exit_codes_and_skip_file(root, capsys):
+    from mmalign.cli.main import main
+
+    _write(root / "ok.jsonl", [_good(id="a"), _good(id="b", rejected=["x", "y"])])
+    assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "1"]) == 0
+    assert capsys.readouterr().out.strip() == f"{root / 'ok.jsonl'}: 2 valid record(s), 1-2 rejected each; 0 invalid"
+    assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "2"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"mmalign data validate: invalid record: {root / 'ok.jsonl'}, line 1, record 'a', field 'rejected': "
+        "1 rejected answer(s), at least 2 required")
+    assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "2",
+                 "--skip-invalid-to", str(root / "bad.jsonl")]) == 1
+    assert [json.loads(x)["id"] for x in (root / "bad.jsonl").read_text().splitlines()] == ["a"]

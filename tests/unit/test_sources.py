@@ -128,3 +128,25 @@ def test_llava_rlhf_bad_preference(tmp_path):
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown source format 'nope'"):
         convert_file(ASSETS / "povid.json", "nope")
+
+
+def test_cli_convert_writes_records_and_provenance(tmp_path, capsys):
+    from mmalign.cli.main import main
+
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "convert", "--format", "llava_rlhf", str(ASSETS / "llava_rlhf.json"), str(out)]) == 0
+    assert read_records(out, data_root=ASSETS) == convert_file(ASSETS / "llava_rlhf.json", "llava_rlhf")
+    side = json.loads((tmp_path / "pairs.jsonl.provenance.json").read_text())
+    assert (side["source"], side["count"], side["data_root"]) == ("llava_rlhf", 2, str(ASSETS.resolve()))
+    assert capsys.readouterr().out.strip() == f"{out}: 2 record(s) written; 0 invalid"
+
+
+def test_cli_convert_reports_bad_rows_without_traceback(tmp_path, capsys):
+    from mmalign.cli.main import main
+
+    bad = tmp_path / "sft.json"
+    bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "Hi."}]}]))
+    assert main(["data", "convert", "--format", "llava_sft", str(bad), str(tmp_path / "o.jsonl")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"mmalign data convert: invalid source row or record: {bad}, line 1, record 'x', "
+        "field 'conversations': an answer must follow a human turn")

@@ -34,7 +34,7 @@ from mmalign.data.images import ImageError, open_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreferenceRecord", "RecordError", "FieldError", "check_fields", "check_images", "validate_records",
+__all__ = ["PreferenceRecord", "RecordError", "FieldError", "check_fields", "check_images", "check_records", "validate_records",
            "read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path"]
 
 RECORD_KEYS = ("id", "images", "prompt", "chosen", "rejected", "source", "meta")
@@ -244,6 +244,20 @@ def validate_records(rows: Iterable[tuple[int, Any]], decode: Callable[[Any], An
     return records
 
 
+def check_records(records: Iterable[PreferenceRecord], *, data_root: str | Path, name: str = "<records>",
+                  min_rejected: int = 0, skip_invalid_to: str | Path | None = None) -> list[PreferenceRecord]:
+    """Validate records built in memory (converters, samplers) exactly as ``read_records`` validates a file.
+
+    ``name`` stands in for the file name in errors; "line" is the 1-based position in ``records``.
+    """
+    return validate_records(enumerate(records, start=1), _record_dict, file=name, data_root=data_root,
+                            min_rejected=min_rejected, skip_invalid_to=skip_invalid_to)
+
+
+def _record_dict(record: PreferenceRecord) -> dict[str, Any]:
+    return record_to_json(record) | {"images": record.images}
+
+
 def _decode_json_line(text: str) -> Any:
     """One JSONL line -> record dict with ``{"bytes": base64}`` images decoded to bytes."""
     try:
@@ -366,7 +380,7 @@ def write_records(path: str | Path, records: Iterable[PreferenceRecord], provena
     seen: set[str] = set()
     for line, record in enumerate(records, start=1):
         try:
-            check_fields(record_to_json(record) | {"images": record.images})
+            check_fields(_record_dict(record))
             if record.id in seen:
                 raise FieldError("id", "duplicate id")
         except FieldError as err:
@@ -376,7 +390,7 @@ def write_records(path: str | Path, records: Iterable[PreferenceRecord], provena
     if path.suffix == ".jsonl":
         io.write_jsonl(path, [record_to_json(r) for r in records])
     else:
-        io.write_parquet(path, [record_to_json(r) | {"images": r.images} for r in records])
+        io.write_parquet(path, [_record_dict(r) for r in records])
     if provenance is not None:
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         sidecar = dict(provenance) | {"count": len(records), "created": created}

@@ -1,0 +1,150 @@
+"""A minimal client for OpenAI-compatible ``/chat/completions`` endpoints, standard library only.
+
+Used by the LLM corrupter (and usable by API judges): retries with exponential backoff on HTTP 429,
+5xx and connection errors (honouring ``Retry-After``), a process-wide request rate limit shared by all
+worker threads, and an API key read from an environment variable whose *name* is configured. The key is
+sent only in the ``Authorization`` header and never appears in logs, errors or saved configs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ChatError(RuntimeError):
+    """A chat request that failed for good: a non-retryable status, a malformed reply, or retries exhausted."""
+
+
+@dataclass
+class EndpointConfig:
+    """Where and how to call a chat model.
+
+    ``base_url`` ends before ``/chat/completions`` (e.g. ``https://api.openai.com/v1`` or
+    ``http://127.0.0.1:8000/v1`` for ``mmalign serve``). ``api_key_env`` names the environment variable
+    holding the key ("" sends no key). Attempt ``i`` (0-based) that fails retryably waits
+    ``min(max_backoff_s, backoff_s * 2**i)`` (or ``Retry-After`` if longer) before the next one.
+    """
+
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = ""
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    requests_per_s: float = 2.0
+    max_workers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.max_workers < 1:
+            raise ValueError("need max_retries >= 0 and max_workers >= 1")
+        if min(self.timeout_s, self.requests_per_s) <= 0 or min(self.backoff_s, self.max_backoff_s) < 0:
+            raise ValueError("need timeout_s > 0, requests_per_s > 0, backoff_s >= 0 and max_backoff_s >= 0")
+
+
+class RateLimiter:
+    """Spaces request starts at least ``1 / per_second`` apart across all threads."""
+
+    def __init__(self, per_second: float):
+        self._interval = 1.0 / per_second
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self._interval
+        if start > now:
+            time.sleep(start - now)
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a numeric ``Retry-After`` header (the HTTP-date form is not used by chat APIs)."""
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class ChatClient:
+    """Thread-safe chat-completions caller for one ``EndpointConfig``."""
+
+    def __init__(self, endpoint: EndpointConfig):
+        if not endpoint.base_url.startswith(("http://", "https://")) or not endpoint.model:
+            raise ValueError(f"endpoint needs an http(s) base_url and a model, got base_url={endpoint.base_url!r} "
+                             f"model={endpoint.model!r}")
+        self.endpoint = endpoint
+        self._url = endpoint.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json"}
+        if endpoint.api_key_env:
+            key = os.environ.get(endpoint.api_key_env)
+            if not key:
+                raise ValueError(f"environment variable {endpoint.api_key_env!r} (endpoint.api_key_env) is unset or empty")
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._limiter = RateLimiter(endpoint.requests_per_s)
+        self._count_lock = threading.Lock()
+        self.requests_sent = 0
+
+    def _post(self, payload: bytes) -> tuple[int, Any, str]:
+        """One HTTP attempt -> (status, headers, body text); connection problems raise OSError/HTTPException."""
+        request = urllib.request.Request(self._url, data=payload, headers=self._headers, method="POST")
+        with self._count_lock:
+            self.requests_sent += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
+                return response.status, response.headers, response.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, err.read().decode("utf-8", errors="replace")
+
+    def complete(self, messages: list[dict[str, Any]], *, temperature: float, max_tokens: int, seed: int) -> str:
+        """The assistant text for ``messages`` (OpenAI chat format), retrying transient failures."""
+        body = {"model": self.endpoint.model, "messages": messages, "temperature": temperature,
+                "max_tokens": max_tokens, "seed": seed}
+        payload = json.dumps(body).encode("utf-8")
+        ep = self.endpoint
+        attempt = 0
+        while True:
+            self._limiter.wait()
+            wait_hint = None
+            try:
+                status, headers, text = self._post(payload)
+            except (OSError, http.client.HTTPException) as err:  # URLError, refused, reset, timeout
+                failure = f"connection error: {err}"
+            else:
+                if status == 200:
+                    return _parse_reply(text, self._url)
+                if status != 429 and status < 500:
+                    raise ChatError(f"{self._url} answered HTTP {status} (not retried): {text[:500]}")
+                failure, wait_hint = f"HTTP {status}: {text[:200]}", _retry_after(headers)
+            if attempt == ep.max_retries:
+                raise ChatError(f"{self._url}: gave up after {attempt + 1} attempts; last failure: {failure}")
+            delay = min(ep.max_backoff_s, ep.backoff_s * 2**attempt)
+            if wait_hint is not None:
+                delay = max(delay, min(wait_hint, ep.max_backoff_s))
+            logger.warning("%s: attempt %d failed (%s); retrying in %.2fs", self._url, attempt + 1, failure, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _parse_reply(text: str, url: str) -> str:
+    try:
+        reply = json.loads(text)
+        content = reply["choices"][0]["message"]["content"]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+        raise ChatError(f"{url}: malformed chat completion ({err!r}): {text[:300]}") from err
+    if not isinstance(content, str):
+        raise ChatError(f"{url}: message content is {type(content).__name__}, expected a string")
+    return content

@@ -267,3 +267,26 @@ def test_cli_validate_exit_codes_and_skip_file(root, capsys):
     assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "2",
                  "--skip-invalid-to", str(root / "bad.jsonl")]) == 1
     assert [json.loads(x)["id"] for x in (root / "bad.jsonl").read_text().splitlines()] == ["a"]
+
+
+def test_dataset_and_parquet_errors_name_the_row(root):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds = datasets.Dataset.from_list([_good(id="a", images=[]), _good(id="b", images=[], chosen=" ")])
+    ds = ds.map(lambda row: {"prompt": "Describe the image."})
+    err = pytest.raises(RecordError, records_from_dataset, ds, data_root=root, name="hub:x").value
+    assert str(err) == "hub:x, line 2, record 'b', field 'chosen': empty text"
+    write_records(root / "x.parquet", [PreferenceRecord("a", [], "Q?", "A.", [])])
+    table = pq.read_table(root / "x.parquet")
+    table = table.set_column(table.schema.get_field_index("prompt"), "prompt", pa.array(["not json"]))
+    pq.write_table(table, root / "y.parquet")
+    err = pytest.raises(RecordError, read_records, root / "y.parquet").value
+    assert (err.line, err.record_id, err.field) == (1, "a", "prompt")
+    assert err.reason.startswith("not valid JSON text")
+
+
+def test_provenance_that_is_not_json_leaves_no_file(root):
+    with pytest.raises(TypeError):
+        write_records(root / "p.jsonl", [], provenance={"path": root})
+    assert not (root / "p.jsonl").exists()

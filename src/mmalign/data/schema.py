@@ -229,7 +229,8 @@ def validate_records(rows: Iterable[tuple[int, Any]], decode: Callable[[Any], An
                 raise FieldError("id", f"duplicate id (first at line {first_line[record.id]})")
             check_images(record, data_root)
         except FieldError as err:
-            rid = decoded.get("id") if isinstance(decoded, dict) and isinstance(decoded.get("id"), str) else None
+            named = decoded if decoded is not None else raw
+            rid = named.get("id") if isinstance(named, dict) and isinstance(named.get("id"), str) else None
             error = RecordError(err.reason, file=file, line=line, record_id=rid, field=err.field)
             if skip_invalid_to is None:
                 raise error from err
@@ -386,15 +387,19 @@ def write_records(path: str | Path, records: Iterable[PreferenceRecord], provena
         except FieldError as err:
             raise RecordError(err.reason, file=str(path), line=line, record_id=str(record.id), field=err.field) from err
         seen.add(record.id)
+    sidecar = None
+    if provenance is not None:
+        # Serialised before the records are written, so a provenance that is not JSON fails with no file left.
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        sidecar = json.dumps(dict(provenance) | {"count": len(records), "created": created}, indent=2,
+                             allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
         io.write_jsonl(path, [record_to_json(r) for r in records])
     else:
         io.write_parquet(path, [_record_dict(r) for r in records])
-    if provenance is not None:
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        sidecar = dict(provenance) | {"count": len(records), "created": created}
-        provenance_path(path).write_text(json.dumps(sidecar, indent=2, allow_nan=False) + "\n")
+    if sidecar is not None:
+        provenance_path(path).write_text(sidecar + "\n")
 
 
 def provenance_path(path: str | Path) -> Path:

@@ -216,7 +216,9 @@ def from_vlfeedback(row: dict, index: int) -> list[PreferenceRecord]:
     for i, comp in enumerate(_completions(row)):
         response = _get(comp, "response", str, where=f"completions[{i}].response")
         rating = _mean_rating(comp.get("annotations"), f"completions[{i}].annotations")
-        if rating is not None:
+        if rating is None:
+            logger.debug("vlfeedback %s: completion %d has a rating that is not a number; left out", rid, i)
+        else:
             rated.append(_Rated(i, rating, response, str(comp.get("model", ""))))
     records = []
     for a, b in itertools.combinations(rated, 2):

@@ -290,3 +290,14 @@ def test_provenance_that_is_not_json_leaves_no_file(root):
     with pytest.raises(TypeError):
         write_records(root / "p.jsonl", [], provenance={"path": root})
     assert not (root / "p.jsonl").exists()
+
+
+def test_shared_image_file_is_decoded_once_per_read(root, monkeypatch):
+    import mmalign.data.schema as schema
+
+    opened = []
+    real_open = schema.open_image
+    monkeypatch.setattr(schema, "open_image", lambda ref, data_root: opened.append(ref) or real_open(ref, data_root))
+    _write(root / "x.jsonl", [_good(id=str(i)) for i in range(5)])
+    assert len(read_records(root / "x.jsonl")) == 5
+    assert opened == ["images/red.png"]

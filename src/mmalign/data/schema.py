@@ -200,13 +200,21 @@ def check_fields(raw: Any, *, min_rejected: int = 0) -> PreferenceRecord:
     return PreferenceRecord(rid, list(images), prompt, chosen, list(rejected), source, dict(meta))
 
 
-def check_images(record: PreferenceRecord, data_root: str | Path) -> None:
-    """Open every image of a record (confined to ``data_root``, fully decoded); raises FieldError."""
+def check_images(record: PreferenceRecord, data_root: str | Path, verified: set[str] | None = None) -> None:
+    """Open every image of a record (confined to ``data_root``, fully decoded); raises FieldError.
+
+    Paths in ``verified`` are skipped and good paths are added to it, so a file shared by many records
+    (pairs built from one prompt) is decoded once per read.
+    """
     for i, ref in enumerate(record.images):
+        if verified is not None and isinstance(ref, str) and ref in verified:
+            continue
         try:
             open_image(ref, data_root)
         except ImageError as err:
             raise FieldError(f"images[{i}]", str(err)) from err
+        if verified is not None and isinstance(ref, str):
+            verified.add(ref)
 
 
 def validate_records(rows: Iterable[tuple[int, Any]], decode: Callable[[Any], Any], *, file: str,
@@ -220,6 +228,7 @@ def validate_records(rows: Iterable[tuple[int, Any]], decode: Callable[[Any], An
     records: list[PreferenceRecord] = []
     errors: list[RecordError] = []
     first_line: dict[str, int] = {}
+    verified: set[str] = set()
     for line, raw in rows:
         decoded: Any = None
         try:
@@ -227,7 +236,7 @@ def validate_records(rows: Iterable[tuple[int, Any]], decode: Callable[[Any], An
             record = check_fields(decoded, min_rejected=min_rejected)
             if record.id in first_line:
                 raise FieldError("id", f"duplicate id (first at line {first_line[record.id]})")
-            check_images(record, data_root)
+            check_images(record, data_root, verified)
         except FieldError as err:
             named = decoded if decoded is not None else raw
             rid = named.get("id") if isinstance(named, dict) and isinstance(named.get("id"), str) else None

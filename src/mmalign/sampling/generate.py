@@ -1,0 +1,135 @@
+"""Batched, image-conditioned generation with explicit decoding parameters and seed.
+
+Prompts are record prompts (text with ``<image>`` markers or chat messages) rendered with the processor's
+chat template, left-padded so every row's answer starts at the same column, and decoded with
+``model.generate``. An optional assistant prefix per item (``continue_from``) is appended after the rendered
+prompt so the model continues a given partial answer; BDHS (arXiv 2502.01419, Eq. 7) uses this with
+``stop_at_period`` to "finish the sentence" from a pivot inside the reference answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+from mmalign.data.chat import render_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings. ``temperature == 0`` means greedy; otherwise multinomial sampling with nucleus ``top_p``.
+
+    ``stop_at_period``: each answer ends at its first ``'.'`` (kept), or at EOS / ``max_new_tokens``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_at_period: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _generation_config(model: Any, params: GenerationParams) -> GenerationConfig:
+    """The model's own config (ids, EOS) with every sampling knob set explicitly, so checkpoints' defaults
+    (e.g. a shipped ``do_sample=True, top_k=20``) never change what ``params`` asks for."""
+    config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    config.max_new_tokens = params.max_new_tokens
+    config.do_sample = params.temperature > 0
+    config.temperature = params.temperature if config.do_sample else None
+    config.top_p = params.top_p if config.do_sample else None
+    config.top_k = None
+    config.stop_strings = "." if params.stop_at_period else None
+    return config
+
+
+def encode_for_generation(
+    processor: Any,
+    prompts: list[str | list[dict]],
+    images: list[list[Image.Image]],
+    continue_from: list[str] | None = None,
+) -> Any:
+    """Render, append the assistant prefixes, and tokenize with left padding.
+
+    Returns the processor's ``BatchFeature``: ``input_ids`` / ``attention_mask`` ``[B, T]`` (left-padded) plus the
+    family's image tensors (pixel_values, image_sizes, image_grid_thw, pixel_attention_mask, token_type_ids...).
+    """
+    texts = [render_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+    if continue_from is not None:
+        texts = [t + prefix for t, prefix in zip(texts, continue_from)]
+    has_images = any(images)
+    return processor(
+        text=texts, images=images if has_images else None, padding=True, padding_side="left", return_tensors="pt",
+    )
+
+
+def _check_lengths(prompts: list, images: list, continue_from: list[str] | None) -> None:
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+    if continue_from is not None and len(continue_from) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(continue_from)} continue_from prefixes")
+
+
+def _finish(text: str, params: GenerationParams, continuing: bool) -> str:
+    if params.stop_at_period and "." in text:
+        text = text[: text.index(".") + 1]
+    # A continuation keeps its leading space so that prefix + continuation is the full answer.
+    return text.rstrip() if continuing else text.strip()
+
+
+def generate(
+    model: Any,
+    processor: Any,
+    prompts: list[str | list[dict]],
+    images: list[list[Image.Image]],
+    params: GenerationParams,
+    seed: int = 0,
+    batch_size: int = 16,
+    continue_from: list[str] | None = None,
+) -> list[str]:
+    """Generate one answer per prompt.
+
+    Args:
+        model, processor: a VLM and its processor (``load_vlm`` / ``build_tiny_vlm``); inputs go to
+            ``model.device`` and floating inputs to ``model.dtype``.
+        prompts: record prompts; ``images[i]`` holds the PIL images of prompt ``i`` (its ``<image>`` markers).
+        params: decoding settings.
+        seed: torch is seeded with it before the first batch (caller's RNG state restored afterwards), so the
+            same inputs, ``seed`` and ``batch_size`` give the same answers.
+        batch_size: prompts per ``model.generate`` call.
+        continue_from: optional assistant-prefix text per item; the answer returned is then only the
+            continuation, such that ``continue_from[i] + answer[i]`` is the full answer.
+    Returns:
+        decoded answers without prompt, prefix or special tokens.
+    """
+    _check_lengths(prompts, images, continue_from)
+    config = _generation_config(model, params)
+    tokenizer = processor.tokenizer
+    answers: list[str] = []
+    devices = [model.device] if model.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=model.device.type), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            stop = start + batch_size
+            prefixes = continue_from[start:stop] if continue_from is not None else None
+            inputs = encode_for_generation(processor, prompts[start:stop], images[start:stop], prefixes)
+            inputs = inputs.to(model.device).to(dtype=model.dtype)
+            output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            answers += [_finish(t, params, continue_from is not None) for t in texts]
+    logger.debug("generated %d answers (seed %d, %s)", len(answers), seed, params)
+    return answers

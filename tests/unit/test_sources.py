@@ -25,6 +25,12 @@ def test_trl_text_conversational_and_implicit_prompt():
                                                        {"type": "text", "text": "Describe the image."}]}],
                          "A blue square.", ["A red circle."], "trl"),
         PreferenceRecord("t2", ["images/red.png"], [USER_IMAGE], "Yes.", ["No."], "trl"),
+        # String content with no image part: the images go first in the first user message (TRL's rule).
+        PreferenceRecord("t3", ["images/red.png", "images/blue.png"],
+                         [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                       {"type": "text", "text": "Which is red?"}]}],
+                         "The first.", ["The second."], "trl"),
     ]
 
 

@@ -72,10 +72,23 @@ def _llava_turns_to_prompt(turns: list[dict], n_images: int, where: str) -> str 
             raise FieldError(f"{where}[{i}]", f"expected {{from: human|gpt, value: str}}, got {turn!r:.80}")
     if len(turns) == 1:
         return turns[0]["value"]
-    messages = [{"role": roles[t["from"]], "content": _content(t["value"])} for t in turns]
-    if n_images and not any(p["type"] == "image" for m in messages for p in m["content"]):
-        messages[0]["content"] = [{"type": "image"}] * n_images + messages[0]["content"]
-    return messages
+    return _with_image_parts([{"role": roles[t["from"]], "content": _content(t["value"])} for t in turns], n_images)
+
+
+def _with_image_parts(messages: list[dict], n_images: int) -> list[dict]:
+    """Messages without any image part get ``n_images`` of them at the front of the first user message,
+    as TRL's ``prepare_multimodal_messages`` places them (string content becomes one text part)."""
+    parts = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)]
+    if n_images == 0 or any(isinstance(p, dict) and p.get("type") == "image" for c in parts for p in c):
+        return messages
+    out = [dict(m) for m in messages]
+    for message in out:
+        if message.get("role") == "user":
+            content = message.get("content")
+            content = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            message["content"] = [{"type": "image"}] * n_images + content
+            break
+    return out
 
 
 def _single_answer(turns: list, where: str) -> str:
@@ -129,7 +142,7 @@ def from_trl(row: dict, index: int) -> list[PreferenceRecord]:
             raise FieldError("rejected", "implicit prompt: chosen and rejected differ before their last turn")
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     if isinstance(prompt, list):
-        prompt = _clean_messages(prompt)
+        prompt = _with_image_parts(_clean_messages(prompt), len(images))
     chosen_text = chosen if isinstance(chosen, str) else _message_text(chosen[-1] if chosen else None, "chosen")
     rejected_text = rejected if isinstance(rejected, str) else _message_text(
         rejected[-1] if rejected else None, "rejected")

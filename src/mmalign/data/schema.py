@@ -34,8 +34,9 @@ from mmalign.data.images import ImageError, open_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreferenceRecord", "RecordError", "FieldError", "check_fields", "check_images", "check_records", "validate_records",
-           "read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path"]
+__all__ = ["PreferenceRecord", "RecordError", "FieldError", "check_fields", "check_images", "check_records",
+           "validate_records", "read_records", "write_records", "records_from_dataset", "record_to_json",
+           "provenance_path"]
 
 RECORD_KEYS = ("id", "images", "prompt", "chosen", "rejected", "source", "meta")
 _REQUIRED_KEYS = ("id", "images", "prompt", "chosen", "rejected")
@@ -283,7 +284,8 @@ def _decode_json_image(ref: Any, index: int) -> Any:
     if not isinstance(ref, dict):
         return ref
     if set(ref) != {"bytes"} or not isinstance(ref["bytes"], str):
-        raise FieldError(f"images[{index}]", f"an embedded image is {{'bytes': <base64 string>}}, got keys {sorted(ref)}")
+        raise FieldError(f"images[{index}]",
+                         f"an embedded image is {{'bytes': <base64 string>}}, got keys {sorted(ref)}")
     try:
         return base64.b64decode(ref["bytes"], validate=True)
     except binascii.Error as err:

@@ -296,7 +296,12 @@ def _gemma3(tok: PreTrainedTokenizerFast) -> tuple[Any, Callable[[], Any]]:
         eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
         image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
     )
-    return Gemma3ForConditionalGeneration(config), lambda: Gemma3Processor(
+    model = Gemma3ForConditionalGeneration(config)
+    # transformers zero-initialises this projection (fine under pretrained weights); at random init it would
+    # erase the image, so draw it like every other weight.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
+    return model, lambda: Gemma3Processor(
         image_processor=Gemma3ImageProcessorPil(size={"height": TILE, "width": TILE}, do_pan_and_scan=False),
         tokenizer=tok, image_seq_length=4, chat_template=tok.chat_template,
     )

@@ -3,7 +3,7 @@
 import pytest
 
 from mmalign.evaluation.cooccur import (
-    COOCCUR_METRICS, POPE_BIAS_METRICS, cooccur_columns, cooccur_record, pope_bias_columns,
+    COOCCUR_METRICS, POPE_BIAS_METRICS, cooccur_columns, cooccur_record, pope_bias_columns, pope_bias_records,
 )
 from mmalign.evaluation.stats import point_estimates
 
@@ -48,7 +48,9 @@ def test_pope_bias_yes_rates_hand_computed():
         _pope("random", "blue square", "no", "yes"),         # a partner: kept out of the random baseline
         _pope("popular", "blue square", "no", "yes"),        # other splits: not counted
     ]
-    m = point_estimates(pope_bias_columns(records, PAIRS), POPE_BIAS_METRICS)
+    kept = pope_bias_records(records, PAIRS)
+    assert [r["group"] for r in kept] == ["partner"] * 3 + ["random"] * 4
+    m = point_estimates(pope_bias_columns(kept), POPE_BIAS_METRICS)
     assert m["yes_rate_partner"] == pytest.approx(2 / 3)
     assert m["yes_rate_random"] == pytest.approx(1 / 4)
     assert m["yes_rate_gap"] == pytest.approx(2 / 3 - 1 / 4)

@@ -63,26 +63,30 @@ COOCCUR_METRICS = {
 }
 
 
-def pope_bias_columns(pope_records: Sequence[dict[str, Any]],
-                      pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
-    """Indicators over the "no" questions of the two groups, each of shape ``[n]``.
+def pope_bias_records(pope_records: Sequence[dict[str, Any]],
+                      pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The "no" questions of the two groups, each record tagged ``"group": "partner" | "random"``.
 
     ``pope_records``: scorer records with ``split``, ``object``, ``truth`` and ``parsed``.
     """
     partners = {p for _, p in pairs}
-    rows = []
+    out = []
     for r in pope_records:
         if r["truth"] != "no":
             continue
-        is_partner = r["split"] == ADVERSARIAL_SPLIT and r["object"] in partners
-        is_random = r["split"] == RANDOM_SPLIT and r["object"] not in partners
-        if is_partner or is_random:
-            rows.append((is_partner, is_random, r["parsed"] == "yes"))
-    table = np.array(rows, dtype=float).reshape(-1, 3)
-    return {
-        "partner": table[:, 0], "partner_yes": table[:, 0] * table[:, 2],
-        "random": table[:, 1], "random_yes": table[:, 1] * table[:, 2],
-    }
+        if r["split"] == ADVERSARIAL_SPLIT and r["object"] in partners:
+            out.append({**r, "group": "partner"})
+        elif r["split"] == RANDOM_SPLIT and r["object"] not in partners:
+            out.append({**r, "group": "random"})
+    return out
+
+
+def pope_bias_columns(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Group and yes indicators, each of shape ``[n]``, of the records of ``pope_bias_records``."""
+    partner = np.array([r["group"] == "partner" for r in records], dtype=float)
+    random = np.array([r["group"] == "random" for r in records], dtype=float)
+    said_yes = np.array([r["parsed"] == "yes" for r in records], dtype=float)
+    return {"partner": partner, "partner_yes": partner * said_yes, "random": random, "random_yes": random * said_yes}
 
 
 POPE_BIAS_METRICS = {

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmalign.data.io import read_jsonl_lines
+
 POPE_FIELDS = {"id": str, "image": str, "question": str, "label": str, "split": str, "object": str}
 CAPTION_FIELDS = {"id": str, "image": str, "prompt": str, "objects": list}
 
@@ -21,9 +23,7 @@ def _read_jsonl(path: Path, fields: dict[str, type]) -> list[dict[str, Any]]:
     """Parse a JSONL file, checking each record has the fields with the types given; ids must be unique."""
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in read_jsonl_lines(path):
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:

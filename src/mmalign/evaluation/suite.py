@@ -1,0 +1,289 @@
+"""The evaluation suite: POPE (every split) and captioning (CHAIR, lab co-occurrence) on one model.
+
+``evaluate(cfg)`` loads a model from a local path (or takes one in-process), scores the evaluation files of
+a built lab dir (or user files in the same formats, see ``mmalign.evaluation.items``) and writes into
+``cfg.out_dir``:
+
+- ``config.yaml``: the resolved config and its hash;
+- ``metrics.json``: every metric as ``{"value", "n", "ci_low", "ci_high"}`` under a flat key
+  (``pope/<split>/<metric>``, ``pope/all/<metric>``, ``chair/<metric>``, ``cooccur/<metric>``,
+  ``pope_bias/<metric>``), with the bootstrap settings and the bias pairs used;
+- ``samples_pope.jsonl`` / ``samples_captions.jsonl``: one record per sample (prompt, answer, parsed
+  answer, truth, mentions, ...), from which ``compare`` recomputes metrics for paired tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from mmalign.config import config_hash, save_config
+from mmalign.data.images import open_image
+from mmalign.data.io import read_jsonl_lines, write_jsonl
+from mmalign.evaluation.chair import CHAIR_METRICS, chair_columns, chair_record, load_synonyms
+from mmalign.evaluation.cooccur import (
+    COOCCUR_METRICS, POPE_BIAS_METRICS, cooccur_columns, cooccur_record, pope_bias_columns, pope_bias_records,
+)
+from mmalign.evaluation.items import load_bias_pairs, load_caption_items, load_pope_items
+from mmalign.evaluation.pope import POPE_METRICS, pope_columns
+from mmalign.evaluation.scoring import generate_captions, score_pope_generate, score_pope_likelihood
+from mmalign.evaluation.stats import MetricFn, MetricValue, PairedResult, bootstrap, paired_bootstrap
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+POPE_SAMPLES = "samples_pope.jsonl"
+CAPTION_SAMPLES = "samples_captions.jsonl"
+# Lab split names first, in the order POPE reports them; any other split of a user file follows.
+SPLIT_ORDER = ("random", "popular", "adversarial")
+
+
+@dataclass
+class PopeConfig:
+    """POPE questions (empty ``file`` skips POPE) and how they are scored."""
+
+    file: str = "eval/pope.jsonl"
+    scorer: Literal["likelihood", "generate"] = "likelihood"
+    candidates: list[str] = field(default_factory=lambda: ["Yes.", "No."])
+    max_new_tokens: int = 16
+
+
+@dataclass
+class CaptionConfig:
+    """Captioning prompts (empty ``file`` skips captioning), CHAIR vocabulary and the lab's bias pairs.
+
+    An empty ``bias`` skips the co-occurrence metrics (files without a bias definition).
+    """
+
+    file: str = "eval/captions.jsonl"
+    synonyms: str = "vocab/synonyms.txt"
+    bias: str = "bias.json"
+    max_new_tokens: int = 64
+
+
+@dataclass
+class StatsConfig:
+    n_boot: int = 1000
+    level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_boot < 1 or not 0.0 < self.level < 1.0:
+            raise ValueError(f"stats: need n_boot >= 1 and 0 < level < 1, got {self.n_boot}, {self.level}")
+
+
+@dataclass
+class EvalConfig:
+    """``model``: local model dir loaded in ``dtype`` (both unused when a model is passed in-process);
+    relative paths of the evaluation files resolve against ``lab_dir``, as do the image paths inside them."""
+
+    model: str = ""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    lab_dir: str = ""
+    out_dir: str = "runs/eval"
+    seed: int = 0
+    batch_size: int = 16
+    pope: PopeConfig = field(default_factory=PopeConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def __post_init__(self) -> None:
+        if not self.pope.file and not self.captions.file:
+            raise ValueError("nothing to evaluate: pope.file and captions.file are both empty")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _existing(root: Path, rel: str, key: str) -> Path:
+    path = root / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: {path} does not exist (set {key}='' to skip it)")
+    return path
+
+
+def _open_images(refs: list[str], root: Path) -> list[Image.Image]:
+    """Images of the items, each distinct file opened once (POPE asks several questions per image)."""
+    cache: dict[str, Image.Image] = {}
+    for ref in refs:
+        if ref not in cache:
+            cache[ref] = open_image(ref, root)
+    return [cache[ref] for ref in refs]
+
+
+def run_pope(model: Any, processor: Any, cfg: EvalConfig) -> list[dict[str, Any]]:
+    """Per-question records of ``cfg.pope.scorer`` over the POPE file."""
+    root = Path(cfg.lab_dir)
+    items = load_pope_items(_existing(root, cfg.pope.file, "pope.file"))
+    images = _open_images([it["image"] for it in items], root)
+    logger.info("POPE: %d questions, scorer %s", len(items), cfg.pope.scorer)
+    if cfg.pope.scorer == "likelihood":
+        return score_pope_likelihood(model, processor, items, images, candidates=cfg.pope.candidates,
+                                     batch_size=cfg.batch_size)
+    return score_pope_generate(model, processor, items, images, max_new_tokens=cfg.pope.max_new_tokens,
+                               batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+def run_captions(model: Any, processor: Any, cfg: EvalConfig,
+                 pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per-caption records: prompt, answer, CHAIR mentions and, with bias pairs, co-occurrence units."""
+    root = Path(cfg.lab_dir)
+    items = load_caption_items(_existing(root, cfg.captions.file, "captions.file"))
+    vocab = load_synonyms(_existing(root, cfg.captions.synonyms, "captions.synonyms"))
+    images = _open_images([it["image"] for it in items], root)
+    logger.info("captions: %d prompts", len(items))
+    answers = generate_captions(model, processor, items, images, max_new_tokens=cfg.captions.max_new_tokens,
+                                batch_size=cfg.batch_size, seed=cfg.seed)
+    records = []
+    for item, answer in zip(items, answers):
+        record = chair_record(item["id"], answer, item["objects"], vocab)
+        cooc = cooccur_record(record, pairs)
+        records.append({"id": item["id"], "image": item["image"], "prompt": item["prompt"], **record,
+                        "units": cooc["units"] if cooc else []})
+    return records
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    """Samples (``ids`` [n], in order) with their per-sample ``columns`` and the metrics they define."""
+
+    ids: list[str]
+    columns: dict[str, np.ndarray]
+    metrics: dict[str, MetricFn]
+
+
+def _pope_splits(records: list[dict[str, Any]]) -> list[str]:
+    found = {r["split"] for r in records}
+    return [s for s in SPLIT_ORDER if s in found] + sorted(found - set(SPLIT_ORDER))
+
+
+def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict[str, Any]],
+                  pairs: list[tuple[str, str]]) -> dict[str, MetricGroup]:
+    """Every metric family over its samples, keyed ``pope/<split>``, ``pope/all``, ``chair``, ``cooccur``,
+    ``pope_bias``; samples are sorted by id so two runs on the same files line up row by row."""
+    groups: dict[str, MetricGroup] = {}
+
+    def add(name: str, recs: list[dict[str, Any]], columns_fn: Any, metrics: dict[str, MetricFn]) -> None:
+        if recs:
+            recs = sorted(recs, key=lambda r: r["id"])
+            groups[name] = MetricGroup([r["id"] for r in recs], columns_fn(recs), metrics)
+
+    def pope_cols(recs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return pope_columns([r["parsed"] for r in recs], [r["truth"] for r in recs])
+
+    for split in _pope_splits(pope_records):
+        add(f"pope/{split}", [r for r in pope_records if r["split"] == split], pope_cols, POPE_METRICS)
+    add("pope/all", pope_records, pope_cols, POPE_METRICS)
+    add("chair", caption_records, chair_columns, CHAIR_METRICS)
+    if pairs:
+        add("cooccur", [r for r in caption_records if r["units"]], cooccur_columns, COOCCUR_METRICS)
+        add("pope_bias", pope_bias_records(pope_records, pairs), pope_bias_columns, POPE_BIAS_METRICS)
+    return groups
+
+
+def _load_model(cfg: EvalConfig) -> tuple[Any, Any]:
+    from accelerate import Accelerator
+
+    from mmalign.models.loading import load_vlm
+
+    if not cfg.model:
+        raise ValueError("model is required (a local model dir) unless a model is passed in-process")
+    return load_vlm(cfg.model, dtype=cfg.dtype, device=Accelerator().device)
+
+
+def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[str, Any]:
+    """Score ``model`` (loaded from ``cfg.model`` when not given) and write metrics + per-sample records.
+
+    Returns the content of ``metrics.json``.
+    """
+    if not cfg.lab_dir:
+        raise ValueError("lab_dir is required: the folder the evaluation files and images live in")
+    if (model is None) != (processor is None):
+        raise ValueError("pass both model and processor, or neither (then cfg.model is loaded)")
+    if model is None:
+        model, processor = _load_model(cfg)
+    model.eval()
+    root = Path(cfg.lab_dir)
+    pairs = load_bias_pairs(_existing(root, cfg.captions.bias, "captions.bias")) if cfg.captions.bias else []
+    pope_records = run_pope(model, processor, cfg) if cfg.pope.file else []
+    caption_records = run_captions(model, processor, cfg, pairs) if cfg.captions.file else []
+    metrics = {}
+    for name, group in metric_groups(pope_records, caption_records, pairs).items():
+        values = bootstrap(group.columns, group.metrics, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,
+                           level=cfg.stats.level)
+        metrics |= {f"{name}/{key}": value.to_json() for key, value in values.items()}
+    out = Path(cfg.out_dir)
+    save_config(cfg, out)
+    write_jsonl(out / POPE_SAMPLES, pope_records)
+    write_jsonl(out / CAPTION_SAMPLES, caption_records)
+    result = {"model": cfg.model or type(model).__name__, "config_hash": config_hash(cfg),
+              "pope_scorer": cfg.pope.scorer, "bias_pairs": [list(p) for p in pairs],
+              "stats": {"n_boot": cfg.stats.n_boot, "level": cfg.stats.level, "seed": cfg.stats.seed},
+              "metrics": metrics}
+    (out / METRICS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    logger.info("wrote %d metrics to %s", len(metrics), out / METRICS_FILE)
+    return result
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Runs side by side: ``names`` (the first is the baseline), each run's metrics from its
+    ``metrics.json`` (``values[run][key]``), and paired tests of every other run against the baseline
+    (``tests[run][key]``: difference run - baseline on the same samples)."""
+
+    names: list[str]
+    values: dict[str, dict[str, MetricValue]]
+    tests: dict[str, dict[str, PairedResult]]
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``metrics.json`` content and the POPE and caption per-sample records of an evaluation dir."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not an evaluation dir: {METRICS_FILE} is missing")
+    result = json.loads(path.read_text())
+    samples = []
+    for name in (POPE_SAMPLES, CAPTION_SAMPLES):
+        samples.append([json.loads(text) for _, text in read_jsonl_lines(run_dir / name)])
+    return result, samples[0], samples[1]
+
+
+def _value(entry: dict[str, Any]) -> MetricValue:
+    nan = float("nan")
+    return MetricValue(*(nan if entry[k] is None else entry[k] for k in ("value", "n", "ci_low", "ci_high")))
+
+
+def compare(runs: dict[str, str | Path], *, n_boot: int = 1000, seed: int = 0,
+            level: float = 0.95) -> Comparison:
+    """Side-by-side metrics of evaluation dirs and paired bootstrap tests against the first run.
+
+    The runs must have scored the same samples (same ids per metric group), which holds for evaluations
+    of the same files; anything else is refused, naming the group.
+    """
+    if len(runs) < 1:
+        raise ValueError("compare needs at least one evaluation dir")
+    loaded = {name: load_run(path) for name, path in runs.items()}
+    groups = {name: metric_groups(pope, caps, [tuple(p) for p in result["bias_pairs"]])
+              for name, (result, pope, caps) in loaded.items()}
+    names = list(runs)
+    base = names[0]
+    tests: dict[str, dict[str, PairedResult]] = {}
+    for name in names[1:]:
+        tests[name] = {}
+        for group_name, base_group in groups[base].items():
+            other = groups[name].get(group_name)
+            if other is None or other.ids != base_group.ids:
+                raise ValueError(f"runs {base!r} and {name!r} were not scored on the same samples "
+                                 f"(metric group {group_name!r}); compare evaluations of the same files")
+            results = paired_bootstrap(other.columns, base_group.columns, base_group.metrics, n_boot=n_boot,
+                                       seed=seed, level=level)
+            tests[name] |= {f"{group_name}/{key}": res for key, res in results.items()}
+    values = {name: {key: _value(entry) for key, entry in result["metrics"].items()}
+              for name, (result, _, _) in loaded.items()}
+    return Comparison(names, values, tests)

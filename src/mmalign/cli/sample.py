@@ -1,0 +1,40 @@
+"""``mmalign sample bdhs``: Bias-Driven Hallucination Sampling over a record file (``mmalign.sampling.bdhs_run``).
+
+``mmalign sample bdhs --config configs/bdhs_lab.yaml input=in.jsonl output=out.jsonl model=path/to/policy``
+(fields of ``BDHSRunConfig``, sampler knobs under ``bdhs.``). Run it under ``accelerate launch`` to split the
+records across processes; a killed run resumes when started again with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmalign.cli.main import add_config_args
+from mmalign.config import load_config
+from mmalign.data.schema import RecordError
+from mmalign.sampling.shards import ResumeError
+
+
+def _bdhs(args: argparse.Namespace) -> int:
+    from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs, summary_path
+
+    cfg = load_config(BDHSRunConfig, args.config, args.overrides)
+    try:
+        summary = run_bdhs(cfg)
+    except (RecordError, ResumeError) as err:
+        print(f"mmalign sample bdhs: {err}", file=sys.stderr)
+        return 1
+    if summary is not None:
+        shares = ", ".join(f"{i}: {share:.1%}" for i, share in summary["accepted_at_iteration"].items())
+        print(f"{cfg.output}: {summary['written']} records ({len(summary['dropped'])} dropped); "
+              f"accepted at iteration {shares}; summary in {summary_path(cfg.output)}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sample", help="make rejected answers (BDHS)")
+    sub = parser.add_subparsers(dest="sample_command", required=True, metavar="SAMPLER")
+    bdhs = sub.add_parser("bdhs", help="Bias-Driven Hallucination Sampling (Algorithm 1) with a local policy")
+    add_config_args(bdhs)
+    bdhs.set_defaults(func=_bdhs)

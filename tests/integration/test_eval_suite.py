@@ -113,23 +113,32 @@ def _items_and_images(lab):
     return items, [open_image(it["image"], lab) for it in items]
 
 
-def test_likelihood_scores_match_a_naive_single_sequence_forward(lab):
-    model, processor = build_tiny_vlm("llava", seed=1)  # random weights: scores are not trivially separated
+def _naive_answer_logp(model, processor, prompt, image, answer):
+    """log p(answer + EOS | prompt, image) from one unpadded sequence, summed token by token."""
+    enc = dict(processor(text=[render_prompt(processor, prompt, 1)], images=[[image]], return_tensors="pt"))
+    target = answer_ids(processor.tokenizer, answer)
+    start = enc["input_ids"].shape[1]
+    for key, value in enc.items():  # per-token inputs (ids, mask, token types) grow by the answer
+        if torch.is_tensor(value) and value.shape == (1, start):
+            tail = target if key == "input_ids" else [1 if key == "attention_mask" else 0] * len(target)
+            enc[key] = torch.cat([value, torch.tensor([tail], dtype=value.dtype)], dim=1)
+    with torch.no_grad():
+        logps = torch.log_softmax(model(**enc).logits[0].float(), -1)
+    return sum(float(logps[start - 1 + j, t]) for j, t in enumerate(target))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "gemma3"])
+def test_likelihood_scores_match_a_naive_single_sequence_forward(lab, family):
+    model, processor = build_tiny_vlm(family, seed=1)  # random weights: scores are not trivially separated
     items, images = _items_and_images(lab)
+    items, images = items[:5], images[:5]
+    # prompts of different lengths share one padded batch
+    items[1] = {**items[1], "question": items[1]["question"] + " Answer the question with a single word."}
     records = score_pope_likelihood(model, processor, items, images, candidates=["Yes.", "No, there is not."],
                                     batch_size=5)
-    tokenizer = processor.tokenizer
-    for item, image, record in zip(items[:4], images[:4], records[:4]):
+    for item, image, record in zip(items, images, records):
         for answer, score in record["scores"].items():
-            text = render_prompt(processor, item["question"], 1)
-            enc = processor(text=[text], images=[[image]], return_tensors="pt")
-            target = answer_ids(tokenizer, answer)
-            ids = torch.cat([enc["input_ids"], torch.tensor([target])], dim=1)
-            with torch.no_grad():
-                logits = model(input_ids=ids, pixel_values=enc["pixel_values"]).logits[0]
-            logps = torch.log_softmax(logits.float(), -1)
-            start = enc["input_ids"].shape[1]
-            naive = sum(float(logps[start - 1 + j, t]) for j, t in enumerate(target))
+            naive = _naive_answer_logp(model, processor, item["question"], image, answer)
             assert score == pytest.approx(naive, abs=1e-4)
         best = max(record["scores"], key=record["scores"].get)
         assert record["answer"] == best and record["parsed"] == parse_yes_no(best)

@@ -7,13 +7,20 @@ predict an answer token, so the [N, T, V] logit tensor of prompt and image posit
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from mmalign.data.collate import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 # Collation bookkeeping that is not a model input.
 _NON_MODEL_KEYS = ("labels", "row_record", "row_answer")
@@ -97,3 +104,57 @@ def preference_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForwar
         logps[chosen_idx], rejected_logps, rejected_mask, lengths[chosen_idx], rejected_lengths,
         token_logps[chosen_idx], answer_mask[chosen_idx],
     )
+
+
+# --- reference log-probs cached on disk ------------------------------------------------------------------
+# TRL refuses precomputed reference log-probs for image data; here each answer's reference log-prob is keyed
+# by everything it depends on (model files, precision, image bytes, prompt, answer), so a cache is reused
+# across runs and can never serve a value computed for other inputs.
+
+
+def model_fingerprint(model_dir: str | Path, *settings: str) -> str:
+    """SHA-256 over every file of a model directory (weights, config, processor) and ``settings``."""
+    digest = hashlib.sha256()
+    root = Path(model_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    for setting in settings:
+        digest.update(setting.encode())
+    return digest.hexdigest()
+
+
+def answer_cache_key(model_fp: str, image_hashes: list[str], prompt: Any, answer: str) -> str:
+    """Cache key of one answer's reference log-prob."""
+    blob = json.dumps([model_fp, image_hashes, prompt, answer], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_logps_cache(path: str | Path) -> dict[str, float]:
+    """``{key: summed log-prob}`` from a cache file (JSONL of {"key", "logps"}); empty if absent."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    lines = path.read_text().split("\n")
+    if lines[-1]:
+        logger.warning("%s: ignoring an unterminated last line (a writer was killed mid-line)", path)
+    cache = {}
+    for n, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        if not isinstance(entry.get("key"), str) or not math.isfinite(entry.get("logps", math.nan)):
+            raise ValueError(f"{path}:{n}: a reference cache line needs a string 'key' and finite 'logps'")
+        cache[entry["key"]] = float(entry["logps"])
+    return cache
+
+
+def append_logps_cache(path: str | Path, entries: dict[str, float]) -> None:
+    """Append entries to a cache file (one JSON line each, so a killed writer loses at most its last line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        for key, value in entries.items():
+            fh.write(json.dumps({"key": key, "logps": value}) + "\n")

@@ -1,0 +1,90 @@
+"""Exact resume: a run SIGKILLed at a random step and resumed ends where an uninterrupted run ends; and
+2 CPU processes (gloo, ``accelerate launch``) train the same as 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_offline_train import assert_same_weights, cli_args, config, make_pairs, metrics
+
+from mmalign.trainers.offline import train_offline
+
+pytestmark = pytest.mark.integration
+
+STEPS = 8
+
+
+def _train_cmd(*args: str) -> list[str]:
+    return ["-m", "mmalign.cli.main", "train", "dpo", *args]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    return make_pairs(tmp_path_factory.mktemp("pairs"), n=16, seed=1)
+
+
+def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tiny_vlm_dir, pairs, tmp_path):
+    model_dir = tiny_vlm_dir("llava")
+    full = train_offline(config(model_dir, pairs, tmp_path / "full", f"max_steps={STEPS}", "loss.sft_weight=0.2"))
+    kill_after = random.randint(2, STEPS - 2)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, *_train_cmd(*cli_args(model_dir, pairs, out, f"max_steps={STEPS}", "loss.sft_weight=0.2",
+                                                 "run.save_every=1"))]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"run ended before the kill at step {kill_after}: " \
+                                               f"{proc.stderr.read().decode()[-2000:]}"
+    assert not (out / "adapter").exists()
+    resumed = train_offline(config(model_dir, pairs, out, f"max_steps={STEPS}", "loss.sft_weight=0.2",
+                                   "run.save_every=1", "run.resume=true"))
+    ends, resumed_log = metrics(full), metrics(resumed)
+    assert [m["step"] for m in resumed_log] == list(range(1, STEPS + 1))  # each step logged exactly once
+    assert resumed_log[-1]["loss"] == pytest.approx(ends[-1]["loss"], abs=1e-6), f"killed after step {kill_after}"
+    assert_same_weights(full / "adapter/adapter_model.safetensors", resumed / "adapter/adapter_model.safetensors")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_equal_one_process(tiny_vlm_dir, pairs, tmp_path):
+    model_dir = tiny_vlm_dir("llava")
+    extra = ("max_steps=3", "loss.name=slic", "loss.beta=0.5", "optim.grad_accum=2")
+    one = train_offline(config(model_dir, pairs, tmp_path / "one", *extra))
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    done = subprocess.run([*launch, *_train_cmd(*cli_args(model_dir, pairs, two, *extra))], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-6)
+    assert metrics(two)[-1]["rewards/margin"] != 0.0
+    assert_same_weights(one / "adapter/adapter_model.safetensors", two / "adapter/adapter_model.safetensors",
+                        atol=1e-5)
+    assert json.loads((two / "data_fingerprint.json").read_text()) == json.loads(
+        (one / "data_fingerprint.json").read_text())

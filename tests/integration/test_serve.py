@@ -196,3 +196,16 @@ def test_register_corrupt_parses_into_the_runner(tmp_path):
     args = parser.parse_args(["corrupt", "method=lab", f"input={tmp_path / 'missing.jsonl'}",
                               f"output={tmp_path / 'o.jsonl'}", f"lab_dir={tmp_path}"])
     assert args.func(args) == 2  # a clear error for the missing input, not a traceback
+
+
+@pytest.mark.parametrize("family", ["llava_next", "idefics3", "gemma3"])
+def test_service_matches_generate_on_other_families(family):
+    model, processor = build_tiny_vlm(family, seed=0)
+    service = ChatService(model, processor, family)
+    image = _image((30, 160, 60))
+    request = {"model": family, "temperature": 0, "max_tokens": 6, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is shown?"},
+                                     {"type": "image_url", "image_url": {"url": _data_url(image)}}]}]}
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "What is shown?"}, {"type": "image"}]}]
+    (expected,) = generate(model, processor, [prompt], [[image]], GenerationParams(max_new_tokens=6, temperature=0.0))
+    assert service.complete(request)["choices"][0]["message"]["content"] == expected

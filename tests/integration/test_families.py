@@ -69,8 +69,10 @@ def test_family_round_trip(tiny_vlm, tiny_vlm_dir, family):
     assert torch.isfinite(loss) and loss.item() > 0
     assert all(grads[n].grad is not None and grads[n].grad.abs().sum() > 0 for n in projector_param_names(loaded))
 
-    answers = generate(loaded.eval(), loaded_processor, [RECORD["prompt"]], [[IMAGE]], GenerationParams(max_new_tokens=5))
-    assert len(answers) == 1 and isinstance(answers[0], str)
+    params = GenerationParams(max_new_tokens=5)
+    answers = generate(loaded.eval(), loaded_processor, [RECORD["prompt"]], [[IMAGE]], params)
+    assert answers == generate(model, processor, [RECORD["prompt"]], [[IMAGE]], params)
+    assert len(answers[0]) > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,8 +102,10 @@ def test_vision_and_projector_params_partition(family):
 
 
 def test_load_vlm_dtype_and_errors(tiny_vlm_dir, tmp_path):
-    model, _ = load_vlm(tiny_vlm_dir("llava"), dtype="bfloat16")
+    model, processor = load_vlm(tiny_vlm_dir("llava"), dtype="bfloat16")
     assert model.dtype == torch.bfloat16
+    # generate() casts pixel inputs to the model's dtype.
+    assert len(generate(model, processor, [RECORD["prompt"]], [[IMAGE]], GenerationParams(max_new_tokens=3))) == 1
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_vlm(tmp_path / "missing")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))

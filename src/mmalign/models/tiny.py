@@ -69,7 +69,7 @@ _CORPUS = [
 ] + [
     "Describe the image. Describe the image in detail. What is shown in the picture?",
     "The image shows a small object on the left, the right, the top and the bottom.",
-    "USER: ASSISTANT: User: Assistant: system user assistant model You are a helpful assistant.",
+    "USER: ASSISTANT: User: Assistant: [INST] [/INST] system user assistant model You are a helpful assistant.",
     "How many objects are there? What color is it? Answer the question with a single word.",
 ] * 20
 

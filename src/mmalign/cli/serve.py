@@ -9,7 +9,6 @@ import sys
 
 from mmalign.cli.main import add_config_args
 from mmalign.config import load_config
-from mmalign.sampling.server import ServeConfig, serve
 
 _FLAGS = ("model", "host", "port", "name")
 
@@ -26,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmalign.sampling.server import ServeConfig, serve  # torch + transformers: loaded only when serving
+
     cfg = load_config(ServeConfig, args.config, args.overrides)
     try:
         # Flags win over the config file; replace() re-runs the config's validation.

@@ -7,6 +7,9 @@ the ShapesWorld lab can run every code path on CPU in seconds. Each tokenizer is
 locally with ``tokenizers`` (exact decode round-trips) carrying the family's special tokens, and each
 processor carries a chat template in the family's own turn format, so ``render_prompt`` exercises the same
 structure the full-size checkpoints use.
+
+In transformers 5 the Qwen-VL processors cannot be built without torchvision (their video processor needs it);
+``build_tiny_model`` and ``qwen_image_processor`` give the model, tokenizer and image processor alone.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ _CORPUS = [
     "The image shows a small object on the left, the right, the top and the bottom.",
     "USER: ASSISTANT: User: Assistant: [INST] [/INST] system user assistant model You are a helpful assistant.",
     "How many objects are there? What color is it? Answer the question with a single word.",
-] * 20
+] * 20  # repeated so prompt words become whole tokens, not letter runs
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,8 @@ def _chat_template(spec: _Family) -> str:
 
 
 def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (vocabulary 600) trained on the built-in corpus, with the family's special tokens."""
+    """Byte-level BPE (at most 600 entries; every byte is a token, so no unknown token is needed) trained on the
+    built-in corpus, with the family's special tokens, left padding and the family-style chat template."""
     spec = _SPECS[family]
     specials = spec.specials + spec.extra
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -178,7 +182,6 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad,
-        unk_token=spec.specials[0] if "unk" in spec.specials[0] else None,
         extra_special_tokens=spec.named, additional_special_tokens=spec.extra or None,
         padding_side="left", chat_template=_chat_template(spec),
     )

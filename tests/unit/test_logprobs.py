@@ -8,7 +8,10 @@ from PIL import Image
 
 from mmalign.data.collate import collate_preference
 from mmalign.data.schema import PreferenceRecord
-from mmalign.models.logprobs import answer_token_logps, model_inputs, preference_forward, sequence_logps
+from mmalign.models.logprobs import (
+    answer_cache_key, answer_token_logps, append_logps_cache, cached_reference, live_reference, load_logps_cache,
+    model_inputs, preference_forward, sequence_logps,
+)
 from mmalign.models.tiny import build_tiny_vlm
 
 RECORDS = [
@@ -79,3 +82,50 @@ def test_answer_at_position_zero_is_refused(tiny):
     batch["labels"][0, 0] = 5
     with pytest.raises(ValueError, match="position 0"):
         answer_token_logps(model, batch)
+
+
+def test_logps_cache_round_trip_and_torn_last_line(tmp_path):
+    path = tmp_path / "cache" / "ref.jsonl"
+    assert load_logps_cache(path) == {}
+    append_logps_cache(path, {"a": -1.5, "b": -2.25})
+    append_logps_cache(path, {"c": -3.0})
+    assert load_logps_cache(path) == {"a": -1.5, "b": -2.25, "c": -3.0}
+    with path.open("a") as fh:
+        fh.write('{"key": "d", "lo')  # a writer killed mid-line
+    assert load_logps_cache(path) == {"a": -1.5, "b": -2.25, "c": -3.0}
+    path.write_text('{"key": "a", "logps": NaN}\n')
+    with pytest.raises(ValueError, match="ref.jsonl:1"):
+        load_logps_cache(path)
+
+
+def test_cache_key_depends_on_every_input():
+    base = answer_cache_key("model", ["img"], "<image>\nQ?", "A.")
+    variants = [answer_cache_key("model2", ["img"], "<image>\nQ?", "A."),
+                answer_cache_key("model", ["img2"], "<image>\nQ?", "A."),
+                answer_cache_key("model", ["img"], "<image>\nQ2?", "A."),
+                answer_cache_key("model", ["img"], "<image>\nQ?", "B.")]
+    assert len({base, *variants}) == 5
+    assert base == answer_cache_key("model", ["img"], "<image>\nQ?", "A.")
+
+
+def test_cached_reference_equals_live_reference(tiny, tmp_path):
+    from accelerate import PartialState
+
+    model, processor = tiny
+    live = live_reference(model, model)  # a frozen model is its own reference
+    batch = collate_preference(processor, RECORDS, IMAGES, max_length=512)
+    keys = [[f"{r.id}/{j}" for j in range(1 + len(r.rejected))] for r in RECORDS]
+    calls = []
+
+    def compute(indices):
+        calls.append(indices)
+        sub = collate_preference(processor, [RECORDS[i] for i in indices], [IMAGES[i] for i in indices], 512)
+        return live(sub, indices)
+
+    cached = cached_reference(keys, tmp_path / "ref.jsonl", compute, PartialState(), batch_size=1)
+    assert calls == [[0], [1]]
+    want, got = live(batch, [0, 1]), cached(batch, [0, 1])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    cached_reference(keys, tmp_path / "ref.jsonl", compute, PartialState(), batch_size=1)
+    assert calls == [[0], [1]]  # second time: all hits

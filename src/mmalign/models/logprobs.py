@@ -7,11 +7,12 @@ predict an answer token, so the [N, T, V] logit tensor of prompt and image posit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -158,3 +159,59 @@ def append_logps_cache(path: str | Path, entries: dict[str, float]) -> None:
     with path.open("a") as fh:
         for key, value in entries.items():
             fh.write(json.dumps({"key": key, "logps": value}) + "\n")
+
+
+# A reference: (collated batch, record indices) -> (ref chosen logps float[R], ref rejected logps float[R, K]).
+RefFn = Callable[[dict[str, Any], list[int]], tuple[Tensor, Tensor]]
+
+
+def live_reference(policy: Any, frozen: Any | None) -> RefFn:
+    """Reference log-probs by a forward pass: the frozen copy, or the (PEFT) policy with its adapter disabled."""
+
+    def reference(batch: dict[str, Any], _: list[int]) -> tuple[Tensor, Tensor]:
+        adapter_off = policy.disable_adapter() if frozen is None else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off:
+            out = preference_forward(policy if frozen is None else frozen, batch)
+        return out.chosen_logps, out.rejected_logps
+
+    return reference
+
+
+def cached_reference(keys: list[list[str]], cache_path: str | Path,
+                     compute: Callable[[list[int]], tuple[Tensor, Tensor]], accelerator: Any,
+                     batch_size: int) -> RefFn:
+    """Reference log-probs served from a cache file, computing only the misses first.
+
+    keys: per record, the cache keys of its chosen and rejected answers (``answer_cache_key``).
+    compute(indices) -> (chosen float[R], rejected float[R, K]) for those records. Misses are shared out over
+    the accelerator's processes in batches of ``batch_size``, gathered, and appended to ``cache_path`` by the
+    main process; the returned reference looks values up by record index.
+    """
+    from accelerate.utils import gather_object
+
+    cache = load_logps_cache(cache_path)
+    todo = [i for i, ks in enumerate(keys) if any(k not in cache for k in ks)]
+    mine, new = todo[accelerator.process_index:: accelerator.num_processes], {}
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start: start + batch_size]
+        chosen, rejected = compute(chunk)
+        for row, i in enumerate(chunk):
+            new[keys[i][0]] = float(chosen[row])
+            new.update({key: float(rejected[row, j]) for j, key in enumerate(keys[i][1:])})
+    merged = {k: v for part in gather_object([new]) for k, v in part.items()}
+    if accelerator.is_main_process and merged:
+        append_logps_cache(cache_path, merged)
+    accelerator.wait_for_everyone()
+    cache.update(merged)
+    logger.info("reference log-probs: %d answers computed, %d read from %s", len(merged),
+                sum(len(ks) for ks in keys) - len(merged), cache_path)
+    table = [[cache[k] for k in ks] for ks in keys]
+
+    def reference(batch: dict[str, Any], indices: list[int]) -> tuple[Tensor, Tensor]:
+        device = batch["input_ids"].device
+        rejected = torch.zeros(len(indices), int(batch["row_answer"].max()), device=device)
+        for row, i in enumerate(indices):
+            rejected[row, : len(table[i]) - 1] = torch.tensor(table[i][1:])
+        return torch.tensor([table[i][0] for i in indices], device=device), rejected
+
+    return reference

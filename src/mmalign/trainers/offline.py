@@ -14,7 +14,6 @@ by model files + precision + image bytes + prompt + answer (``mmalign.models.log
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -22,11 +21,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from mmalign.config import ConfigError, save_config
 from mmalign.data.collate import SequenceTooLong, collate_preference
@@ -34,7 +32,7 @@ from mmalign.data.images import image_sha256, open_image
 from mmalign.data.schema import PreferenceRecord, RecordError, read_records
 from mmalign.models.loading import PROJECTOR_MODULES, freeze_vision_tower, load_vlm, projector_param_names
 from mmalign.models.logprobs import (
-    answer_cache_key, append_logps_cache, load_logps_cache, model_fingerprint, preference_forward,
+    RefFn, answer_cache_key, cached_reference, live_reference, model_fingerprint, preference_forward,
 )
 from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, mm_dpo_beta, sft_nll
 from mmalign.trainers.common import (
@@ -169,6 +167,8 @@ def prepare_policy(cfg: OfflineConfig) -> tuple[Any, Any, Any, list[str]]:
     if cfg.model.freeze_vision:
         freeze_vision_tower(model)
     projector = projector_param_names(model)
+    if cfg.lora.enabled and not cfg.model.freeze_vision:
+        raise ConfigError("under LoRA the vision tower stays frozen: set model.freeze_vision=true or lora.enabled=false")
     if not cfg.lora.enabled:
         for name, param in model.named_parameters():
             if name in projector and not cfg.model.train_projector:
@@ -237,6 +237,8 @@ def load_pairs(cfg: OfflineConfig, processor: Any) -> tuple[list[PreferenceRecor
     n_skipped = n_format + len(bad)
     if n_skipped:
         logger.warning("%s: skipped %d record(s), listed in %s", data.train, n_skipped, skip)
+    if not kept:
+        raise ConfigError(f"{data.train}: no usable preference record ({n_skipped} skipped)")
     k = max(len(r.rejected) for r in kept)
     if cfg.loss.rejected_weights and len(cfg.loss.rejected_weights) < k:
         raise ConfigError(f"loss.rejected_weights has {len(cfg.loss.rejected_weights)} weights; records hold up to {k}")
@@ -255,59 +257,25 @@ def data_fingerprint(cfg: DataConfig, records: list[PreferenceRecord], n_skipped
 
 # --- reference ---------------------------------------------------------------------------------------------
 
-RefFn = Callable[[dict[str, Any], list[int]], tuple[torch.Tensor, torch.Tensor]]
 
-
-def live_reference(policy: Any, frozen: Any | None) -> RefFn:
-    """Reference log-probs by a forward pass: the frozen copy, or the policy with its LoRA adapter disabled."""
-
-    def reference(batch: dict[str, Any], _: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        adapter_off = policy.disable_adapter() if frozen is None else contextlib.nullcontext()
-        with torch.no_grad(), adapter_off:
-            out = preference_forward(policy if frozen is None else frozen, batch)
-        return out.chosen_logps, out.rejected_logps
-
-    return reference
-
-
-def cached_reference(cfg: OfflineConfig, accelerator: Accelerator, live: RefFn, processor: Any,
-                     records: list[PreferenceRecord], image_hashes: list[list[str]], micro: int) -> RefFn:
-    """Compute missing reference log-probs once (shared out over processes), store them, serve lookups."""
+def reference_fn(cfg: OfflineConfig, accelerator: Accelerator, policy: Any, frozen: Any | None, processor: Any,
+                 records: list[PreferenceRecord], image_hashes: list[list[str]], micro: int) -> RefFn:
+    """The reference: a live forward pass, or (``ref_cache_dir``) log-probs computed once and looked up."""
+    live = live_reference(policy, frozen)
+    if not cfg.ref_cache_dir:
+        return live
     fp = model_fingerprint(cfg.model.path, str(cfg.model.dtype), cfg.run.mixed_precision)
-    path = Path(cfg.ref_cache_dir) / f"{fp[:16]}.jsonl"
     keys = [[answer_cache_key(fp, image_hashes[i], r.prompt, a) for a in (r.chosen, *r.rejected)]
             for i, r in enumerate(records)]
-    cache = load_logps_cache(path)
-    todo = [i for i, ks in enumerate(keys) if any(k not in cache for k in ks)]
-    mine, new = todo[accelerator.process_index:: accelerator.num_processes], {}
     root = _data_root(cfg.data)
-    for start in range(0, len(mine), micro):
-        chunk = mine[start: start + micro]
-        batch = _to_device(collate_preference(processor, [records[i] for i in chunk],
-                                              [_images(records[i], root) for i in chunk], cfg.data.max_length),
-                           accelerator.device)
+
+    def compute(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate_preference(processor, [records[i] for i in indices],
+                                   [_images(records[i], root) for i in indices], cfg.data.max_length)
         with accelerator.autocast():
-            chosen, rejected = live(batch, chunk)
-        for row, i in enumerate(chunk):
-            new[keys[i][0]] = float(chosen[row])
-            new.update({key: float(rejected[row, j]) for j, key in enumerate(keys[i][1:])})
-    merged = {k: v for part in gather_object([new]) for k, v in part.items()}
-    if accelerator.is_main_process and merged:
-        append_logps_cache(path, merged)
-    accelerator.wait_for_everyone()
-    cache.update(merged)
-    logger.info("reference log-probs: %d answers computed, %d from %s", len(merged),
-                sum(len(k) for k in keys) - len(merged), path)
-    table = [[cache[k] for k in ks] for ks in keys]
+            return live(_to_device(batch, accelerator.device), indices)
 
-    def reference(batch: dict[str, Any], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        k = int(batch["row_answer"].max())
-        rejected = torch.zeros(len(indices), k, device=accelerator.device)
-        for row, i in enumerate(indices):
-            rejected[row, : len(table[i]) - 1] = torch.tensor(table[i][1:])
-        return torch.tensor([table[i][0] for i in indices], device=accelerator.device), rejected
-
-    return reference
+    return cached_reference(keys, Path(cfg.ref_cache_dir) / f"{fp[:16]}.jsonl", compute, accelerator, micro)
 
 
 # --- one step ----------------------------------------------------------------------------------------------
@@ -457,9 +425,8 @@ def train_offline(cfg: OfflineConfig) -> Path:
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    reference = live_reference(accelerator.unwrap_model(policy), frozen)
-    if cfg.ref_cache_dir:
-        reference = cached_reference(cfg, accelerator, reference, processor, records, image_hashes, micro)
+    reference = reference_fn(cfg, accelerator, accelerator.unwrap_model(policy), frozen, processor, records,
+                             image_hashes, micro)
     run = _Run(cfg, accelerator, policy, processor, optimizer, scheduler, reference, records, micro)
     start = _resume(cfg, accelerator, fingerprint)
     metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)

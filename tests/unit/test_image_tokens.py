@@ -91,3 +91,13 @@ def test_unknown_architecture_and_bad_shape_are_errors():
     text_config = model.config.text_config
     with pytest.raises(ValueError, match="no image-token rule for model_type 'llama'"):
         image_token_id(text_config)
+
+
+@pytest.mark.parametrize("family,per_image", [("llava", 16), ("idefics3", 12), ("gemma3", 4)])
+def test_two_images_in_one_prompt(tiny_vlm, family, per_image):
+    model, processor = tiny_vlm(family)
+    text = render_prompt(processor, "<image>\nLeft image. <image>\nRight image. Same shapes?", 2)
+    inputs = processor(text=[text], images=[[IMAGE, IMAGE.rotate(90)]], return_tensors="pt")
+    mask = image_token_mask(model.config, inputs["input_ids"])
+    assert int(mask.sum()) == 2 * per_image
+    assert torch.equal(mask, substituted_positions(model, inputs))

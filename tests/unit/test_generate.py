@@ -95,5 +95,7 @@ def test_bad_input_is_a_clear_error(tiny_vlm):
         generate(model, processor, PROMPTS[:2], [[IMAGES[0]]], GenerationParams())
     with pytest.raises(ValueError, match="1 continue_from"):
         generate(model, processor, PROMPTS[:2], [[IMAGES[0]]] * 2, GenerationParams(), continue_from=["a"])
+    with pytest.raises(ValueError, match="must not mix prompts with and without images"):
+        generate(model, processor, ["Hi", PROMPTS[0]], [[], [IMAGES[0]]], GenerationParams())
     with pytest.raises(ValueError, match="top_p"):
         GenerationParams(top_p=0.0)

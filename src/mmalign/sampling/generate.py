@@ -71,6 +71,8 @@ def encode_for_generation(
     if continue_from is not None:
         texts = [t + prefix for t, prefix in zip(texts, continue_from)]
     has_images = any(images)
+    if has_images and not all(images):
+        raise ValueError("a generation batch must not mix prompts with and without images")
     return processor(
         text=texts, images=images if has_images else None, padding=True, padding_side="left", return_tensors="pt",
     )

@@ -43,13 +43,21 @@ class SentenceSimilarity:
         self.model = SentenceTransformer(self.path, device=str(device), local_files_only=True)
         logger.info("BDHS similarity model: %s", self.path)
 
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        # One text per forward: batched encoding pads to the longest text, which moves the last digits of an
+        # embedding with its batch-mates, and a record's similarity must not depend on its batch.
+        return self.model.encode(list(texts), batch_size=1, convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=False).astype(np.float64)
+
     def __call__(self, texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
-        """float64[N]: cos(embed(texts[i]), embed(references[i]))."""
+        """float64[N]: cos(embed(texts[i]), embed(references[i])); each text embedded on its own."""
         if len(texts) != len(references):
             raise ValueError(f"{len(texts)} texts but {len(references)} references")
         if not texts:
             return np.zeros(0)
-        embeddings = self.model.encode(list(texts) + list(references), convert_to_numpy=True,
-                                       normalize_embeddings=True, show_progress_bar=False)
-        a, b = embeddings[: len(texts)].astype(np.float64), embeddings[len(texts):].astype(np.float64)
+        unique = sorted(set(texts) | set(references))
+        index = {text: i for i, text in enumerate(unique)}
+        embeddings = self._embed(unique)
+        a = embeddings[[index[t] for t in texts]]
+        b = embeddings[[index[t] for t in references]]
         return np.sum(a * b, axis=-1)

@@ -1,0 +1,127 @@
+"""``mmalign sample bdhs`` end to end on a saved tiny LLaVA with the real embedding filter: valid records and
+summary; a SIGKILLed run resumes to the same file; 2 CPU processes (gloo) write the same file as 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmalign.cli.main import main
+from mmalign.data.schema import PreferenceRecord, provenance_path, read_records, write_records
+from mmalign.sampling.bdhs_run import summary_path
+from mmalign.sampling.shards import work_dir_for
+
+pytestmark = pytest.mark.integration
+
+N_RECORDS = 10
+MMALIGN = str(Path(sys.executable).with_name("mmalign"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bdhs_data")
+    (root / "images").mkdir()
+    records = []
+    for i in range(N_RECORDS):
+        pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        chosen = "Yes." if i % 3 == 0 else "There is a red circle and a blue square. The circle is on the left."
+        prompt = "<image>\nIs there a red circle in the image?" if i % 3 == 0 else "<image>\nDescribe the image."
+        records.append(PreferenceRecord(f"img-{i}", [f"images/{i}.png"], prompt, chosen,
+                                        ["There is a green star."] if i == 1 else []))
+    write_records(root / "prompts.jsonl", records)
+    return root
+
+
+def _args(model_dir: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return ["sample", "bdhs", f"input={data / 'prompts.jsonl'}", f"output={output}", f"model={model_dir}",
+            "bdhs.n_iter=3", "bdhs.rho=0.5", "bdhs.max_sentence_tokens=6", "bdhs.max_answer_tokens=8", *extra]
+
+
+def _env() -> dict[str, str]:
+    return os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm_dir, data, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run (in-process, through the CLI entry point)."""
+    output = tmp_path_factory.mktemp("bdhs_ref") / "pairs.jsonl"
+    assert main(_args(tiny_vlm_dir("llava"), data, output, "bdhs.batch_size=4")) == 0
+    return output
+
+
+def test_run_writes_valid_pairs_provenance_and_summary(reference, data):
+    records = read_records(reference, data_root=data, min_rejected=1)
+    summary = json.loads(summary_path(reference).read_text())
+    assert len(records) + len(summary["dropped"]) == N_RECORDS == summary["records"]
+    assert sum(summary["accepted_at_iteration"].values()) == pytest.approx(1.0)
+    by_id = {r.id: r for r in records}
+    if "img-1" in by_id:
+        assert by_id["img-1"].rejected[-1] == "There is a green star."  # existing rejected kept after BDHS's
+    for record in records:
+        info = record.meta["bdhs"]
+        assert 1 <= info["iteration"] <= 3 and info["unguided"] == (info["iteration"] == 3)
+        assert info["rho"] == 0.5 and -1.0 <= info["similarity"] <= 1.0 + 1e-6
+        assert record.rejected[0] != record.chosen
+    provenance = json.loads(provenance_path(reference).read_text())
+    assert provenance["sampler"] == "bdhs" and provenance["count"] == len(records)
+    assert not work_dir_for(reference).exists()
+
+
+def test_sigkill_then_restart_gives_the_same_file(reference, tiny_vlm_dir, data, tmp_path):
+    output = tmp_path / "pairs.jsonl"
+    args = _args(tiny_vlm_dir("llava"), data, output, "bdhs.batch_size=1")
+    proc = subprocess.Popen([MMALIGN, *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    shard = work_dir_for(output) / "shard-00000.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if shard.exists() and shard.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = shard.read_text().count("\n")
+    assert 2 <= done_before < N_RECORDS and not output.exists()
+    finished = subprocess.run([MMALIGN, *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert output.read_bytes() == reference.read_bytes()
+    assert summary_path(output).read_bytes() == summary_path(reference).read_bytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_write_the_same_file_as_one(reference, tiny_vlm_dir, data, tmp_path):
+    output = tmp_path / "pairs.jsonl"
+    # torchrun spawns the 2 processes; ACCELERATE_USE_CPU makes the Accelerator join them over gloo
+    # (``accelerate launch --cpu`` leaves spawning to MPI).
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(_free_port()), MMALIGN]
+    done = subprocess.run([*launch, *_args(tiny_vlm_dir("llava"), data, output, "bdhs.batch_size=3")],
+                          env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 1:" in done.stderr  # both processes sampled their share
+    assert output.read_bytes() == reference.read_bytes()
+    assert summary_path(output).read_bytes() == summary_path(reference).read_bytes()
+
+
+def test_resuming_with_other_settings_is_refused(tiny_vlm_dir, data, tmp_path, capsys):
+    output = tmp_path / "pairs.jsonl"
+    work_dir_for(output).mkdir()
+    (work_dir_for(output) / "run.json").write_text(json.dumps({"bdhs": {}, "dtype": None}))
+    assert main(_args(tiny_vlm_dir("llava"), data, output)) == 1
+    assert "holds a run with other settings" in capsys.readouterr().err

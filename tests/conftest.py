@@ -15,13 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from mmalign.models.tiny import build_tiny_vlm  # noqa: E402
 from transformers.utils import is_torchvision_available  # noqa: E402
 
-# transformers 5 builds Qwen-VL processors only with torchvision (their video processor needs it).
-NEEDS_TORCHVISION = {"qwen2_vl", "qwen2_5_vl"}
+# Tiny Qwen models carry an image-only processor; reloading a saved one goes through AutoProcessor, which
+# builds the full Qwen-VL processor, whose video half needs torchvision in transformers 5.
+NEEDS_TORCHVISION_TO_RELOAD = {"qwen2_vl", "qwen2_5_vl"}
 
 
-def _skip_without_processor(family: str) -> None:
-    if family in NEEDS_TORCHVISION and not is_torchvision_available():
-        pytest.skip(f"{family} processor needs torchvision, which is not importable here")
+def _skip_without_reload(family: str) -> None:
+    if family in NEEDS_TORCHVISION_TO_RELOAD and not is_torchvision_available():
+        pytest.skip(f"reloading a saved {family} processor needs torchvision, which is not importable here")
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +30,10 @@ def tiny_vlm() -> Callable[..., tuple[Any, Any]]:
     """``tiny_vlm(family, seed=0) -> (model, processor)``: a deep copy of a session-cached tiny VLM.
 
     The model copy is yours to train or modify; the processor is shared, so do not mutate it.
-    Families whose processor cannot be built in this environment are skipped with the reason.
     """
     cache: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def get(family: str, seed: int = 0) -> tuple[Any, Any]:
-        _skip_without_processor(family)
         if (family, seed) not in cache:
             cache[(family, seed)] = build_tiny_vlm(family, seed)
         model, processor = cache[(family, seed)]
@@ -46,10 +45,12 @@ def tiny_vlm() -> Callable[..., tuple[Any, Any]]:
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tiny_vlm, tmp_path_factory) -> Callable[..., Path]:
     """``tiny_vlm_dir(family, seed=0) -> Path``: the tiny VLM saved with ``save_pretrained`` (model + processor),
-    loadable with ``mmalign.models.loading.load_vlm``; written once per session, treat it as read-only."""
+    loadable with ``mmalign.models.loading.load_vlm``; written once per session, treat it as read-only.
+    Families whose saved processor cannot be reloaded in this environment are skipped with the reason."""
     cache: dict[tuple[str, int], Path] = {}
 
     def get(family: str, seed: int = 0) -> Path:
+        _skip_without_reload(family)
         if (family, seed) not in cache:
             model, processor = tiny_vlm(family, seed)
             path = tmp_path_factory.mktemp(f"tiny_{family}_{seed}")

@@ -27,52 +27,61 @@ RECORD = {"id": "r1", "prompt": "<image>\nIs there a red circle in the image?", 
 IMAGE = Image.new("RGB", (64, 32), (220, 20, 20))
 
 
+def _record_inputs(processor):
+    text = render_prompt(processor, RECORD["prompt"], 1)
+    prompt = processor(text=[text], images=[[IMAGE]], return_tensors="pt")
+    chosen = torch.tensor([answer_ids(processor.tokenizer, RECORD["chosen"])])
+    inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], chosen], 1),
+                  attention_mask=torch.cat([prompt["attention_mask"], torch.ones_like(chosen)], 1))
+    for key in ("token_type_ids", "mm_token_type_ids"):  # Gemma3 / Qwen: answer tokens are text (0)
+        if key in prompt:
+            inputs[key] = torch.cat([prompt[key], torch.zeros_like(chosen)], 1)
+    return text, prompt["input_ids"].shape[1], inputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_forward_backward_generate(tiny_vlm, family):
+    model, processor = tiny_vlm(family)
+    text, n_prompt, inputs = _record_inputs(processor)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+
+    # The image matters: another image changes the answer logits.
+    other = processor(text=[text], images=[[Image.new("RGB", (64, 32), (20, 20, 220))]], return_tensors="pt")
+    with torch.no_grad():
+        other_logits = model(**dict(inputs, **{k: v for k, v in other.items() if "pixel" in k})).logits
+    assert (other_logits[0, n_prompt:] - logits[0, n_prompt:]).abs().max() > 1e-4
+
+    mask = image_token_mask(model.config, inputs["input_ids"])
+    assert mask[0, n_prompt:].sum() == 0 and mask[0, :n_prompt].sum() > 0
+
+    # Teacher-forced answer NLL backpropagates into the projector and the language model.
+    model.train()
+    labels = inputs["input_ids"].clone()
+    labels[:, :n_prompt] = -100
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    grads = dict(model.named_parameters())
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert all(grads[n].grad is not None and grads[n].grad.abs().sum() > 0 for n in projector_param_names(model))
+
+    answers = generate(model.eval(), processor, [RECORD["prompt"]], [[IMAGE]], GenerationParams(max_new_tokens=5))
+    assert len(answers[0]) > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_round_trip(tiny_vlm, tiny_vlm_dir, family):
     model, processor = tiny_vlm(family)
     loaded, loaded_processor = load_vlm(tiny_vlm_dir(family))
     assert type(loaded) is type(model) and type(loaded_processor) is type(processor)
-
-    text = render_prompt(loaded_processor, RECORD["prompt"], 1)
-    prompt = loaded_processor(text=[text], images=[[IMAGE]], return_tensors="pt")
-    n_prompt = prompt["input_ids"].shape[1]
-    chosen = torch.tensor([answer_ids(loaded_processor.tokenizer, RECORD["chosen"])])
-    inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], chosen], 1),
-                  attention_mask=torch.cat([prompt["attention_mask"], torch.ones_like(chosen)], 1))
-    if "token_type_ids" in prompt:  # Gemma3: answer tokens are text (0)
-        inputs["token_type_ids"] = torch.cat([prompt["token_type_ids"], torch.zeros_like(chosen)], 1)
-    if "mm_token_type_ids" in prompt:
-        inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(chosen)], 1)
-
-    # Reloaded weights and processor reproduce the original logits exactly.
+    _, _, inputs = _record_inputs(loaded_processor)
+    # Reloaded weights and processor reproduce the original logits and answers exactly.
     with torch.no_grad():
-        logits = loaded(**inputs).logits
-        assert torch.equal(logits, model(**inputs).logits)
-    assert logits.shape == (1, inputs["input_ids"].shape[1], len(loaded_processor.tokenizer))
-
-    # The image matters: another image changes the answer logits.
-    other = loaded_processor(text=[text], images=[[Image.new("RGB", (64, 32), (20, 20, 220))]], return_tensors="pt")
-    with torch.no_grad():
-        other_logits = loaded(**dict(inputs, **{k: v for k, v in other.items() if "pixel" in k})).logits
-    assert (other_logits[0, n_prompt:] - logits[0, n_prompt:]).abs().max() > 1e-4
-
-    mask = image_token_mask(loaded.config, inputs["input_ids"])
-    assert mask[0, n_prompt:].sum() == 0 and mask[0, :n_prompt].sum() > 0
-
-    # Teacher-forced answer NLL backpropagates into the projector and the language model.
-    loaded.train()
-    labels = inputs["input_ids"].clone()
-    labels[:, :n_prompt] = -100
-    loss = loaded(**inputs, labels=labels).loss
-    loss.backward()
-    grads = dict(loaded.named_parameters())
-    assert torch.isfinite(loss) and loss.item() > 0
-    assert all(grads[n].grad is not None and grads[n].grad.abs().sum() > 0 for n in projector_param_names(loaded))
-
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
     params = GenerationParams(max_new_tokens=5)
-    answers = generate(loaded.eval(), loaded_processor, [RECORD["prompt"]], [[IMAGE]], params)
+    answers = generate(loaded, loaded_processor, [RECORD["prompt"]], [[IMAGE]], params)
     assert answers == generate(model, processor, [RECORD["prompt"]], [[IMAGE]], params)
-    assert len(answers[0]) > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

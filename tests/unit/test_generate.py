@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmalign.models.tiny import FAMILIES
 from mmalign.sampling.generate import GenerationParams, encode_for_generation, generate
 
 IMAGES = [Image.new("RGB", (64, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 200, 0)),
@@ -15,7 +16,7 @@ PROMPTS = ["<image>\nDescribe the image.", "<image>\nIs there a red circle in th
            "<image>\nWhat is shown in the picture? Answer the question with a single word."]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_batch_equals_each_prompt_alone(tiny_vlm, family):
     model, processor = tiny_vlm(family)
     params = GenerationParams(max_new_tokens=10)

@@ -41,7 +41,6 @@ from transformers import (
     Qwen2VLProcessor,
 )
 from transformers.models.gemma3 import Gemma3Config
-from transformers.utils import is_torchvision_available
 from transformers.models.idefics3 import Idefics3Config
 from transformers.models.llava import LlavaConfig
 from transformers.models.llava_next import LlavaNextConfig
@@ -239,13 +238,28 @@ def qwen_image_processor() -> Qwen2VLImageProcessorPil:
     )
 
 
+class _ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without its video processor (torchvision-backed in transformers 5).
+
+    Tiny models exist for image preference data only; dropping the video half keeps the real image path
+    (placeholder expansion, ``image_grid_thw``, ``mm_token_type_ids``) on machines without torchvision.
+    Reloading a saved tiny Qwen model through ``AutoProcessor`` still needs the full processor.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+
+class _ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL counterpart of ``_ImageOnlyQwen2VLProcessor``."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+
 def _qwen_processor(cls: type, tok: PreTrainedTokenizerFast) -> Any:
-    """transformers 5 Qwen-VL processors always hold a video processor, which is torchvision-backed."""
-    if not is_torchvision_available():
-        raise ImportError(
-            f"{cls.__name__} needs torchvision (its video processor is torchvision-backed in transformers 5); "
-            "install a torchvision build matching torch, or use build_tiny_model for the model alone"
-        )
     return cls(image_processor=qwen_image_processor(), tokenizer=tok, chat_template=tok.chat_template)
 
 
@@ -262,7 +276,7 @@ def _qwen2_vl(tok: PreTrainedTokenizerFast) -> tuple[Any, Callable[[], Any]]:
         vision_config=dict(depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2,
                            patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2),
     )
-    return Qwen2VLForConditionalGeneration(config), lambda: _qwen_processor(Qwen2VLProcessor, tok)
+    return Qwen2VLForConditionalGeneration(config), lambda: _qwen_processor(_ImageOnlyQwen2VLProcessor, tok)
 
 
 def _qwen2_5_vl(tok: PreTrainedTokenizerFast) -> tuple[Any, Callable[[], Any]]:
@@ -273,7 +287,7 @@ def _qwen2_5_vl(tok: PreTrainedTokenizerFast) -> tuple[Any, Callable[[], Any]]:
                            out_hidden_size=TEXT["hidden_size"], patch_size=PATCH, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=TILE, fullatt_block_indexes=[1]),
     )
-    return Qwen2_5_VLForConditionalGeneration(config), lambda: _qwen_processor(Qwen2_5_VLProcessor, tok)
+    return Qwen2_5_VLForConditionalGeneration(config), lambda: _qwen_processor(_ImageOnlyQwen2_5_VLProcessor, tok)
 
 
 def _idefics3(tok: PreTrainedTokenizerFast) -> tuple[Any, Callable[[], Any]]:

@@ -85,18 +85,18 @@ class BDHSResult:
     unguided: bool
 
 
-def _is_unguided(cfg: BDHSConfig, iteration: int) -> bool:
+def is_unguided(cfg: BDHSConfig, iteration: int) -> bool:
     return cfg.n_iter > 1 and iteration == cfg.n_iter
 
 
-def _iteration_images(images: list[Image.Image], plan: IterationPlan, cfg: BDHSConfig) -> list[Image.Image]:
+def iteration_images(images: list[Image.Image], plan: IterationPlan, cfg: BDHSConfig) -> list[Image.Image]:
     """x~_img of this iteration: noised (Eq. 9, one seed per record and iteration) or the clean images."""
     if cfg.noise_steps == 0:
         return images
     return [noised_image(img, cfg.noise_steps, plan.noise_seed + j) for j, img in enumerate(images)]
 
 
-def _rows(record: PreferenceRecord, images: list[Image.Image], plan: IterationPlan) -> list[MaskedRow]:
+def generation_rows(record: PreferenceRecord, images: list[Image.Image], plan: IterationPlan) -> list[MaskedRow]:
     """Generation rows of one record: one per sentence to finish, or one unguided row."""
     if not plan.sentences:
         return [MaskedRow(record.prompt, images, "", plan.keep, plan.seed)]
@@ -104,7 +104,7 @@ def _rows(record: PreferenceRecord, images: list[Image.Image], plan: IterationPl
             for s in plan.sentences if s.generate]
 
 
-def _assemble(plan: IterationPlan, continuations: list[str]) -> str:
+def assemble_answer(plan: IterationPlan, continuations: list[str]) -> str:
     """y~- = concat_k (y^{k,+}_1 + y~^{k,-}_2 + separator_k) (Eq. 7), or the unguided answer."""
     if not plan.sentences:
         return continuations[0].strip()
@@ -121,12 +121,12 @@ def _generate_iteration(model: Any, processor: Any, records: Sequence[Preference
     rows: list[MaskedRow] = []
     spans = []
     for record, imgs, plan in zip(records, images, plans):
-        record_rows = _rows(record, _iteration_images(imgs, plan, cfg), plan)
+        record_rows = generation_rows(record, iteration_images(imgs, plan, cfg), plan)
         spans.append((len(rows), len(rows) + len(record_rows)))
         rows += record_rows
     outs = generate_masked(model, processor, rows, temperature=cfg.temperature, stop_at_period=not unguided,
                            max_new_tokens=cfg.max_answer_tokens if unguided else cfg.max_sentence_tokens) if rows else []
-    return [_assemble(plan, outs[a:b]) for plan, (a, b) in zip(plans, spans)]
+    return [assemble_answer(plan, outs[a:b]) for plan, (a, b) in zip(plans, spans)]
 
 
 def bdhs_sample(model: Any, processor: Any, records: Sequence[PreferenceRecord],
@@ -140,7 +140,7 @@ def bdhs_sample(model: Any, processor: Any, records: Sequence[PreferenceRecord],
     results: dict[int, BDHSResult] = {}
     pending = list(range(len(records)))
     for iteration in range(1, cfg.n_iter + 1):
-        unguided = _is_unguided(cfg, iteration)
+        unguided = is_unguided(cfg, iteration)
         plans = [plan_iteration(record_rng(cfg.seed, records[i].id, iteration), records[i].chosen, counts[i],
                                 cfg.rho, not unguided, cfg.swap_p) for i in pending]
         answers = _generate_iteration(model, processor, [records[i] for i in pending],

@@ -1,0 +1,140 @@
+"""BDHS speed: the batched sampler against the naive per-sentence loop, same records and seed, side by side.
+
+    python benchmarks/bench_bdhs.py [--model DIR] [--records N] [--n-iter K] [--batch-size B]
+
+Each mode runs in its own fresh subprocess (so peak RSS is its own) and writes its answers; the parent
+prints sentences/s, wall time, peak RSS and whether the two modes produced identical answers. Without
+``--model`` a random tiny LLaVA (``build_tiny_vlm("llava")``) is used; records are synthetic multi-sentence
+captions over random images. The naive mode is Algorithm 1 as written: one ``generate_masked`` call per
+sentence, with the same per-record random draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmalign.data.schema import PreferenceRecord
+from mmalign.models.loading import load_vlm
+from mmalign.models.tiny import build_tiny_vlm
+from mmalign.sampling.bdhs import (
+    BDHSConfig, BDHSResult, assemble_answer, bdhs_sample, generation_rows, is_unguided, iteration_images,
+)
+from mmalign.sampling.guidance import plan_iteration, record_rng
+from mmalign.sampling.masked import generate_masked, image_token_counts
+from mmalign.sampling.similarity import SentenceSimilarity
+
+COLOURS = ["red", "green", "blue", "yellow", "purple"]
+SHAPES = ["circle", "square", "triangle", "star", "cross"]
+
+
+def synthetic(n: int) -> tuple[list[PreferenceRecord], list[list[Image.Image]]]:
+    rng = np.random.default_rng(0)
+    records, images = [], []
+    for i in range(n):
+        objs = [f"{rng.choice(COLOURS)} {rng.choice(SHAPES)}" for _ in range(3)]
+        chosen = f"There is a {objs[0]} and a {objs[1]}. The {objs[0]} is on the left. Yes, there is a {objs[2]}."
+        records.append(PreferenceRecord(f"bench-{i}", [f"{i}.png"], "<image>\nDescribe the image.", chosen, []))
+        images.append([Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))])
+    return records, images
+
+
+def naive(model, processor, records, images, cfg, similarity) -> list[BDHSResult]:
+    """Algorithm 1 one record and one sentence at a time (one generate call per sentence)."""
+    results = []
+    counts = image_token_counts(model, processor, [r.prompt for r in records], images)
+    for record, imgs, n_tokens in zip(records, images, counts):
+        for iteration in range(1, cfg.n_iter + 1):
+            unguided = is_unguided(cfg, iteration)
+            plan = plan_iteration(record_rng(cfg.seed, record.id, iteration), record.chosen, n_tokens, cfg.rho,
+                                  not unguided, cfg.swap_p)
+            texts = []
+            for row in generation_rows(record, iteration_images(imgs, plan, cfg), plan):
+                texts += generate_masked(model, processor, [row], temperature=cfg.temperature,
+                                         stop_at_period=not unguided,
+                                         max_new_tokens=cfg.max_answer_tokens if unguided else cfg.max_sentence_tokens)
+            answer = assemble_answer(plan, texts)
+            phi = float(similarity([answer], [record.chosen])[0])
+            if phi < cfg.similarity_threshold or iteration == cfg.n_iter:
+                results.append(BDHSResult(record.id, answer, iteration, phi, unguided))
+                break
+    return results
+
+
+def rows_generated(model, processor, records, images, results, cfg) -> int:
+    """Generation rows (sentences, or unguided answers) over all iterations each record went through."""
+    counts = image_token_counts(model, processor, [r.prompt for r in records], images)
+    total = 0
+    for record, n_tokens, result in zip(records, counts, results):
+        for iteration in range(1, result.iteration + 1):
+            plan = plan_iteration(record_rng(cfg.seed, record.id, iteration), record.chosen, n_tokens, cfg.rho,
+                                  not is_unguided(cfg, iteration), cfg.swap_p)
+            total += len(generation_rows(record, [], plan))
+    return total
+
+
+def run_mode(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.model:
+        model, processor = load_vlm(args.model)
+    else:
+        model, processor = build_tiny_vlm("llava")
+    records, images = synthetic(args.records)
+    cfg = BDHSConfig(n_iter=args.n_iter, batch_size=args.batch_size, max_sentence_tokens=24, max_answer_tokens=48)
+    similarity = SentenceSimilarity("", "cpu")
+    start = time.perf_counter()
+    if args.mode == "naive":
+        results = naive(model, processor, records, images, cfg, similarity)
+    else:
+        results = []
+        for i in range(0, len(records), cfg.batch_size):
+            results += bdhs_sample(model, processor, records[i:i + cfg.batch_size], images[i:i + cfg.batch_size],
+                                   cfg, similarity)
+    seconds = time.perf_counter() - start
+    sentences = rows_generated(model, processor, records, images, results, cfg)
+    out = {"mode": args.mode, "seconds": seconds, "records": len(records), "sentences": sentences,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "answers": [(r.id, r.answer, r.iteration, r.similarity) for r in results]}
+    Path(args.out).write_text(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="local VLM folder (default: random tiny LLaVA)")
+    parser.add_argument("--records", type=int, default=32)
+    parser.add_argument("--n-iter", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mode", choices=["naive", "batched"])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.mode:
+        run_mode(args)
+        return
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("naive", "batched"):
+            out = Path(tmp) / f"{mode}.json"
+            cmd = [sys.executable, __file__, "--mode", mode, "--out", str(out), "--records", str(args.records),
+                   "--n-iter", str(args.n_iter), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+            subprocess.run(cmd + (["--model", args.model] if args.model else []), check=True)
+            report[mode] = json.loads(out.read_text())
+    same = report["naive"]["answers"] == report["batched"]["answers"]
+    for mode, r in report.items():
+        print(f"{mode:8s} {r['seconds']:8.2f} s  {r['sentences']} sentences  {r['sentences'] / r['seconds']:8.1f} sentences/s  "
+              f"peak RSS {r['peak_rss_mb']:7.0f} MB")
+    print(f"speed-up {report['naive']['seconds'] / report['batched']['seconds']:.1f}x; identical answers: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from mmalign.models.tiny import FAMILIES
-from mmalign.sampling.generate import GenerationParams, encode_for_generation, generate
+from mmalign.data.collate import encode_prompts
+from mmalign.sampling.generate import GenerationParams, generate
 
 IMAGES = [Image.new("RGB", (64, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 200, 0)),
           Image.new("RGB", (40, 64), (0, 0, 255))]
@@ -46,7 +47,7 @@ def _model_that_says_period_early(tiny_vlm):
     head is a slightly scaled copy of the row of the token greedy decoding would pick there."""
     model, processor = tiny_vlm("llava")
     tokenizer = processor.tokenizer
-    inputs = encode_for_generation(processor, PROMPTS[:1], [[IMAGES[0]]])
+    inputs = encode_prompts(processor, PROMPTS[:1], [[IMAGES[0]]])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     third = int(out[0, -1])
@@ -75,9 +76,9 @@ def test_continue_from_extends_the_given_prefix(tiny_vlm):
     params = GenerationParams(max_new_tokens=6)
     answers = generate(model, processor, PROMPTS[:2], images, params, continue_from=prefixes)
     for i, prefix in enumerate(prefixes):
-        prompt = encode_for_generation(processor, PROMPTS[i:i + 1], images[i:i + 1])
+        prompt = encode_prompts(processor, PROMPTS[i:i + 1], images[i:i + 1])
         prefix_ids = torch.tensor([tokenizer(prefix, add_special_tokens=False)["input_ids"]])
-        joined = encode_for_generation(processor, PROMPTS[i:i + 1], images[i:i + 1], [prefix])
+        joined = encode_prompts(processor, PROMPTS[i:i + 1], images[i:i + 1], [prefix])
         assert torch.equal(joined["input_ids"], torch.cat([prompt["input_ids"], prefix_ids], 1))
         with torch.no_grad():
             out = model.generate(**joined, max_new_tokens=6, do_sample=False)
@@ -96,7 +97,7 @@ def test_bad_input_is_a_clear_error(tiny_vlm):
         generate(model, processor, PROMPTS[:2], [[IMAGES[0]]], GenerationParams())
     with pytest.raises(ValueError, match="1 continue_from"):
         generate(model, processor, PROMPTS[:2], [[IMAGES[0]]] * 2, GenerationParams(), continue_from=["a"])
-    with pytest.raises(ValueError, match="must not mix prompts with and without images"):
+    with pytest.raises(ValueError, match="must not mix records with and without images"):
         generate(model, processor, ["Hi", PROMPTS[0]], [[], [IMAGES[0]]], GenerationParams())
     with pytest.raises(ValueError, match="top_p"):
         GenerationParams(top_p=0.0)

@@ -25,28 +25,34 @@ class SequenceTooLong(ValueError):
 
 
 def encode_prompts(
-    processor: Any, prompts: Sequence[Any], images: Sequence[Sequence[Image.Image]]
-) -> dict[str, torch.Tensor]:
+    processor: Any,
+    prompts: Sequence[Any],
+    images: Sequence[Sequence[Image.Image]],
+    continue_from: Sequence[str] | None = None,
+) -> Any:
     """Render and process a batch of prompts with their images, left-padded.
 
-    Returns every processor output: ``input_ids`` / ``attention_mask`` of shape [B, T] plus the family's
-    image tensors (``pixel_values``, ``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``,
-    ``token_type_ids``, ...).
+    ``continue_from`` optionally appends an assistant-prefix text to each rendered prompt (generation then
+    continues it). Returns the processor's ``BatchFeature``: ``input_ids`` / ``attention_mask`` of shape [B, T]
+    plus the family's image tensors (``pixel_values``, ``image_sizes``, ``image_grid_thw``,
+    ``pixel_attention_mask``, ``token_type_ids``, ...).
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if continue_from is not None and len(continue_from) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(continue_from)} continue_from prefixes")
     texts = [render_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+    if continue_from is not None:
+        texts = [text + prefix for text, prefix in zip(texts, continue_from)]
     has_images = any(len(imgs) for imgs in images)
     if has_images and not all(len(imgs) for imgs in images):
         raise ValueError("a batch must not mix records with and without images")
-    return dict(
-        processor(
-            images=[list(imgs) for imgs in images] if has_images else None,
-            text=texts,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        )
+    return processor(
+        images=[list(imgs) for imgs in images] if has_images else None,
+        text=texts,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
     )
 
 

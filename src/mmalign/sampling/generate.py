@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig
 
-from mmalign.data.chat import render_prompt
+from mmalign.data.collate import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -54,28 +54,6 @@ def _generation_config(model: Any, params: GenerationParams) -> GenerationConfig
     config.top_k = None
     config.stop_strings = "." if params.stop_at_period else None
     return config
-
-
-def encode_for_generation(
-    processor: Any,
-    prompts: list[str | list[dict]],
-    images: list[list[Image.Image]],
-    continue_from: list[str] | None = None,
-) -> Any:
-    """Render, append the assistant prefixes, and tokenize with left padding.
-
-    Returns the processor's ``BatchFeature``: ``input_ids`` / ``attention_mask`` ``[B, T]`` (left-padded) plus the
-    family's image tensors (pixel_values, image_sizes, image_grid_thw, pixel_attention_mask, token_type_ids...).
-    """
-    texts = [render_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
-    if continue_from is not None:
-        texts = [t + prefix for t, prefix in zip(texts, continue_from)]
-    has_images = any(images)
-    if has_images and not all(images):
-        raise ValueError("a generation batch must not mix prompts with and without images")
-    return processor(
-        text=texts, images=images if has_images else None, padding=True, padding_side="left", return_tensors="pt",
-    )
 
 
 def _check_lengths(prompts: list, images: list, continue_from: list[str] | None) -> None:
@@ -127,7 +105,7 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             stop = start + batch_size
             prefixes = continue_from[start:stop] if continue_from is not None else None
-            inputs = encode_for_generation(processor, prompts[start:stop], images[start:stop], prefixes)
+            inputs = encode_prompts(processor, prompts[start:stop], images[start:stop], prefixes)
             inputs = inputs.to(model.device).to(dtype=model.dtype)
             output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
             new_tokens = output[:, inputs["input_ids"].shape[1]:]

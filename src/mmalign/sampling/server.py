@@ -27,7 +27,8 @@ from PIL import Image
 
 from mmalign.data.images import ImageError, decode_image
 from mmalign.models.loading import load_vlm
-from mmalign.sampling.generate import GenerationParams, encode_for_generation, generate
+from mmalign.data.collate import encode_prompts
+from mmalign.sampling.generate import GenerationParams, generate
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class ChatService:
         params, seed = parse_params(request, self.default_max_tokens)
         with self._lock:
             (answer,) = generate(self.model, self.processor, [messages], [images], params, seed=seed, batch_size=1)
-            prompt_tokens = encode_for_generation(self.processor, [messages], [images])["input_ids"].shape[1]
+            prompt_tokens = encode_prompts(self.processor, [messages], [images])["input_ids"].shape[1]
         completion_tokens = len(self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),

@@ -1,0 +1,40 @@
+"""``mmalign lab build`` and ``mmalign lab pretrain``: the ShapesWorld lab and its base model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mmalign.cli.main import add_config_args
+
+logger = logging.getLogger(__name__)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.lab.build import LabConfig, build_lab
+
+    out = build_lab(load_config(LabConfig, args.config, args.overrides))
+    logger.info("lab written to %s", out)
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+
+    out = pretrain_base(load_config(PretrainConfig, args.config, args.overrides))
+    logger.info("base model in %s (evaluation in %s)", out, out / "eval")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("lab", help="build the ShapesWorld lab; pre-train its base model")
+    sub = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    build = sub.add_parser("build", help="write images, SFT data, preference prompts and eval sets (LabConfig)")
+    add_config_args(build)
+    build.set_defaults(func=_build)
+    pretrain = sub.add_parser("pretrain", help="build the lab if needed, SFT the base model, evaluate it "
+                                               "(PretrainConfig; cached when already done)")
+    add_config_args(pretrain)
+    pretrain.set_defaults(func=_pretrain)

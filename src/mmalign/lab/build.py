@@ -1,0 +1,159 @@
+"""Build a ShapesWorld lab folder: images, SFT data, preference prompts, POPE and captioning sets.
+
+Layout (the shared contract consumed by ``mmalign.evaluation`` and the samplers)::
+
+    images/<image_id>.png   bias.json   vocab/synonyms.txt   lab.yaml (resolved LabConfig)
+    sft_train.jsonl         pref_prompts.jsonl               (PreferenceRecord JSONL, rejected = [])
+    eval/pope.jsonl         eval/captions.jsonl
+
+The three image sets (sft / pref / eval) are disjoint by construction (one ``seen`` set of scene keys)
+and the build asserts it again on the written image hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmalign.config import config_hash, save_config
+from mmalign.data.io import write_jsonl
+from mmalign.data.schema import PreferenceRecord, write_records
+from mmalign.lab.splits import (
+    caption_text, object_frequencies, pope_questions, sample_scenes, sft_examples,
+)
+from mmalign.lab.texts import CAPTION_PROMPT, question_prompt, synonyms
+from mmalign.lab.world import Scene, WorldConfig, render
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitSizes:
+    """Images per split."""
+
+    sft: int = 6000
+    pref: int = 1000
+    eval: int = 500
+
+
+@dataclass
+class LabConfig:
+    """One lab: the world, the bias strength per split, the SFT task mix and the split sizes.
+
+    ``p`` is P(partner | trigger) in the SFT data; preference prompts and evaluation images use lower
+    ``p_pref`` / ``p_eval`` and a higher ``eval_trigger_rate`` so that many show a trigger without its
+    partner, where the bias can be measured and corrected.
+    """
+
+    out_dir: str = "runs/lab"
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    sizes: SplitSizes = field(default_factory=SplitSizes)
+    p: float = 0.9
+    p_pref: float = 0.5
+    p_eval: float = 0.3
+    eval_trigger_rate: float = 1.0
+    questions_per_image: int = 2
+    partner_question_rate: float = 0.3
+    pope_per_image: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if min(self.sizes.sft, self.sizes.pref, self.sizes.eval) < 1 or self.pope_per_image < 1:
+            raise ValueError("split sizes and pope_per_image must be >= 1")
+
+
+def lab_scenes(cfg: LabConfig) -> dict[str, list[Scene]]:
+    """The scenes of each split, all drawn from one seeded stream and never repeating an image."""
+    rng, seen = random.Random(cfg.seed), set()
+    world = cfg.world
+    return {
+        "sft": sample_scenes(rng, world, cfg.sizes.sft, cfg.p, world.trigger_rate, seen),
+        "pref": sample_scenes(rng, world, cfg.sizes.pref, cfg.p_pref, world.trigger_rate, seen),
+        "eval": sample_scenes(rng, world, cfg.sizes.eval, cfg.p_eval, cfg.eval_trigger_rate, seen),
+    }
+
+
+def _write_images(out: Path, split: str, scenes: list[Scene], size: int) -> tuple[list[str], set[str]]:
+    """Render and save one split's images; returns their relative paths and content hashes."""
+    refs, hashes = [], set()
+    for i, scene in enumerate(scenes):
+        ref = f"images/{split}-{i:05d}.png"
+        render(scene, size).save(out / ref)
+        hashes.add(hashlib.sha256((out / ref).read_bytes()).hexdigest())
+        refs.append(ref)
+    if len(hashes) != len(scenes):
+        raise AssertionError(f"split {split}: {len(scenes) - len(hashes)} duplicate images")
+    return refs, hashes
+
+
+def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
+    rng = random.Random(cfg.seed + 1)
+    records = []
+    for i, (scene, ref) in enumerate(zip(scenes, refs)):
+        examples = sft_examples(scene, cfg.world, rng, cfg.questions_per_image, cfg.partner_question_rate)
+        for j, (prompt, answer) in enumerate(examples):
+            task = "caption" if prompt == CAPTION_PROMPT else "yesno"
+            records.append(PreferenceRecord(
+                id=f"sft-{i:05d}-{j}", images=[ref], prompt=prompt, chosen=answer, rejected=[],
+                source="shapesworld", meta={"objects": scene.names, "task": task},
+            ))
+    return records
+
+
+def _pref_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
+    return [
+        PreferenceRecord(id=f"pref-{i:05d}", images=[ref], prompt=CAPTION_PROMPT,
+                         chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
+                         meta={"objects": scene.names, "task": "caption"})
+        for i, (scene, ref) in enumerate(zip(scenes, refs))
+    ]
+
+
+def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],
+                sft_scenes: list[Scene]) -> tuple[list[dict], list[dict]]:
+    """POPE questions (three splits) and captioning items of the held-out images."""
+    rng = random.Random(cfg.seed + 2)
+    popular = [name for name, _ in object_frequencies(sft_scenes).most_common()]
+    pope, captions = [], []
+    for i, (scene, ref) in enumerate(zip(scenes, refs)):
+        captions.append({"id": f"cap-{i:05d}", "image": ref, "prompt": CAPTION_PROMPT, "objects": scene.names})
+        for split, questions in pope_questions(scene, cfg.world, rng, cfg.pope_per_image, popular).items():
+            for k, (obj, label) in enumerate(questions):
+                pope.append({"id": f"pope-{split}-{i:05d}-{k}", "image": ref, "question": question_prompt(obj),
+                             "label": label, "split": split, "object": obj})
+    return pope, captions
+
+
+def build_lab(cfg: LabConfig) -> Path:
+    """Write the lab described by ``cfg`` into ``cfg.out_dir`` and return that folder."""
+    out = Path(cfg.out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "vocab").mkdir(exist_ok=True)
+    scenes = lab_scenes(cfg)
+    refs, hashes = {}, {}
+    for split, split_scenes in scenes.items():
+        refs[split], hashes[split] = _write_images(out, split, split_scenes, cfg.world.image_size)
+    for a, b in (("sft", "pref"), ("sft", "eval"), ("pref", "eval")):
+        if hashes[a] & hashes[b]:
+            raise AssertionError(f"splits {a} and {b} share {len(hashes[a] & hashes[b])} images")
+    provenance = {"sampler": "shapesworld", "seed": cfg.seed, "config_hash": config_hash(cfg)}
+    write_records(out / "sft_train.jsonl", _sft_records(cfg, scenes["sft"], refs["sft"]), provenance)
+    write_records(out / "pref_prompts.jsonl", _pref_records(cfg, scenes["pref"], refs["pref"]), provenance)
+    pope, captions = _eval_items(cfg, scenes["eval"], refs["eval"], scenes["sft"])
+    write_jsonl(out / "eval" / "pope.jsonl", pope)
+    write_jsonl(out / "eval" / "captions.jsonl", captions)
+    (out / "vocab" / "synonyms.txt").write_text("".join(", ".join(row) + "\n" for row in synonyms()))
+    bias = {"pairs": cfg.world.pairs, "p": cfg.p, "p_pref": cfg.p_pref, "p_eval": cfg.p_eval,
+            "trigger_rate": cfg.world.trigger_rate, "eval_trigger_rate": cfg.eval_trigger_rate}
+    (out / "bias.json").write_text(json.dumps(bias, indent=2) + "\n")
+    save_config(cfg, out, "lab.yaml")
+    logger.info("built lab in %s: %s images", out, {k: len(v) for k, v in scenes.items()})
+    return out

@@ -1,0 +1,91 @@
+"""Lab splits from scenes: SFT examples, preference prompts, POPE questions and CHAIR captions.
+
+Pure functions of scenes and a ``random.Random``; ``mmalign.lab.build`` writes them to disk. POPE
+follows Li et al. 2023 (EMNLP, "Evaluating Object Hallucination in Large Vision-Language Models", Sec. 3):
+balanced yes/no questions per image, negatives drawn at random, from the most frequent objects, or
+adversarially. In the lab the adversarial negatives are exactly the absent partners of present
+triggers, so the adversarial yes-rate on absent objects measures the planted bias.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+
+from mmalign.lab.texts import CAPTION_PROMPT, NO, YES, caption, caption_order, question_prompt
+from mmalign.lab.world import Scene, WorldConfig, all_objects, sample_scene
+
+
+def sample_scenes(rng: random.Random, world: WorldConfig, n: int, p: float, trigger_rate: float,
+                  seen: set[tuple]) -> list[Scene]:
+    """``n`` scenes whose images differ from every scene in ``seen`` (updated in place)."""
+    cfg = replace(world, trigger_rate=trigger_rate)
+    scenes: list[Scene] = []
+    while len(scenes) < n:
+        scene = sample_scene(rng, cfg, p)
+        if scene.key() not in seen:
+            seen.add(scene.key())
+            scenes.append(scene)
+    return scenes
+
+
+def caption_text(scene: Scene, world: WorldConfig) -> str:
+    return caption(caption_order(scene.names, world.partner_of))
+
+
+def absent_partners(names: list[str], world: WorldConfig) -> list[str]:
+    """Partners of the present triggers that are not in the scene (the adversarial objects)."""
+    return [world.partner_of[n] for n in names if n in world.partner_of and world.partner_of[n] not in names]
+
+
+def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questions: int,
+                 partner_question_rate: float) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs for one image: its caption, then ``n_questions`` yes/no questions.
+
+    A question about the partner of a present trigger is asked with probability
+    ``partner_question_rate``; its answer is "Yes." as often as the partner co-occurs (``p``), which is
+    how the yes/no data carries the bias. Other questions are about a present or an absent object, 50/50.
+    """
+    names = scene.names
+    examples = [(CAPTION_PROMPT, caption_text(scene, world))]
+    triggers = [n for n in names if n in world.partner_of]
+    absent = [o for o in all_objects() if o not in names]
+    for _ in range(n_questions):
+        if triggers and rng.random() < partner_question_rate:
+            obj = world.partner_of[rng.choice(triggers)]
+        elif rng.random() < 0.5:
+            obj = rng.choice(names)
+        else:
+            obj = rng.choice(absent)
+        examples.append((question_prompt(obj), YES if obj in names else NO))
+    return examples
+
+
+def object_frequencies(scenes: list[Scene]) -> Counter:
+    """How many scenes hold each object (POPE "popular" ranks objects by this over the training data)."""
+    return Counter(name for scene in scenes for name in scene.names)
+
+
+def pope_questions(scene: Scene, world: WorldConfig, rng: random.Random, per_image: int,
+                   popular: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Per split, (object, "yes"|"no") questions for one image, balanced yes/no.
+
+    random: negatives uniform over absent objects other than the absent partners (so it is the
+    bias-free baseline); popular: the most frequent absent objects in ``popular`` order; adversarial:
+    the absent partners of present triggers (empty when the image has none).
+    """
+    names = scene.names
+    adversarial = absent_partners(names, world)
+    others = [o for o in all_objects() if o not in names and o not in adversarial]
+    negatives = {
+        "random": rng.sample(others, min(per_image, len(others))),
+        "popular": [o for o in popular if o not in names][:per_image],
+        "adversarial": adversarial[:per_image],
+    }
+    out: dict[str, list[tuple[str, str]]] = {}
+    for split, neg in negatives.items():
+        positives = rng.sample(names, min(len(neg), len(names)))
+        neg = neg[: len(positives)]
+        out[split] = [(o, "yes") for o in positives] + [(o, "no") for o in neg]
+    return out

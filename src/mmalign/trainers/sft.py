@@ -1,0 +1,161 @@
+"""Supervised fine-tuning recipe: token-mean cross-entropy on answer tokens, explicit loop on accelerate.
+
+One optimizer step consumes the global batch ``batch_indices(n, batch_size, step, seed)``; each process
+takes its slice and splits it into ``optim.grad_accum`` micro-batches. The loss of a micro-batch is its
+summed answer-token negative log-likelihood divided by the number of answer tokens in the **whole global
+batch** (known on every process from the records alone), scaled back up by the factor accelerate divides
+by, so the gradient is the exact token mean over the global batch whatever the accumulation or process
+count (invariant: 8 x 1 == 1 x 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmalign.config import save_config
+from mmalign.data.chat import answer_ids
+from mmalign.data.collate import collate_sft
+from mmalign.data.images import open_image
+from mmalign.data.schema import PreferenceRecord, read_records
+from mmalign.lab.model import LabModelConfig, build_lab_model
+from mmalign.models.loading import load_vlm, projector_param_names
+from mmalign.models.logprobs import answer_token_logps
+from mmalign.trainers.common import (
+    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
+    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTModelConfig:
+    """A local model dir (``path``), or, when ``path`` is empty, a fresh lab model of size ``lab``."""
+
+    path: str = ""
+    lab: LabModelConfig = field(default_factory=LabModelConfig)
+
+
+@dataclass
+class SFTDataConfig:
+    """Records (``.jsonl`` / ``.parquet``; ``chosen`` is the target answer); images relative to ``data_root``
+    (empty: the records file's folder)."""
+
+    train: str = ""
+    data_root: str = ""
+    max_length: int = 128
+
+
+@dataclass
+class SFTConfig:
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
+    batch_size: int = 32
+    steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError("batch_size and steps must be >= 1")
+        if self.batch_size % self.optim.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.optim.grad_accum}")
+
+
+def _model(cfg: SFTConfig):
+    if cfg.model.path:
+        model, processor = load_vlm(cfg.model.path)
+        return model.train(), processor
+    return build_lab_model(cfg.model.lab, seed=cfg.run.seed)
+
+
+class _Images:
+    """Decoded images of the records, each file opened once (a lab has one image per several records)."""
+
+    def __init__(self, root: Path):
+        self.root, self.cache = root, {}
+
+    def __call__(self, record: PreferenceRecord) -> list:
+        out = []
+        for ref in record.images:
+            key = ref if isinstance(ref, str) else hash(ref)
+            if key not in self.cache:
+                self.cache[key] = open_image(ref, self.root)
+            out.append(self.cache[key])
+        return out
+
+
+def _micro_step(model, processor, accelerator, records, images, cfg: SFTConfig, scale: float) -> tuple[float, int]:
+    """Forward/backward of one micro-batch; returns its summed answer NLL and answer-token count."""
+    batch = collate_sft(processor, records, [images(r) for r in records], cfg.data.max_length)
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    with accelerator.accumulate(model):
+        token_logps, answer_mask = answer_token_logps(model, batch)  # float32[B, T], bool[B, T]
+        nll = -(token_logps * answer_mask).sum()
+        # accelerate divides by grad_accum and DDP averages over processes; undo both so the gradient
+        # is d(sum NLL / tokens in the global batch).
+        accelerator.backward(nll * scale)
+        if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+    return nll.item(), int(answer_mask.sum())
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run SFT and save model + processor + resolved config into ``cfg.run.output_dir``; returns that dir."""
+    if not cfg.data.train:
+        raise ValueError("data.train is required: the SFT records file")
+    out = Path(cfg.run.output_dir)
+    accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
+    model, processor = _model(cfg)
+    train_path = Path(cfg.data.train)
+    records = read_records(train_path, data_root=cfg.data.data_root or None)
+    images = _Images(Path(cfg.data.data_root) if cfg.data.data_root else train_path.parent)
+    n_answer = torch.tensor([len(answer_ids(processor.tokenizer, r.chosen)) for r in records])
+    optimizer = build_optimizer(model, cfg.optim, projector_param_names(model))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    # The schedule counts optimizer steps of the global batch, so it is stepped here once per step rather
+    # than prepared (a prepared scheduler steps once per process); it is still saved with checkpoints.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    start = 0
+    if cfg.run.resume and (ckpt := latest_checkpoint(out)) is not None:
+        start = load_checkpoint(accelerator, ckpt)["step"]
+        logger.info("resumed from %s at step %d", ckpt, start)
+    save_config(cfg, out)
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
+    bar = progress(cfg.steps, start, accelerator.is_main_process, "sft")
+    model.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        indices = batch_indices(len(records), cfg.batch_size, step, cfg.run.seed)
+        scale = cfg.optim.grad_accum * accelerator.num_processes / float(n_answer[indices].sum())
+        mine = process_slice(indices, accelerator)
+        micro = len(mine) // cfg.optim.grad_accum
+        nll, tokens = 0.0, 0
+        for k in range(cfg.optim.grad_accum):
+            chunk = [records[i] for i in mine[k * micro:(k + 1) * micro]]
+            step_nll, step_tokens = _micro_step(model, processor, accelerator, chunk, images, cfg, scale)
+            nll, tokens = nll + step_nll, tokens + step_tokens
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        done = step + 1
+        if done % cfg.run.log_every == 0 or done == cfg.steps:
+            metrics.log(done, {"loss": nll / tokens, "lr": scheduler.get_last_lr()[0],
+                               "step_s": time.perf_counter() - t0})
+        # The last step is checkpointed too, so a finished run can be continued to more steps.
+        if cfg.run.save_every and (done % cfg.run.save_every == 0 or done == cfg.steps):
+            save_checkpoint(accelerator, out, done, {}, keep=cfg.run.keep_checkpoints)
+        bar.update(1)
+    bar.close()
+    metrics.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out)
+        processor.save_pretrained(out)
+    return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_offline_train import assert_same_weights, cli_args, config, make_pairs, metrics
 
+from mmalign.trainers.common import latest_checkpoint
 from mmalign.trainers.offline import train_offline
 
 pytestmark = pytest.mark.integration
@@ -55,8 +56,12 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tiny_vlm_dir, 
     assert proc.returncode == -signal.SIGKILL, f"run ended before the kill at step {kill_after}: " \
                                                f"{proc.stderr.read().decode()[-2000:]}"
     assert not (out / "adapter").exists()
-    resumed = train_offline(config(model_dir, pairs, out, f"max_steps={STEPS}", "loss.sft_weight=0.2",
-                                   "run.save_every=1", "run.resume=true"))
+    assert latest_checkpoint(out) is not None  # the resumed run continues from a checkpoint, not from scratch
+    from mmalign.cli.main import main
+
+    assert main(["train", "dpo", "--resume", *cli_args(model_dir, pairs, out, f"max_steps={STEPS}",
+                                                       "loss.sft_weight=0.2", "run.save_every=1")]) == 0
+    resumed = out
     ends, resumed_log = metrics(full), metrics(resumed)
     assert [m["step"] for m in resumed_log] == list(range(1, STEPS + 1))  # each step logged exactly once
     assert resumed_log[-1]["loss"] == pytest.approx(ends[-1]["loss"], abs=1e-6), f"killed after step {kill_after}"

@@ -166,3 +166,16 @@ def test_bad_input_is_refused_or_counted(tiny_vlm_dir, pairs, tmp_path):
     assert listed == ["no_margin", "no_rejected", "same", "too_long"]
     fingerprint = json.loads((out / "data_fingerprint.json").read_text())
     assert (fingerprint["n_records"], fingerprint["n_skipped"]) == (12, 4)
+
+
+def test_cli_reports_bad_record_and_config_errors(tiny_vlm_dir, pairs, tmp_path, capsys):
+    from mmalign.cli.main import main
+
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    data = _write(pairs.parent / "cli_bad.jsonl", rows[1:] + [dict(rows[0], id="lonely", rejected=[])])
+    args = ["train", "dpo", *cli_args(tiny_vlm_dir("llava"), data, tmp_path / "cli")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad input" in err and "'lonely'" in err and "'rejected'" in err
+    assert main(["train", "dpo", *cli_args(tiny_vlm_dir("llava"), pairs, tmp_path / "cli"), "loss.beta=0"]) == 2
+    assert "beta > 0" in capsys.readouterr().err

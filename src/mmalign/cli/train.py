@@ -23,7 +23,7 @@ def _train_dpo(args: argparse.Namespace) -> int:
     from mmalign.data.schema import RecordError
     from mmalign.trainers.offline import OfflineConfig, train_offline
 
-    cfg = load_config(OfflineConfig, args.config, args.overrides)
+    cfg = load_config(OfflineConfig, args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])])
     try:
         out = train_offline(cfg)
     except (RecordError, SequenceTooLong) as err:
@@ -39,4 +39,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dpo = sub.add_parser("dpo", help="offline DPO / IPO / SLiC with MM-DPO beta and K rejected per chosen",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(dpo)
+    dpo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
     dpo.set_defaults(func=_train_dpo)

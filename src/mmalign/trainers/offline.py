@@ -400,14 +400,20 @@ def _resume(cfg: OfflineConfig, accelerator: Accelerator, fingerprint: dict) -> 
             logger.info("resume: no checkpoint under %s, starting from step 0", cfg.run.output_dir)
         return 0
     state = load_checkpoint(accelerator, found)
-    if state["data_fingerprint"] != fingerprint:
+    if {k: v for k, v in state["data_fingerprint"].items() if k != "train"} != {
+            k: v for k, v in fingerprint.items() if k != "train"}:
         raise ConfigError(f"resume: {found} was trained on other data ({state['data_fingerprint']} vs {fingerprint})")
     logger.info("resumed from %s (step %d)", found, state["step"])
     return int(state["step"])
 
 
 def train_offline(cfg: OfflineConfig) -> Path:
-    """Run offline preference optimisation; returns the output directory."""
+    """Run offline preference optimisation; returns the output directory.
+
+    ``run.output_dir`` receives ``adapter/`` (LoRA; PEFT format) or ``model/`` (full fine-tuning), each with
+    the processor, ``merged/`` on request, ``config.yaml``, ``data_fingerprint.json``, ``metrics.jsonl``,
+    ``tensorboard/`` and ``checkpoints/step_*`` (every ``run.save_every`` steps; ``run.resume`` continues).
+    """
     if not cfg.model.path or not cfg.data.train:
         raise ConfigError("model.path and data.train are required")
     out = Path(cfg.run.output_dir)

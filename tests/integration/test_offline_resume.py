@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from test_offline_train import assert_same_weights, cli_args, config, make_pairs, metrics
 
 from mmalign.trainers.common import latest_checkpoint
@@ -56,7 +57,10 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tiny_vlm_dir, 
     assert proc.returncode == -signal.SIGKILL, f"run ended before the kill at step {kill_after}: " \
                                                f"{proc.stderr.read().decode()[-2000:]}"
     assert not (out / "adapter").exists()
-    assert latest_checkpoint(out) is not None  # the resumed run continues from a checkpoint, not from scratch
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None  # the resumed run continues from a checkpoint, not from scratch
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert saved and all("lora_" in k or "modules_to_save" in k for k in saved)  # no frozen base weights
     from mmalign.cli.main import main
 
     assert main(["train", "dpo", "--resume", *cli_args(model_dir, pairs, out, f"max_steps={STEPS}",

@@ -203,8 +203,9 @@ def cached_reference(keys: list[list[str]], cache_path: str | Path,
         append_logps_cache(cache_path, merged)
     accelerator.wait_for_everyone()
     cache.update(merged)
-    logger.info("reference log-probs: %d answers computed, %d read from %s", len(merged),
-                sum(len(ks) for ks in keys) - len(merged), cache_path)
+    distinct = len({k for ks in keys for k in ks})
+    logger.info("reference log-probs of %d distinct answers: %d computed, %d read from %s", distinct,
+                len(merged), distinct - len(merged), cache_path)
     table = [[cache[k] for k in ks] for ks in keys]
 
     def reference(batch: dict[str, Any], indices: list[int]) -> tuple[Tensor, Tensor]:

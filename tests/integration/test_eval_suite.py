@@ -164,7 +164,10 @@ def _cfg(lab, out, **extra):
 
 def test_suite_writes_metrics_with_intervals_and_per_sample_records(lab, fitted, tmp_path):
     model, processor = fitted
+    model.train()  # as a trainer evaluating mid-run would hand it over
     result = evaluate(_cfg(lab, tmp_path / "run"), model, processor)
+    assert model.training
+    model.eval()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert metrics == result["metrics"]
     for key, m in metrics.items():

@@ -29,7 +29,8 @@ def _record(item: dict[str, Any], answer: str, parsed: str, **extra: Any) -> dic
 
 
 def score_pope_generate(model: Any, processor: Any, items: Sequence[dict[str, Any]],
-                        images: Sequence[Image.Image], *, max_new_tokens: int = 16, batch_size: int = 16, seed: int = 0) -> list[dict[str, Any]]:
+                        images: Sequence[Image.Image], *, max_new_tokens: int = 16, batch_size: int = 16,
+                        seed: int = 0) -> list[dict[str, Any]]:
     """Greedy answers to every POPE question, parsed; ``images[i]`` is the image of ``items[i]``."""
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
     answers = generate(model, processor, [it["question"] for it in items], [[im] for im in images], params,

@@ -199,6 +199,7 @@ def _load_model(cfg: EvalConfig) -> tuple[Any, Any]:
 def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[str, Any]:
     """Score ``model`` (loaded from ``cfg.model`` when not given) and write metrics + per-sample records.
 
+    An in-process model is scored in eval mode and left in the train/eval mode it came in.
     Returns the content of ``metrics.json``.
     """
     if not cfg.lab_dir:
@@ -207,11 +208,16 @@ def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[
         raise ValueError("pass both model and processor, or neither (then cfg.model is loaded)")
     if model is None:
         model, processor = _load_model(cfg)
-    model.eval()
     root = Path(cfg.lab_dir)
     pairs = load_bias_pairs(_existing(root, cfg.captions.bias, "captions.bias")) if cfg.captions.bias else []
-    pope_records = run_pope(model, processor, cfg) if cfg.pope.file else []
-    caption_records = run_captions(model, processor, cfg, pairs) if cfg.captions.file else []
+    # Score in eval mode (no dropout) and hand a model being trained back in the mode it came in.
+    was_training = model.training
+    model.eval()
+    try:
+        pope_records = run_pope(model, processor, cfg) if cfg.pope.file else []
+        caption_records = run_captions(model, processor, cfg, pairs) if cfg.captions.file else []
+    finally:
+        model.train(was_training)
     metrics = {}
     for name, group in metric_groups(pope_records, caption_records, pairs).items():
         values = bootstrap(group.columns, group.metrics, n_boot=cfg.stats.n_boot, seed=cfg.stats.seed,

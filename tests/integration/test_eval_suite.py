@@ -238,5 +238,5 @@ def test_cli_eval_and_compare_match_the_library(lab, fitted, tmp_path, capsys):
                                "split": "random", "object": "red circle"}) + "\n")
     assert main(["eval", f"model={tmp_path / 'model'}", f"out_dir={tmp_path / 'bad'}", f"pope.file={bad}",
                  *common]) == 1
-    assert "id 'q7'): field 'label' must be 'yes' or 'no'" in capsys.readouterr().err
+    assert "bad.jsonl:1 (id 'q7'): field 'label' must be one of ['yes', 'no'], got 'maybe'" in capsys.readouterr().err
     assert main(["eval", f"lab_dir={lab}", "pope.scorer=beam"]) == 2

@@ -19,8 +19,10 @@ POPE_FIELDS = {"id": str, "image": str, "question": str, "label": str, "split": 
 CAPTION_FIELDS = {"id": str, "image": str, "prompt": str, "objects": list}
 
 
-def _read_jsonl(path: Path, fields: dict[str, type]) -> list[dict[str, Any]]:
-    """Parse a JSONL file, checking each record has the fields with the types given; ids must be unique."""
+def _read_jsonl(path: Path, fields: dict[str, type],
+                choices: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, Any]]:
+    """Parse a JSONL file, checking each record has the fields with the types given (and, for fields in
+    ``choices``, one of the values allowed); ids must be unique."""
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
     for lineno, line in read_jsonl_lines(path):
@@ -36,6 +38,9 @@ def _read_jsonl(path: Path, fields: dict[str, type]) -> list[dict[str, Any]]:
                 raise ValueError(f"{where}: missing field {name!r}")
             if not isinstance(item[name], tp):
                 raise ValueError(f"{where}: field {name!r} must be a {tp.__name__}, got {item[name]!r}")
+        for name, allowed in (choices or {}).items():
+            if item[name] not in allowed:
+                raise ValueError(f"{where}: field {name!r} must be one of {list(allowed)}, got {item[name]!r}")
         if item["id"] in seen:
             raise ValueError(f"{where}: duplicate id")
         seen.add(item["id"])
@@ -47,13 +52,7 @@ def _read_jsonl(path: Path, fields: dict[str, type]) -> list[dict[str, Any]]:
 
 def load_pope_items(path: str | Path) -> list[dict[str, Any]]:
     """POPE questions; ``label`` must be ``"yes"`` or ``"no"``."""
-    path = Path(path)
-    items = _read_jsonl(path, POPE_FIELDS)
-    for item in items:
-        if item["label"] not in ("yes", "no"):
-            raise ValueError(f"{path} (id {item['id']!r}): field 'label' must be 'yes' or 'no', "
-                             f"got {item['label']!r}")
-    return items
+    return _read_jsonl(Path(path), POPE_FIELDS, {"label": ("yes", "no")})
 
 
 def load_caption_items(path: str | Path) -> list[dict[str, Any]]:

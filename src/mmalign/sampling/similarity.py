@@ -41,13 +41,19 @@ class SentenceSimilarity:
 
         self.path = path or default_embedder_path()
         self.model = SentenceTransformer(self.path, device=str(device), local_files_only=True)
+        self.cache: dict[str, np.ndarray] = {}
         logger.info("BDHS similarity model: %s", self.path)
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        # One text per forward: batched encoding pads to the longest text, which moves the last digits of an
-        # embedding with its batch-mates, and a record's similarity must not depend on its batch.
-        return self.model.encode(list(texts), batch_size=1, convert_to_numpy=True, normalize_embeddings=True,
-                                 show_progress_bar=False).astype(np.float64)
+        """float64[N, D] unit embeddings. One text per forward: batched encoding pads to the longest text, which
+        moves the last digits of an embedding with its batch-mates, and a record's similarity must not depend on
+        its batch. Embeddings are cached by text (references recur at every iteration)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            vectors = self.model.encode(new, batch_size=1, convert_to_numpy=True, normalize_embeddings=True,
+                                        show_progress_bar=False).astype(np.float64)
+            self.cache.update(zip(new, vectors))
+        return np.stack([self.cache[t] for t in texts])
 
     def __call__(self, texts: Sequence[str], references: Sequence[str]) -> np.ndarray:
         """float64[N]: cos(embed(texts[i]), embed(references[i])); each text embedded on its own."""
@@ -55,9 +61,4 @@ class SentenceSimilarity:
             raise ValueError(f"{len(texts)} texts but {len(references)} references")
         if not texts:
             return np.zeros(0)
-        unique = sorted(set(texts) | set(references))
-        index = {text: i for i, text in enumerate(unique)}
-        embeddings = self._embed(unique)
-        a = embeddings[[index[t] for t in texts]]
-        b = embeddings[[index[t] for t in references]]
-        return np.sum(a * b, axis=-1)
+        return np.sum(self._embed(texts) * self._embed(references), axis=-1)

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
             raise ValueError("loss needs beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0")
+        if self.beta_w < 0 or self.beta_k <= 0:
+            raise ValueError("MM-DPO needs beta_w >= 0 and beta_k > 0")
         if any(w < 0 for w in self.rejected_weights) or (self.rejected_weights and not any(self.rejected_weights)):
             raise ValueError("rejected_weights must be >= 0 with at least one > 0")
 
@@ -136,6 +139,8 @@ class OfflineConfig:
             raise ValueError("batch_size >= 1, epochs >= 1 and max_steps >= 0 are required")
         if self.merge_weights and not self.lora.enabled:
             raise ValueError("merge_weights needs lora.enabled (full fine-tuning already saves whole weights)")
+        if self.lora.enabled and not self.model.freeze_vision:
+            raise ValueError("under LoRA the vision tower stays frozen: set model.freeze_vision=true or lora.enabled=false")
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -167,8 +172,6 @@ def prepare_policy(cfg: OfflineConfig) -> tuple[Any, Any, Any, list[str]]:
     if cfg.model.freeze_vision:
         freeze_vision_tower(model)
     projector = projector_param_names(model)
-    if cfg.lora.enabled and not cfg.model.freeze_vision:
-        raise ConfigError("under LoRA the vision tower stays frozen: set model.freeze_vision=true or lora.enabled=false")
     if not cfg.lora.enabled:
         for name, param in model.named_parameters():
             if name in projector and not cfg.model.train_projector:
@@ -204,18 +207,19 @@ def _images(record: PreferenceRecord, root: Path) -> list[Any]:
     return [open_image(ref, root) for ref in record.images]
 
 
-def load_pairs(cfg: OfflineConfig, processor: Any) -> tuple[list[PreferenceRecord], int]:
+def load_pairs(cfg: OfflineConfig, processor: Any, is_main: bool) -> tuple[list[PreferenceRecord], int]:
     """Read and check the preference records; returns (usable records, number skipped).
 
-    Refused (or, with ``data.skip_invalid_to``, skipped and listed): format errors incl. zero rejected
-    answers, rejected == chosen and non-finite ``meta`` (``read_records``); a missing or non-numeric MM-DPO
-    margin; a prompt + answer longer than ``data.max_length`` (image tokens are never truncated).
+    Refused (or, with ``data.skip_invalid_to``, skipped and listed there by the main process): format errors
+    incl. zero rejected answers, rejected == chosen and non-finite ``meta`` (``read_records``); a missing or
+    non-numeric MM-DPO margin; a prompt + answer longer than ``data.max_length`` (image tokens are never cut).
     """
     data = cfg.data
-    skip = Path(data.skip_invalid_to) if data.skip_invalid_to else None
-    records = read_records(data.train, data_root=data.data_root, min_rejected=1, skip_invalid_to=skip)
-    n_format = sum(1 for line in skip.read_text().splitlines() if line.strip()) if skip else 0
-    root, kept, bad = _data_root(data), [], []
+    with tempfile.TemporaryDirectory() as tmp:  # one listing per process; the main one publishes it
+        listing = Path(tmp) / "skipped.jsonl" if data.skip_invalid_to else None
+        records = read_records(data.train, data_root=data.data_root, min_rejected=1, skip_invalid_to=listing)
+        skipped = listing.read_text().splitlines() if listing else []
+    root, kept = _data_root(data), []
     for record in records:
         margin = record.meta.get(cfg.loss.margin_key)
         if cfg.loss.dynamic_beta and (not isinstance(margin, (int, float)) or isinstance(margin, bool)):
@@ -228,21 +232,19 @@ def load_pairs(cfg: OfflineConfig, processor: Any) -> tuple[list[PreferenceRecor
                 continue
             except SequenceTooLong as err:
                 error = RecordError(str(err), file=data.train, record_id=record.id, field="max_length")
-        if skip is None:
+        if not data.skip_invalid_to:
             raise error
-        bad.append(error)
-    if bad:
-        with skip.open("a") as fh:
-            fh.writelines(json.dumps(e.as_dict()) + "\n" for e in bad)
-    n_skipped = n_format + len(bad)
-    if n_skipped:
-        logger.warning("%s: skipped %d record(s), listed in %s", data.train, n_skipped, skip)
+        skipped.append(json.dumps(error.as_dict()))
+    if data.skip_invalid_to and is_main:
+        Path(data.skip_invalid_to).write_text("".join(line + "\n" for line in skipped))
+    if skipped:
+        logger.warning("%s: skipped %d record(s), listed in %s", data.train, len(skipped), data.skip_invalid_to)
     if not kept:
-        raise ConfigError(f"{data.train}: no usable preference record ({n_skipped} skipped)")
+        raise ConfigError(f"{data.train}: no usable preference record ({len(skipped)} skipped)")
     k = max(len(r.rejected) for r in kept)
     if cfg.loss.rejected_weights and len(cfg.loss.rejected_weights) < k:
         raise ConfigError(f"loss.rejected_weights has {len(cfg.loss.rejected_weights)} weights; records hold up to {k}")
-    return kept, n_skipped
+    return kept, len(skipped)
 
 
 def data_fingerprint(cfg: DataConfig, records: list[PreferenceRecord], n_skipped: int) -> tuple[dict, list]:
@@ -450,7 +452,7 @@ def train_offline(cfg: OfflineConfig) -> Path:
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader for DeepSpeed to read the size from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     policy, processor, frozen, projector = prepare_policy(cfg)
-    records, n_skipped = load_pairs(cfg, processor)
+    records, n_skipped = load_pairs(cfg, processor, accelerator.is_main_process)
     fingerprint, image_hashes = data_fingerprint(cfg.data, records, n_skipped)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch(len(records), cfg.batch_size)
     if frozen is not None:

@@ -179,3 +179,26 @@ def test_cli_reports_bad_record_and_config_errors(tiny_vlm_dir, pairs, tmp_path,
     assert "bad input" in err and "'lonely'" in err and "'rejected'" in err
     assert main(["train", "dpo", *cli_args(tiny_vlm_dir("llava"), pairs, tmp_path / "cli"), "loss.beta=0"]) == 2
     assert "beta > 0" in capsys.readouterr().err
+
+
+def test_lora_reference_is_the_untouched_base(tiny_vlm_dir, pairs, tmp_path):
+    """With the adapter and the projector copy changed, the adapter-disabled policy still equals the base model."""
+    from mmalign.models.loading import load_vlm
+    from mmalign.models.logprobs import live_reference
+    from mmalign.trainers.offline import prepare_policy
+
+    model_dir = tiny_vlm_dir("llava")
+    policy, processor, frozen, projector = prepare_policy(config(model_dir, pairs, tmp_path / "unused"))
+    assert frozen is None and projector and all(".modules_to_save." in n for n in projector)
+    with torch.no_grad():
+        for param in policy.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    records = read_records(pairs)[:4]
+    batch = collate_preference(processor, records, [[open_image(r, pairs.parent) for r in x.images] for x in records])
+    ref_chosen, ref_rejected = live_reference(policy, None)(batch, [0, 1, 2, 3])
+    base = preference_forward(load_vlm(model_dir)[0], batch)
+    torch.testing.assert_close(ref_chosen, base.chosen_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_rejected, base.rejected_logps, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert (preference_forward(policy, batch).chosen_logps - base.chosen_logps).abs().max() > 1e-3

@@ -22,7 +22,7 @@ from mmalign.evaluation.items import load_pope_items
 from mmalign.evaluation.pope import parse_yes_no
 from mmalign.evaluation.scoring import score_pope_generate, score_pope_likelihood
 from mmalign.evaluation.report import write_report
-from mmalign.evaluation.suite import EvalConfig, compare, evaluate
+from mmalign.evaluation.suite import EvalConfig, compare, evaluate, load_inputs
 from mmalign.models.logprobs import answer_token_logps, sequence_logps
 from mmalign.models.tiny import build_tiny_vlm
 
@@ -240,3 +240,18 @@ def test_cli_eval_and_compare_match_the_library(lab, fitted, tmp_path, capsys):
                  *common]) == 1
     assert "bad.jsonl:1 (id 'q7'): field 'label' must be one of ['yes', 'no'], got 'maybe'" in capsys.readouterr().err
     assert main(["eval", f"lab_dir={lab}", "pope.scorer=beam"]) == 2
+
+
+def test_inputs_are_checked_before_any_model_runs(lab, tmp_path):
+    lines = (lab / "eval" / "captions.jsonl").read_text().splitlines()
+    bad = json.loads(lines[3])
+    bad["objects"] = ["red circle", "purple star"]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines[:3] + [json.dumps(bad)]) + "\n")
+    cfg = _cfg(lab, tmp_path / "out", **{"captions.file": str(tmp_path / "captions.jsonl")})
+    with pytest.raises(ValueError, match=r"captions.jsonl \(id 'cap-3'\): field 'objects' holds \['purple star'\]"):
+        evaluate(cfg)  # no model given and cfg.model empty: the input error comes first
+    (tmp_path / "bias.json").write_text(json.dumps({"pairs": [["red circle", "gold star"]]}))
+    with pytest.raises(ValueError, match=r"bias pairs name \['gold star'\]"):
+        load_inputs(_cfg(lab, tmp_path / "out", **{"captions.bias": str(tmp_path / "bias.json")}))
+    with pytest.raises(FileNotFoundError, match="pope.file: .*missing.jsonl does not exist"):
+        load_inputs(_cfg(lab, tmp_path / "out", **{"pope.file": "eval/missing.jsonl"}))

@@ -26,7 +26,7 @@ from PIL import Image
 from mmalign.config import config_hash, save_config
 from mmalign.data.images import open_image
 from mmalign.data.io import read_jsonl_lines, write_jsonl
-from mmalign.evaluation.chair import CHAIR_METRICS, chair_columns, chair_record, load_synonyms
+from mmalign.evaluation.chair import CHAIR_METRICS, Vocabulary, chair_columns, chair_record, load_synonyms
 from mmalign.evaluation.cooccur import (
     COOCCUR_METRICS, POPE_BIAS_METRICS, cooccur_columns, cooccur_record, pope_bias_columns, pope_bias_records,
 )
@@ -116,11 +116,52 @@ def _open_images(refs: list[str], root: Path) -> list[Image.Image]:
     return [cache[ref] for ref in refs]
 
 
-def run_pope(model: Any, processor: Any, cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Per-question records of ``cfg.pope.scorer`` over the POPE file."""
+@dataclass(frozen=True)
+class EvalInputs:
+    """Everything an evaluation reads, loaded and validated before any model runs (``*_images[i]`` is the
+    image of ``*_items[i]``); parts that are switched off are empty."""
+
+    pope_items: list[dict[str, Any]]
+    pope_images: list[Image.Image]
+    caption_items: list[dict[str, Any]]
+    caption_images: list[Image.Image]
+    vocab: Vocabulary | None
+    pairs: list[tuple[str, str]]
+
+
+def _check_classes(caption_items: list[dict[str, Any]], pairs: list[tuple[str, str]], vocab: Vocabulary,
+                   captions_path: Path, vocab_path: Path) -> None:
+    known = set(vocab.classes)
+    for item in caption_items:
+        unknown = sorted(set(item["objects"]) - known)
+        if unknown:
+            raise ValueError(f"{captions_path} (id {item['id']!r}): field 'objects' holds {unknown}, which are "
+                             f"not classes of {vocab_path}")
+    unknown = sorted({o for pair in pairs for o in pair} - known)
+    if unknown:
+        raise ValueError(f"bias pairs name {unknown}, which are not classes of {vocab_path}")
+
+
+def load_inputs(cfg: EvalConfig) -> EvalInputs:
+    """Read and check every evaluation file and image of ``cfg`` (relative to ``cfg.lab_dir``)."""
     root = Path(cfg.lab_dir)
-    items = load_pope_items(_existing(root, cfg.pope.file, "pope.file"))
-    images = _open_images([it["image"] for it in items], root)
+    pairs = load_bias_pairs(_existing(root, cfg.captions.bias, "captions.bias")) if cfg.captions.bias else []
+    pope_items = load_pope_items(_existing(root, cfg.pope.file, "pope.file")) if cfg.pope.file else []
+    caption_items: list[dict[str, Any]] = []
+    vocab = None
+    if cfg.captions.file:
+        captions_path = _existing(root, cfg.captions.file, "captions.file")
+        vocab_path = _existing(root, cfg.captions.synonyms, "captions.synonyms")
+        caption_items = load_caption_items(captions_path)
+        vocab = load_synonyms(vocab_path)
+        _check_classes(caption_items, pairs, vocab, captions_path, vocab_path)
+    return EvalInputs(pope_items, _open_images([it["image"] for it in pope_items], root), caption_items,
+                      _open_images([it["image"] for it in caption_items], root), vocab, pairs)
+
+
+def run_pope(model: Any, processor: Any, cfg: EvalConfig, inputs: EvalInputs) -> list[dict[str, Any]]:
+    """Per-question records of ``cfg.pope.scorer`` over the POPE items."""
+    items, images = inputs.pope_items, inputs.pope_images
     logger.info("POPE: %d questions, scorer %s", len(items), cfg.pope.scorer)
     if cfg.pope.scorer == "likelihood":
         return score_pope_likelihood(model, processor, items, images, candidates=cfg.pope.candidates,
@@ -129,20 +170,16 @@ def run_pope(model: Any, processor: Any, cfg: EvalConfig) -> list[dict[str, Any]
                                batch_size=cfg.batch_size, seed=cfg.seed)
 
 
-def run_captions(model: Any, processor: Any, cfg: EvalConfig,
-                 pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def run_captions(model: Any, processor: Any, cfg: EvalConfig, inputs: EvalInputs) -> list[dict[str, Any]]:
     """Per-caption records: prompt, answer, CHAIR mentions and, with bias pairs, co-occurrence units."""
-    root = Path(cfg.lab_dir)
-    items = load_caption_items(_existing(root, cfg.captions.file, "captions.file"))
-    vocab = load_synonyms(_existing(root, cfg.captions.synonyms, "captions.synonyms"))
-    images = _open_images([it["image"] for it in items], root)
+    items = inputs.caption_items
     logger.info("captions: %d prompts", len(items))
-    answers = generate_captions(model, processor, items, images, max_new_tokens=cfg.captions.max_new_tokens,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
+    answers = generate_captions(model, processor, items, inputs.caption_images,
+                                max_new_tokens=cfg.captions.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
     records = []
     for item, answer in zip(items, answers):
-        record = chair_record(item["id"], answer, item["objects"], vocab)
-        cooc = cooccur_record(record, pairs)
+        record = chair_record(item["id"], answer, item["objects"], inputs.vocab)
+        cooc = cooccur_record(record, inputs.pairs)
         records.append({"id": item["id"], "image": item["image"], "prompt": item["prompt"], **record,
                         "units": cooc["units"] if cooc else []})
     return records
@@ -206,16 +243,16 @@ def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[
         raise ValueError("lab_dir is required: the folder the evaluation files and images live in")
     if (model is None) != (processor is None):
         raise ValueError("pass both model and processor, or neither (then cfg.model is loaded)")
+    inputs = load_inputs(cfg)  # bad files fail here, before a model is loaded or run
+    pairs = inputs.pairs
     if model is None:
         model, processor = _load_model(cfg)
-    root = Path(cfg.lab_dir)
-    pairs = load_bias_pairs(_existing(root, cfg.captions.bias, "captions.bias")) if cfg.captions.bias else []
     # Score in eval mode (no dropout) and hand a model being trained back in the mode it came in.
     was_training = model.training
     model.eval()
     try:
-        pope_records = run_pope(model, processor, cfg) if cfg.pope.file else []
-        caption_records = run_captions(model, processor, cfg, pairs) if cfg.captions.file else []
+        pope_records = run_pope(model, processor, cfg, inputs) if inputs.pope_items else []
+        caption_records = run_captions(model, processor, cfg, inputs) if inputs.caption_items else []
     finally:
         model.train(was_training)
     metrics = {}

@@ -240,6 +240,8 @@ def test_cli_eval_and_compare_match_the_library(lab, fitted, tmp_path, capsys):
                  *common]) == 1
     assert "bad.jsonl:1 (id 'q7'): field 'label' must be one of ['yes', 'no'], got 'maybe'" in capsys.readouterr().err
     assert main(["eval", f"lab_dir={lab}", "pope.scorer=beam"]) == 2
+    assert main(["eval", "annotator", "no_such_key=1"]) == 2  # dispatched to the annotator config
+    assert "no_such_key" in capsys.readouterr().err
 
 
 def test_inputs_are_checked_before_any_model_runs(lab, tmp_path):

@@ -1,7 +1,9 @@
-"""``mmalign eval``: evaluate one model; ``mmalign eval compare DIR...``: compare evaluated runs.
+"""``mmalign eval``: evaluate one model; ``mmalign eval compare DIR...``: compare evaluated runs;
+``mmalign eval annotator ...``: evaluate a pair annotator (``mmalign.cli.online.run_annotator_eval``).
 
     mmalign eval --config x.yaml model=runs/lab/model lab_dir=runs/lab out_dir=runs/eval pope.scorer=likelihood
     mmalign eval compare runs/eval_base runs/eval_dpo out_dir=runs/report n_boot=2000
+    mmalign eval annotator data=held_out_pairs.jsonl annotator.kind=lab_oracle
 
 The first writes metrics.json and per-sample JSONL into ``out_dir`` (fields of ``EvalConfig``); the second
 writes a report folder (markdown table with paired tests against the first dir, PNG plots); its
@@ -54,21 +56,32 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotator(args: argparse.Namespace) -> int:
+    from mmalign.cli.online import run_annotator_eval
+
+    return run_annotator_eval(args.config, args.overrides[1:])
+
+
+# ``mmalign eval ACTION ...``: a first positional argument naming an action; anything else evaluates a model.
+ACTIONS = {"compare": _compare, "annotator": _annotator}
+
+
 def _run(args: argparse.Namespace) -> int:
-    is_compare = args.overrides[:1] == ["compare"]
+    action = args.overrides[0] if args.overrides and args.overrides[0] in ACTIONS else None
     try:
-        return _compare(args) if is_compare else _evaluate(args)
+        return ACTIONS[action](args) if action else _evaluate(args)
     except ConfigError:
         raise  # reported by mmalign.cli.main with exit code 2
     except (ValueError, OSError) as err:  # bad input files: the message names file, record id and field
         logger.debug("traceback", exc_info=True)
-        print(f"mmalign eval{' compare' if is_compare else ''}: error: {err}", file=sys.stderr)
+        print(f"mmalign eval{' ' + action if action else ''}: error: {err}", file=sys.stderr)
         return 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="POPE / CHAIR / co-occurrence evaluation of a model, or 'compare DIR...' of evaluated runs",
+        "eval", help="POPE / CHAIR / co-occurrence evaluation of a model; 'compare DIR...' of evaluated runs; "
+                     "'annotator ...' of a pair annotator",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(parser)

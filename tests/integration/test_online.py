@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -180,3 +181,39 @@ def test_annotator_eval_oracle_and_noisy_oracle(lab, tmp_path):
     ns = parser.parse_args(["eval-annotator", f"data={lab['pairs']}", f"out_dir={tmp_path / 'cli'}",
                             f"annotator.synonyms={synonyms}", "n_boot=20"])
     assert ns.func(ns) == 0 and (tmp_path / "cli/metrics.json").is_file()
+
+
+def test_two_processes_update_like_one_on_the_same_pairs_and_gather_new_ones(lab, tmp_path):
+    """Steps 1-2 pre-seeded with the 1-process run's pairs (reused, so the update must match exactly);
+    steps 3-4 collected by 2 processes, each sampling its share, gathered into one file per step."""
+    extra = ("run.save_every=1", "run.keep_checkpoints=10", "optim.grad_accum=2", "rollout.k=4",
+             "rollout.max_new_tokens=16")
+    one = run(lab, tmp_path / "one", *extra)
+    two = tmp_path / "two"
+    (two / "pairs").mkdir(parents=True)
+    for step in (1, 2):
+        name = f"step_{step:08d}.jsonl"
+        (two / "pairs" / name).write_text((one / "pairs" / name).read_text())
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nfrom mmalign.config import load_config\n"
+                      "from mmalign.trainers.online import OnlineConfig, train_online\n"
+                      "train_online(load_config(OnlineConfig, None, sys.argv[1:]))\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    done = subprocess.run([*launch, str(script), *args(lab, two, *extra)], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log_one, log_two = metrics(one), metrics(two)
+    assert any("loss" in m for m in log_one[:2])  # at least one update on the shared pairs
+    for a, b in zip(log_one[:2], log_two[:2]):
+        assert b["pairs/reused"] == 1.0 and a.get("loss") == pytest.approx(b.get("loss"), abs=1e-6)
+    ckpt = "checkpoints/step_00000002/model.safetensors"
+    for name, tensor in load_file(str(one / ckpt)).items():
+        torch.testing.assert_close(load_file(str(two / ckpt))[name], tensor, atol=1e-5, rtol=1e-5)
+    for step in (3, 4):
+        entries = read_step(two / "pairs", step)
+        assert log_two[step - 1]["pairs/reused"] == 0.0
+        assert len(entries) == 4 and len({e["record_id"] for e in entries}) == 4

@@ -196,6 +196,8 @@ class MetricGroup:
 
 def _pope_splits(records: list[dict[str, Any]]) -> list[str]:
     found = {r["split"] for r in records}
+    if "all" in found:
+        raise ValueError("POPE split name 'all' is reserved for the pooled metrics; rename that split")
     return [s for s in SPLIT_ORDER if s in found] + sorted(found - set(SPLIT_ORDER))
 
 

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+)
 
 from mmalign.data.collate import encode_prompts
 from mmalign.models.image_tokens import image_token_mask
@@ -158,10 +160,12 @@ def generate_masked(model: Any, processor: Any, rows: Sequence[MaskedRow], *, ma
     tokenizer = processor.tokenizer
     processors = LogitsProcessorList([_GumbelRows([r.seed for r in rows], temperature)] if temperature > 0 else [])
     stopping = StoppingCriteriaList([_StopAtPeriod(tokenizer)] if stop_at_period else [])
-    out = model.generate(
-        **inputs, position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=False,
-        logits_processor=processors, stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id,
-    )
+    # Only the ids come from the checkpoint: its own decoding defaults (sampling, penalties) must not change BDHS.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=model.generation_config.eos_token_id,
+                              bos_token_id=model.generation_config.bos_token_id)
+    out = model.generate(**inputs, position_ids=position_ids, generation_config=config,
+                         logits_processor=processors, stopping_criteria=stopping)
     width = inputs["input_ids"].shape[1]
     texts = []
     for b, n_prefix in enumerate(prefix_lengths):

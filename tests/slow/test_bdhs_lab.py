@@ -1,0 +1,68 @@
+"""On the lab base model, hiding the image (Eq. 6) pushes BDHS answers toward the lab's bias partner.
+
+Records whose image holds a trigger object but not its partner are sampled twice with the same seed, so
+every record gets the same pivots and swaps: once with rho = 0 (image fully visible) and once with the
+paper's rho = 0.99. The masked run must name the absent partner clearly more often (paired sign test over
+the records where the two runs disagree).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmalign.config import load_config
+from mmalign.data.collate import encode_prompts
+from mmalign.data.images import open_image
+from mmalign.data.schema import read_records
+from mmalign.lab.build import build_lab
+from mmalign.lab.pretrain import PretrainConfig, load_lab_base
+from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample
+
+pytestmark = pytest.mark.slow
+
+RECIPE = Path(__file__).parents[2] / "configs" / "lab_pretrain.yaml"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Path:
+    cfg = load_config(PretrainConfig, RECIPE).lab
+    cfg.out_dir = str(tmp_path_factory.mktemp("lab"))
+    cfg.sizes.sft, cfg.sizes.pref, cfg.sizes.eval = 10, 600, 10
+    return build_lab(cfg)
+
+
+def _names_absent_partner(answer: str, objects: list[str], pairs: list[list[str]]) -> bool:
+    absent = [p for t, p in pairs if t in objects and p not in objects]
+    return any(p in answer for p in absent)
+
+
+def test_masking_shifts_bdhs_answers_toward_the_bias_partner(lab):
+    model, processor = load_lab_base()
+    pairs = json.loads((lab / "bias.json").read_text())["pairs"]
+    records = [r for r in read_records(lab / "pref_prompts.jsonl")
+               if any(t in r.meta["objects"] and p not in r.meta["objects"] for t, p in pairs)][:200]
+    assert len(records) >= 100
+    images = [[open_image(ref, lab) for ref in r.images] for r in records]
+    # Precondition: the base model looks at its image (otherwise masking has nothing to remove).
+    with torch.no_grad():
+        a, b = (model(**encode_prompts(processor, [records[0].prompt], [im])).logits[0, -1].softmax(-1)
+                for im in (images[0], images[1]))
+    assert (a - b).abs().max() > 1e-3, "the lab base model ignores its image"
+    no_filter = lambda texts, refs: np.zeros(len(texts))  # noqa: E731  (one guided iteration, no resampling)
+    runs = {rho: bdhs_sample(model, processor, records, images, BDHSConfig(rho=rho, n_iter=1), no_filter)
+            for rho in (0.0, 0.99)}
+    named = {rho: [_names_absent_partner(r.answer, rec.meta["objects"], pairs) for r, rec in zip(res, records)]
+             for rho, res in runs.items()}
+    only_masked = sum(m and not v for m, v in zip(named[0.99], named[0.0]))
+    only_visible = sum(v and not m for m, v in zip(named[0.99], named[0.0]))
+    rates = {rho: float(np.mean(v)) for rho, v in named.items()}
+    print(f"absent partner named: rho=0 {rates[0.0]:.3f}, rho=0.99 {rates[0.99]:.3f}; "
+          f"discordant {only_masked} vs {only_visible}")
+    assert rates[0.99] >= rates[0.0] + 0.05
+    assert only_masked - only_visible > 2 * math.sqrt(only_masked + only_visible)  # sign test, z > 2

@@ -147,6 +147,9 @@ def load_inputs(cfg: EvalConfig) -> EvalInputs:
     root = Path(cfg.lab_dir)
     pairs = load_bias_pairs(_existing(root, cfg.captions.bias, "captions.bias")) if cfg.captions.bias else []
     pope_items = load_pope_items(_existing(root, cfg.pope.file, "pope.file")) if cfg.pope.file else []
+    reserved = [it["id"] for it in pope_items if it["split"] == "all"]
+    if reserved:
+        raise ValueError(f"{cfg.pope.file} (id {reserved[0]!r}): split 'all' is reserved for the pooled metrics")
     caption_items: list[dict[str, Any]] = []
     vocab = None
     if cfg.captions.file:
@@ -196,8 +199,6 @@ class MetricGroup:
 
 def _pope_splits(records: list[dict[str, Any]]) -> list[str]:
     found = {r["split"] for r in records}
-    if "all" in found:
-        raise ValueError("POPE split name 'all' is reserved for the pooled metrics; rename that split")
     return [s for s in SPLIT_ORDER if s in found] + sorted(found - set(SPLIT_ORDER))
 
 

@@ -4,15 +4,18 @@ result does not depend on batch size, order or the other records."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from mmalign.config import load_config
 from mmalign.data.chat import render_prompt
 from mmalign.data.schema import PreferenceRecord, check_fields, record_to_json
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample
+from mmalign.sampling.bdhs_run import BDHSRunConfig
 from mmalign.sampling.guidance import YES_NO, record_rng, split_sentences, swap_yes_no
 from mmalign.sampling.masked import MaskedRow, generate_masked, image_token_counts
 from mmalign.sampling.povid import noised_image
@@ -149,3 +152,16 @@ def test_bdhs_record_prepends_the_answer_and_keeps_existing_rejected():
     assert out.meta["bdhs"]["iteration"] == 2 and out.meta["bdhs"]["similarity"] == 0.81
     assert out.meta["bdhs"]["rho"] == 0.99 and "batch_size" not in out.meta["bdhs"]
     check_fields(record_to_json(out))
+
+
+def test_records_without_images_are_refused(tiny_vlm):
+    model, processor = tiny_vlm("llava")
+    record = PreferenceRecord("text-only", [], "Describe a circle.", "It is round.", [])
+    with pytest.raises(ValueError, match="record 'text-only': BDHS masks image tokens and needs at least one image"):
+        bdhs_sample(model, processor, [record], [[]], BDHSConfig(), fake_similarity)
+
+
+@pytest.mark.parametrize("name, rho, noise_steps", [("bdhs_lab.yaml", 0.99, 0), ("bdhs_noise_lab.yaml", 0.0, 500)])
+def test_shipped_configs_load(name, rho, noise_steps):
+    cfg = load_config(BDHSRunConfig, Path(__file__).parents[2] / "configs" / name, ["model=elsewhere"])
+    assert (cfg.bdhs.rho, cfg.bdhs.noise_steps, cfg.bdhs.n_iter, cfg.model) == (rho, noise_steps, 5, "elsewhere")

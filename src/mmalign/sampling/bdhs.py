@@ -136,6 +136,9 @@ def bdhs_sample(model: Any, processor: Any, records: Sequence[PreferenceRecord],
     ``images[i]``: the PIL images of record i; ``similarity(texts, references) -> float[N]`` (``SentenceSimilarity``).
     Pending records of an iteration are generated together; accepted ones leave the pool.
     """
+    for record, imgs in zip(records, images, strict=True):
+        if not imgs:
+            raise ValueError(f"record {record.id!r}: BDHS masks image tokens and needs at least one image")
     counts = image_token_counts(model, processor, [r.prompt for r in records], images)
     results: dict[int, BDHSResult] = {}
     pending = list(range(len(records)))

@@ -1,8 +1,10 @@
 """``mmalign sample bdhs``: Bias-Driven Hallucination Sampling over a record file (``mmalign.sampling.bdhs_run``).
 
 ``mmalign sample bdhs --config configs/bdhs_lab.yaml input=in.jsonl output=out.jsonl model=path/to/policy``
-(fields of ``BDHSRunConfig``, sampler knobs under ``bdhs.``). Run it under ``accelerate launch`` to split the
-records across processes; a killed run resumes when started again with the same settings.
+(fields of ``BDHSRunConfig``, sampler knobs under ``bdhs.``). Run it under ``accelerate launch`` (GPUs) to split
+the records across processes; on CPU, ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node N $(which mmalign) ...``
+(``accelerate launch --cpu`` leaves spawning to MPI and otherwise starts one process). A killed run resumes
+when started again with the same settings.
 """
 
 from __future__ import annotations

@@ -148,3 +148,16 @@ def test_unsupported_settings_are_refused(tiny_vlm):
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="dense mask"):
         family_rules(model.config)
+
+
+def test_too_long_virtual_row_is_refused_with_the_record_id(tiny_vlm):
+    _, processor = tiny_vlm("llava")
+    from mmalign.data.collate import SequenceTooLong
+
+    # the limit is per virtual row [prefix | answer], as in the plain layout: the packed row may be longer
+    plain = collate_preference(processor, RECORDS[1:], IMAGES[1:])
+    width = plain["input_ids"].shape[1]
+    packed = collate_shared_prefix(processor, RECORDS[1:], IMAGES[1:], max_length=width)
+    assert packed["input_ids"].shape[1] > width
+    with pytest.raises(SequenceTooLong, match="record 'b'"):
+        collate_shared_prefix(processor, RECORDS[1:], IMAGES[1:], max_length=width - 1)

@@ -1,0 +1,58 @@
+"""Where sharing the prefix pays: mmalign plain vs shared-prefix DPO steps over image tokens and K rejected.
+
+Each point runs ``bench_dpo``'s ``plain`` and ``shared`` variants side by side (separate processes, same model,
+same pairs, interleaved). Image tokens per record go 64 -> 2,880 (LLaVA-1.5 has 576 per image, LLaVA-NeXT AnyRes
+up to 2,880 = 5 x 576: here 1 image of 64 / 256 / 576 tokens, 2 or 5 images of 576); K rejected answers per
+record go 1 -> 4 at 576 image tokens. Prompt ~32 text tokens, answers ~64 tokens.
+
+    python benchmarks/bench_sweep.py --out bench_sweep.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_dpo import compare, parse_args  # noqa: E402
+
+# (image tokens per image, images per record, K rejected)
+POINTS = [(64, 1, 1), (256, 1, 1), (576, 1, 1), (576, 2, 1), (576, 5, 1), (576, 1, 2), (576, 1, 4)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = None
+    if "--out" in argv:
+        i = argv.index("--out")
+        out = argv[i + 1]
+        del argv[i: i + 2]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rows = ["| image tokens | K | plain pairs/s | shared pairs/s | speedup | plain/shared GFLOP | "
+            "plain/shared peak RSS | plain/shared RSS growth |", "|---" * 8 + "|"]
+    points = []
+    for tokens, images, k in POINTS:
+        args = parse_args(["--image-tokens", str(tokens), "--images", str(images), "--k", str(k),
+                           "--batch", "2", "--steps", "2", "--rounds", "1", *argv])
+        res = compare(args, ["plain", "shared"])["results"]
+        plain, shared = res["plain"], res["shared"]
+        growth = ((plain["peak_rss_mib"] - plain["rss_before_steps_mib"])
+                  / (shared["peak_rss_mib"] - shared["rss_before_steps_mib"]))
+        points.append({"image_tokens": tokens * images, "k": k, "plain": plain, "shared": shared})
+        rows.append(f"| {tokens * images} | {k} | {plain['pairs_per_s']:.3f} | {shared['pairs_per_s']:.3f} | "
+                    f"{shared['pairs_per_s'] / plain['pairs_per_s']:.2f} | "
+                    f"{plain['flops_per_step'] / shared['flops_per_step']:.2f} | "
+                    f"{plain['peak_rss_mib'] / shared['peak_rss_mib']:.2f} | {growth:.2f} |")
+        print(rows[-1], flush=True)
+    table = "\n".join(rows)
+    print(table)
+    if out:
+        Path(out).write_text(json.dumps({"command": " ".join(["bench_sweep.py", *sys.argv[1:]]),
+                                         "points": points, "markdown": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

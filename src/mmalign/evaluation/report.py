@@ -126,8 +126,10 @@ def write_report(comparison: Comparison, out_dir: str | Path, runs: dict[str, st
     for name in comparison.names:
         where = f": `{runs[name]}`" if runs and name in runs else ""
         lines.append(f"- **{name}**{where}" + (" (baseline)" if name == base else ""))
-    lines += ["", "Each metric: value [bootstrap interval] (n samples). Paired bootstrap tests resample the "
-              f"same samples for both runs; Δ is the run minus {base}.", "", markdown_table(comparison)]
+    note = "Each metric: value [bootstrap interval] (n samples)."
+    if len(comparison.names) > 1:
+        note += f" Paired bootstrap tests resample the same samples for both runs; Δ is the run minus {base}."
+    lines += ["", note, "", markdown_table(comparison)]
     if _plot_pope(comparison, out / "pope.png"):
         lines.append("![POPE](pope.png)\n")
     if _plot_hallucination(comparison, out / "hallucination.png"):

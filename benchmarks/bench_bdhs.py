@@ -1,11 +1,11 @@
 """BDHS speed: the batched sampler against the naive per-sentence loop, same records and seed, side by side.
 
-    python benchmarks/bench_bdhs.py [--model DIR] [--records N] [--n-iter K] [--batch-size B]
+    python benchmarks/bench_bdhs.py [--model DIR] [--input FILE] [--records N] [--n-iter K] [--batch-size B]
 
 Each mode runs in its own fresh subprocess (so peak RSS is its own) and writes its answers; the parent
 prints sentences/s, wall time, peak RSS and whether the two modes produced identical answers. Without
-``--model`` a random tiny LLaVA (``build_tiny_vlm("llava")``) is used; records are synthetic multi-sentence
-captions over random images. The naive mode is Algorithm 1 as written: one ``generate_masked`` call per
+``--model`` a random tiny LLaVA (``build_tiny_vlm("llava")``) is used; without ``--input`` (a record file, e.g.
+the lab's ``pref_prompts.jsonl``) records are synthetic multi-sentence captions over random images. The naive mode is Algorithm 1 as written: one ``generate_masked`` call per
 sentence, with the same per-record random draws.
 """
 
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmalign.data.schema import PreferenceRecord
+from mmalign.data.images import open_image
+from mmalign.data.schema import PreferenceRecord, read_records
 from mmalign.models.loading import load_vlm
 from mmalign.models.tiny import build_tiny_vlm
 from mmalign.sampling.bdhs import (
@@ -102,7 +103,11 @@ def run_mode(args: argparse.Namespace) -> None:
         model, processor = load_vlm(args.model)
     else:
         model, processor = build_tiny_vlm("llava")
-    records, images = synthetic(args.records)
+    if args.input:
+        records = read_records(args.input)[: args.records]
+        images = [[open_image(ref, Path(args.input).parent) for ref in r.images] for r in records]
+    else:
+        records, images = synthetic(args.records)
     cfg = BDHSConfig(n_iter=args.n_iter, batch_size=args.batch_size, max_sentence_tokens=24, max_answer_tokens=48)
     similarity = TimedSimilarity()
     start = time.perf_counter()
@@ -124,6 +129,7 @@ def run_mode(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local VLM folder (default: random tiny LLaVA)")
+    parser.add_argument("--input", help="record file to sample (default: synthetic captions)")
     parser.add_argument("--records", type=int, default=32)
     parser.add_argument("--n-iter", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -140,7 +146,8 @@ def main() -> None:
             out = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, __file__, "--mode", mode, "--out", str(out), "--records", str(args.records),
                    "--n-iter", str(args.n_iter), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-            subprocess.run(cmd + (["--model", args.model] if args.model else []), check=True)
+            cmd += (["--model", args.model] if args.model else []) + (["--input", args.input] if args.input else [])
+            subprocess.run(cmd, check=True)
             report[mode] = json.loads(out.read_text())
     same = report["naive"]["answers"] == report["batched"]["answers"]
     for mode, r in report.items():

@@ -86,6 +86,7 @@ class BDHSResult:
 
 
 def is_unguided(cfg: BDHSConfig, iteration: int) -> bool:
+    """The last of N_BDHS > 1 iterations generates the full answer without reference guidance."""
     return cfg.n_iter > 1 and iteration == cfg.n_iter
 
 

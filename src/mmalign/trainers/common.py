@@ -23,6 +23,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,12 @@ class RunConfig:
 
 
 def make_accelerator(run: RunConfig, grad_accum: int = 1) -> Accelerator:
-    """An Accelerator for this run; devices and process layout come from ``accelerate launch``."""
+    """An Accelerator for this run; devices and process layout come from ``accelerate launch``.
+
+    One process may run several recipes in turn (the demo, pretraining then DPO), each with its own precision
+    and accumulation; the per-run state is reset while the process layout (``PartialState``) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=grad_accum,

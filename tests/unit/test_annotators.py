@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mmalign.config import ConfigError
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.heads import ScalarHeadModel, last_token_index, load_reward_model, reward_scores, save_reward_model
 from mmalign.sampling.annotators import (
-    LabOracle, NoisyAnnotator, PairwiseJudge, RolloutGroup, api_ask, load_judge_template, pair_from_scores,
+    AnnotatorConfig, LabOracle, build_annotator, NoisyAnnotator, PairwiseJudge, RolloutGroup, api_ask, load_judge_template, pair_from_scores,
     parse_verdict,
 )
 from mmalign.sampling.openai_client import ChatClient, EndpointConfig
@@ -198,3 +199,22 @@ def test_reward_head_scores_equal_per_row_naive_and_survive_reload(tiny_vlm, tmp
     loaded, loaded_processor = load_reward_model(tmp_path / "rm")
     again = reward_scores(loaded, loaded_processor, [record] * 3, [[IMAGE]] * 3, answers)
     assert again.tolist() == pytest.approx(scores.tolist(), abs=1e-5)
+
+
+def test_built_vlm_judge_and_reward_model_annotators_run_on_a_tiny_vlm(tiny_vlm_dir, tiny_vlm, tmp_path):
+    group = RolloutGroup(caption_record(), [IMAGE], ["It is red.", "It is blue.", "It is red."])
+    judge = build_annotator(AnnotatorConfig(kind="vlm_judge", model=str(tiny_vlm_dir("llava")), max_new_tokens=6),
+                            "cpu")
+    (ann,) = judge.annotate([group])
+    assert [c["shown"] for c in ann.verdict["calls"]] == [[0, 1], [1, 0]]  # 2 distinct answers, both orders
+    assert all(isinstance(c["reply"], str) and c["pick"] == parse_verdict(c["reply"]) for c in ann.verdict["calls"])
+    model, processor = tiny_vlm("llava")
+    torch.manual_seed(1)
+    save_reward_model(ScalarHeadModel(model), processor, tmp_path / "rm")
+    rm = build_annotator(AnnotatorConfig(kind="reward_model", model=str(tmp_path / "rm")), "cpu")
+    (ann,) = rm.annotate([group])
+    scores = ann.verdict["scores"]
+    assert scores[0] == pytest.approx(scores[2], abs=1e-5) and scores[0] != pytest.approx(scores[1], abs=1e-5)
+    assert {ann.chosen, ann.rejected} == {0, 1} and scores[ann.chosen] > scores[ann.rejected]
+    with pytest.raises(ConfigError, match="synonyms"):
+        build_annotator(AnnotatorConfig(kind="oracle"), "cpu")

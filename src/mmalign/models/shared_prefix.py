@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.data.collate import IGNORE_INDEX
-from mmalign.data.packing import CHOSEN_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT
-from mmalign.models.logprobs import PreferenceForward
+from mmalign.data.collate import IGNORE_INDEX, collate_preference
+from mmalign.data.packing import CHOSEN_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, collate_shared_prefix
+from mmalign.models.logprobs import PreferenceForward, preference_forward
 
 # Packing bookkeeping that is not a model input (attention_mask is replaced by the block mask).
 _PACKING_KEYS = ("labels", "segment_ids", "order_ids", "attention_mask")
@@ -201,3 +201,11 @@ def shared_prefix_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceFor
         sums[:, CHOSEN_SEGMENT], sums[:, CHOSEN_SEGMENT + 1:], rejected_lengths > 0, lengths[:, CHOSEN_SEGMENT],
         rejected_lengths, token_logps * is_chosen, is_chosen,
     )
+
+
+# A trainer's ``forward: shared_prefix | plain`` field picks a (collate, forward) pair by name; both forwards take
+# (model, batch) and return the same PreferenceForward.
+PREFERENCE_LAYOUTS = {
+    "shared_prefix": (collate_shared_prefix, shared_prefix_forward),
+    "plain": (collate_preference, preference_forward),
+}

@@ -2,8 +2,7 @@
 
 ``pretrain_base(cfg)`` skips every stage whose output already exists with the same resolved config (hash
 in ``lab.yaml`` / ``pretrain.yaml``), so demos and tests reuse a trained base instead of retraining it.
-The shipped base (``assets/base``, loaded by ``load_lab_base``) was made by this recipe with
-``configs/lab_pretrain.yaml``; ``docs/lab.md`` lists the command and the metrics it reached.
+``docs/lab.md`` lists the command and the metrics it reached.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from mmalign.config import config_hash, save_config
 from mmalign.evaluation.suite import EvalConfig, evaluate
@@ -25,7 +22,6 @@ from mmalign.trainers.sft import SFTConfig, SFTDataConfig, SFTModelConfig, train
 
 logger = logging.getLogger(__name__)
 
-BASE_DIR = Path(__file__).parent / "assets" / "base"
 RECIPE_FILE = "pretrain.yaml"
 
 
@@ -35,7 +31,7 @@ class PretrainConfig:
 
     lab: LabConfig = field(default_factory=LabConfig)
     model: LabModelConfig = field(default_factory=LabModelConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, schedule="constant", warmup_ratio=0.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lab_base", mixed_precision="bf16",
                                                              log_every=50))
     batch_size: int = 32
@@ -82,9 +78,4 @@ def pretrain_base(cfg: PretrainConfig) -> Path:
         model, processor = load_vlm(out)
         evaluate(eval_cfg, model, processor)
     return out
-
-
-def load_lab_base() -> tuple[Any, Any]:
-    """The shipped, pre-trained lab base model and its processor (eval mode, float32, CPU)."""
-    return load_vlm(BASE_DIR)
 

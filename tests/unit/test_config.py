@@ -47,6 +47,20 @@ def test_bad_overrides_name_the_key(overrides, message):
     assert message in str(err.value)
 
 
+def test_yes_and_no_are_strings_true_and_false_are_booleans(tmp_path):
+    @dataclass
+    class Run:
+        mixed_precision: Literal["no", "bf16"] = "bf16"
+        resume: bool = False
+
+    path = tmp_path / "r.yaml"
+    path.write_text("mixed_precision: no\nresume: true\n")
+    assert load_config(Run, path) == Run("no", True)
+    assert load_config(Run, None, ["mixed_precision=no", "resume=false"]) == Run("no", False)
+    with pytest.raises(ConfigError, match="resume: expected bool, got 'yes'"):
+        load_config(Run, None, ["resume=yes"])
+
+
 def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config(Recipe, None, ["steps=7", "optim.lr=0.5"])
     path = save_config(cfg, tmp_path)

@@ -53,9 +53,11 @@ def run_annotator_eval(config: str | None, overrides: list[str]) -> int:
     except (RecordError, ValueError) as err:
         print(f"mmalign eval-annotator: error: {err}", file=sys.stderr)
         return 1
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
     for name, m in metrics.items():
-        value = "n/a" if m["value"] is None else f"{m['value']:.3f}"
-        print(f"{name:<18} {value}  [{m['ci_low']}, {m['ci_high']}]  n={m['n']}")
+        print(f"{name:<18} {fmt(m['value'])}  [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]  n={m['n']}")
     print(f"metrics and per-record verdicts written to {cfg.out_dir}")
     return 0
 

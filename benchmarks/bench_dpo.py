@@ -8,9 +8,11 @@ adapter disabled, as TRL does with a PEFT model), optimizer step. Batches are co
 TRL by its own DataCollatorForVisionPreference through its own dataloader; TRL's step is its
 ``DPOTrainer.training_step`` followed by its optimizer's step.
 
-Variants: ``trl``; ``plain`` (``collate_preference`` + ``preference_forward``); ``shared``
-(``collate_shared_prefix`` + ``shared_prefix_forward``); ``shared_ckpt`` (+ activation checkpointing);
-``shared_cached_ref`` (reference log-probs computed once before training, as the offline trainer's cache does).
+Variants: ``trl``; ``plain`` (``collate_preference`` + ``preference_forward``); ``shared`` (packed rows with a
+block mask: ``collate_shared_prefix`` + ``shared_prefix_forward``); ``shared_ckpt`` (+ activation
+checkpointing); ``shared_cached_ref`` (reference log-probs computed once before training, as the offline
+trainer's cache does); ``cache`` (prompt KV cache reused by the answers: ``collate_prefix_cache`` +
+``prefix_cache_forward``).
 FLOPs are counted once per variant with ``torch.utils.flop_counter`` (eager attention, so the attention score
 matmuls are counted at their full [L, L] size); the *unique-token limit* is the same step over one causal row
 per record holding each unique token once ([image + prompt | chosen | rejected]).
@@ -38,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 logger = logging.getLogger("bench_dpo")
-VARIANTS = ("trl", "plain", "shared", "shared_ckpt", "shared_cached_ref")
+VARIANTS = ("trl", "plain", "shared", "shared_ckpt", "shared_cached_ref", "cache")
 PATCH = 14
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # ~32 prompt tokens and ~64 answer tokens with the tiny BPE tokenizer (checked by ``make_pairs``).
@@ -124,18 +126,15 @@ def _rss_mib(field: str) -> float:
 def _mmalign_setup(args, variant):
     from peft import get_peft_model
 
-    from mmalign.data.collate import collate_preference
-    from mmalign.data.packing import collate_shared_prefix
-    from mmalign.models.logprobs import preference_forward
-    from mmalign.models.shared_prefix import shared_prefix_forward
+    from mmalign.models.layouts import PREFERENCE_LAYOUTS
 
     model, processor = build_model(args.image_tokens, args.hidden, args.layers)
     policy = get_peft_model(model, _lora()).to(args.device)
     if variant == "shared_ckpt":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.enable_input_require_grads()
-    collate, forward = ((collate_preference, preference_forward) if variant == "plain"
-                        else (collate_shared_prefix, shared_prefix_forward))
+    layout = {"plain": "plain", "cache": "prefix_cache"}.get(variant, "shared_prefix")
+    collate, forward = PREFERENCE_LAYOUTS[layout]
     records, images = make_pairs(args.batch * (args.steps + 1), args.images, _side(args), args.k)
     batches = [{k: v.to(args.device) for k, v in collate(processor, records[s: s + args.batch],
                                                          images[s: s + args.batch]).items()}

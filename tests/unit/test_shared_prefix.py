@@ -1,5 +1,5 @@
-"""Shared-prefix forward: same per-answer log-probs and gradients as the plain concatenated forward (float64),
-on every tiny family whose processor builds here, with LoRA and with full fine-tuning; masks by hand."""
+"""Shared-prefix forwards (packed block mask; prompt KV cache): same per-answer log-probs and gradients as the
+plain concatenated forward (float64) on every tiny family, with LoRA and with full fine-tuning; masks by hand."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from mmalign.data.collate import collate_preference
-from mmalign.data.packing import collate_shared_prefix
+from mmalign.data.packing import collate_prefix_cache, collate_shared_prefix
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.logprobs import model_inputs
+from mmalign.models.prefix_cache import prefix_cache_forward
 from mmalign.models.shared_prefix import block_attention_mask, family_rules, shared_prefix_forward
 
 # Record a has 2 rejected answers, b has 1: exercises rejected_mask and rows of different packed length. The
@@ -57,16 +58,22 @@ def _lora(model):
     return get_peft_model(model, config)
 
 
+LAYOUTS = {"packed": (collate_shared_prefix, shared_prefix_forward),
+           "cache": (collate_prefix_cache, prefix_cache_forward)}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tuning", ["full", "lora"])
-def test_logps_and_gradients_match_the_plain_forward(tiny_vlm, family, tuning):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_logps_and_gradients_match_the_plain_forward(tiny_vlm, family, tuning, layout):
     model, processor = tiny_vlm(family, seed=3)
     model = model.double()
     if tuning == "lora":
         model = _lora(model)
     model.train()  # dropout is 0 in the tiny configs; train mode exercises the training code paths
+    collate, forward = LAYOUTS[layout]
     plain = collate_preference(processor, RECORDS, IMAGES, max_length=512)
-    packed = collate_shared_prefix(processor, RECORDS, IMAGES, max_length=512)
+    packed = collate(processor, RECORDS, IMAGES, max_length=512)
     plain = {k: v.double() if v.is_floating_point() else v for k, v in plain.items()}
     packed = {k: v.double() if v.is_floating_point() else v for k, v in packed.items()}
     weights = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -75,7 +82,11 @@ def test_logps_and_gradients_match_the_plain_forward(tiny_vlm, family, tuning):
     _objective(ref_chosen, ref_rejected, weights).backward()
     ref_grads = _grads(model)
     model.zero_grad()
-    out = shared_prefix_forward(model, packed)
+    if layout == "cache" and family == "gemma3":  # sliding windows + image blocks: a left-padded cache can't match
+        with pytest.raises(ValueError, match="use forward: shared_prefix"):
+            forward(model, packed)
+        return
+    out = forward(model, packed)
     (_objective(out.chosen_logps, out.rejected_logps, weights)).backward()
     grads = _grads(model)
 

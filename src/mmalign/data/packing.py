@@ -90,3 +90,37 @@ def collate_shared_prefix(processor: Any, records: Sequence[Any], images: Sequen
     tokenizer = processor.tokenizer
     answers = [[answer_ids(tokenizer, a) for a in (r.chosen, *r.rejected)] for r in records]
     return pack_answers(encoded, answers, tokenizer.pad_token_id, max_length, [r.id for r in records])
+
+
+def collate_prefix_cache(processor: Any, records: Sequence[Any], images: Sequence[Sequence[Image.Image]],
+                         max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Prefix-cache preference batch: R left-padded prompts (with images) and N = sum_r (1 + K_r) answer rows.
+
+    Returns the ``encode_prompts`` entries for the prompts ([R, T_p], image tensors) plus ``answer_ids`` /
+    ``answer_mask`` [N, A] (right-padded answer tokens incl. EOS), ``answer_record`` [N] (record index) and
+    ``answer_slot`` [N] (0 = chosen, j = j-th rejected). ``max_length`` bounds prompt + answer, as in the plain
+    layout.
+    """
+    encoded = encode_prompts(processor, [r.prompt for r in records], images)
+    tokenizer = processor.tokenizer
+    prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
+    rows, row_record, row_slot = [], [], []
+    for r, record in enumerate(records):
+        answers = [record.chosen, *record.rejected]
+        if len(answers) < 2:
+            raise ValueError(f"record {record.id!r}: a preference record needs a chosen and >= 1 rejected answer")
+        for slot, text in enumerate(answers):
+            ids = answer_ids(tokenizer, text)
+            if max_length is not None and prompt_lengths[r] + len(ids) > max_length:
+                raise SequenceTooLong(
+                    f"record {record.id!r}: prompt ({prompt_lengths[r]} tokens incl. image tokens) + answer "
+                    f"({len(ids)} tokens) > max_length {max_length}; raise max_length or drop the record")
+            rows.append(torch.tensor(ids, dtype=encoded["input_ids"].dtype))
+            row_record.append(r)
+            row_slot.append(slot)
+    width = max(len(row) for row in rows)
+    encoded["answer_ids"] = _right_pad(rows, width, tokenizer.pad_token_id)
+    encoded["answer_mask"] = _right_pad([torch.ones_like(row) for row in rows], width, 0)
+    encoded["answer_record"] = torch.tensor(row_record)
+    encoded["answer_slot"] = torch.tensor(row_slot)
+    return encoded

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmalign.data.collate import IGNORE_INDEX, collate_preference
-from mmalign.data.packing import CHOSEN_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT, collate_shared_prefix
-from mmalign.models.logprobs import PreferenceForward, preference_forward
+from mmalign.data.collate import IGNORE_INDEX
+from mmalign.data.packing import CHOSEN_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT
+from mmalign.models.logprobs import PreferenceForward
 
 # Packing bookkeeping that is not a model input (attention_mask is replaced by the block mask).
 _PACKING_KEYS = ("labels", "segment_ids", "order_ids", "attention_mask")
@@ -121,7 +121,7 @@ def text_masks(config: Any, batch: Mapping[str, Any], rules: _Rules, dtype: torc
     return {kind: build(windows[kind]) for kind in set(layer_types)}
 
 
-def _vlm_core(model: Any) -> Any:
+def vlm_core(model: Any) -> Any:
     """The base VLM (``XModel``, owner of ``get_rope_index``) under an optional PEFT wrapper."""
     from peft import PeftModel
 
@@ -137,7 +137,7 @@ def position_ids(model: Any, batch: Mapping[str, Any], rules: _Rules) -> Tensor:
         return order
     segments = batch["segment_ids"]
     prefix = segments == PREFIX_SEGMENT
-    positions, _ = _vlm_core(model).get_rope_index(
+    positions, _ = vlm_core(model).get_rope_index(
         batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
         image_grid_thw=batch.get("image_grid_thw"), attention_mask=prefix.long(),
     )
@@ -202,10 +202,3 @@ def shared_prefix_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceFor
         rejected_lengths, token_logps * is_chosen, is_chosen,
     )
 
-
-# A trainer's ``forward: shared_prefix | plain`` field picks a (collate, forward) pair by name; both forwards take
-# (model, batch) and return the same PreferenceForward.
-PREFERENCE_LAYOUTS = {
-    "shared_prefix": (collate_shared_prefix, shared_prefix_forward),
-    "plain": (collate_preference, preference_forward),
-}

@@ -3,7 +3,8 @@
 Records whose image holds a trigger object but not its partner are sampled twice with the same seed, so
 every record gets the same pivots and swaps: once with rho = 0 (image fully visible) and once with the
 paper's rho = 0.99. The masked run must name the absent partner clearly more often (paired sign test over
-the records where the two runs disagree).
+the records where the two runs disagree). The base is the lab recipe's (``mmalign lab pretrain --config
+configs/lab_pretrain.yaml``: ``runs/lab`` and ``runs/lab_base``), reused when cached and trained otherwise.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from mmalign.config import load_config
 from mmalign.data.images import open_image
 from mmalign.data.schema import read_records
-from mmalign.lab.build import build_lab
-from mmalign.lab.pretrain import PretrainConfig, load_lab_base
+from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample
 from mmalign.sampling.masked import MaskedRow, encode_rows
 
@@ -30,11 +31,11 @@ RECIPE = Path(__file__).parents[2] / "configs" / "lab_pretrain.yaml"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Path:
-    cfg = load_config(PretrainConfig, RECIPE).lab
-    cfg.out_dir = str(tmp_path_factory.mktemp("lab"))
-    cfg.sizes.sft, cfg.sizes.pref, cfg.sizes.eval = 10, 600, 10
-    return build_lab(cfg)
+def base() -> tuple[Path, Path]:
+    """(lab folder, base model folder) of the lab recipe."""
+    cfg = load_config(PretrainConfig, RECIPE)
+    model_dir = pretrain_base(cfg)
+    return Path(cfg.lab.out_dir), model_dir
 
 
 def _names_absent_partner(answer: str, objects: list[str], pairs: list[list[str]]) -> bool:
@@ -42,11 +43,12 @@ def _names_absent_partner(answer: str, objects: list[str], pairs: list[list[str]
     return any(p in answer for p in absent)
 
 
-def test_masking_shifts_bdhs_answers_toward_the_bias_partner(lab):
-    model, processor = load_lab_base()
+def test_masking_shifts_bdhs_answers_toward_the_bias_partner(base):
+    lab, model_dir = base
+    model, processor = load_vlm(model_dir)
     pairs = json.loads((lab / "bias.json").read_text())["pairs"]
     records = [r for r in read_records(lab / "pref_prompts.jsonl")
-               if any(t in r.meta["objects"] and p not in r.meta["objects"] for t, p in pairs)][:200]
+               if any(t in r.meta["objects"] and p not in r.meta["objects"] for t, p in pairs)]
     assert len(records) >= 100
     images = [[open_image(ref, lab) for ref in r.images] for r in records]
     # Precondition: the base model looks at its image (the colour it names next depends on the picture).

@@ -11,7 +11,7 @@ from mmalign.lab.demo import DemoConfig, headline_table, run_demo
 pytestmark = pytest.mark.integration
 
 REDUCED = [
-    "base=recipe", "methods=[external,external_bdhs]", "lab.sizes.sft=48", "lab.sizes.pref=16",
+    "methods=[external,external_bdhs]", "lab.sizes.sft=48", "lab.sizes.pref=16",
     "lab.sizes.eval=8", "pretrain.steps=6", "pretrain.batch_size=8", "dpo.max_steps=2", "dpo.batch_size=4",
     "bdhs.n_iter=2", "eval.stats.n_boot=20",
 ]

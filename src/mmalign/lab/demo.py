@@ -1,6 +1,6 @@
 """The ShapesWorld demo: base model -> preference pairs -> DPO -> evaluation, side by side with CIs.
 
-``run_demo(cfg)`` builds the lab, takes the lab base model (the shipped checkpoint, or a recipe run), and for
+``run_demo(cfg)`` builds the lab, takes the lab base model (trained by the lab recipe, cached), and for
 every seed and method makes preference pairs from the lab's preference prompts, trains DPO on them and
 evaluates the result on the held-out POPE and captioning sets; then it compares every model with the base
 (paired bootstrap on the same samples) and writes a report folder. The methods are the rows of Table 6 of
@@ -30,7 +30,7 @@ from mmalign.evaluation.report import write_report
 from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
 from mmalign.lab.build import LabConfig, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
-from mmalign.lab.pretrain import BASE_DIR, PretrainConfig, pretrain_base
+from mmalign.lab.pretrain import PretrainConfig, pretrain_base
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
@@ -59,16 +59,15 @@ def _default_dpo() -> OfflineConfig:
 
 @dataclass
 class DemoConfig:
-    """``base``: a model dir, or "" for the shipped lab base (``lab`` must then be the lab it was trained on).
-
-    ``pretrain`` is used only when ``base == "recipe"``: the base is then trained by the lab recipe.
+    """``base``: "recipe" trains (or reuses, when cached) the lab base with ``pretrain`` on this demo's lab;
+    otherwise a model dir trained on this same lab.
     ``dpo``, ``bdhs`` and ``eval`` are templates; the demo fills in model, data and output paths per run.
     """
 
     out_dir: str = "runs/demo"
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: ["external", "bdhs"])
-    base: str = ""
+    base: str = "recipe"
     lab: LabConfig = field(default_factory=LabConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dpo: OfflineConfig = field(default_factory=_default_dpo)
@@ -92,11 +91,11 @@ def _once(done: Path, make: Callable[[], Any]) -> Path:
     return done
 
 
-def _base_model(cfg: DemoConfig, out: Path) -> Path:
+def _base_model(cfg: DemoConfig) -> Path:
     if cfg.base == "recipe":
         pretrain = dataclasses.replace(cfg.pretrain, lab=cfg.lab)
         return pretrain_base(pretrain)
-    return Path(cfg.base) if cfg.base else BASE_DIR
+    return Path(cfg.base)
 
 
 def _evaluate(cfg: DemoConfig, lab_dir: Path, model_dir: Path, out: Path) -> Path:
@@ -160,7 +159,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     lab = dataclasses.replace(cfg.lab, out_dir=str(out / "lab"))
     lab_dir = Path(lab.out_dir)
     _once(lab_dir / "lab.yaml", lambda: build_lab(lab))
-    base = _base_model(dataclasses.replace(cfg, lab=lab), out)
+    base = _base_model(dataclasses.replace(cfg, lab=lab))
     runs = {"base": _evaluate(cfg, lab_dir, base, out / "eval" / "base")}
     for seed in cfg.seeds:
         for method in cfg.methods:

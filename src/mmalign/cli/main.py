@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "mmalign.cli.train",
     "sample": "mmalign.cli.sample",
     "data": "mmalign.cli.data",
+    "serve": "mmalign.cli.serve",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmalign.cli.corrupt import register_corrupt
 from mmalign.cli.main import add_config_args
 from mmalign.config import load_config
 from mmalign.data.schema import RecordError
@@ -35,8 +36,9 @@ def _bdhs(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sample", help="make rejected answers (BDHS)")
+    parser = subparsers.add_parser("sample", help="make rejected answers (BDHS, corruption)")
     sub = parser.add_subparsers(dest="sample_command", required=True, metavar="SAMPLER")
     bdhs = sub.add_parser("bdhs", help="Bias-Driven Hallucination Sampling (Algorithm 1) with a local policy")
     add_config_args(bdhs)
     bdhs.set_defaults(func=_bdhs)
+    register_corrupt(sub)

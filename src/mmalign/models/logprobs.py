@@ -7,7 +7,6 @@ predict an answer token, so the [N, T, V] logit tensor of prompt and image posit
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mmalign.data.collate import IGNORE_INDEX
+from mmalign.models.lora import reference_model
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +165,14 @@ def append_logps_cache(path: str | Path, entries: dict[str, float]) -> None:
 RefFn = Callable[[dict[str, Any], list[int]], tuple[Tensor, Tensor]]
 
 
-def live_reference(policy: Any, frozen: Any | None) -> RefFn:
-    """Reference log-probs by a forward pass: the frozen copy, or the (PEFT) policy with its adapter disabled."""
+def live_reference(policy: Any, frozen: Any | None,
+                   forward: Callable[[Any, Mapping[str, Any]], PreferenceForward] = preference_forward) -> RefFn:
+    """Reference log-probs by a forward pass (``forward``: the batch layout's preference forward) of the frozen
+    copy, or of the (PEFT) policy with its adapter disabled (``mmalign.models.lora.reference_model``)."""
 
     def reference(batch: dict[str, Any], _: list[int]) -> tuple[Tensor, Tensor]:
-        adapter_off = policy.disable_adapter() if frozen is None else contextlib.nullcontext()
-        with torch.no_grad(), adapter_off:
-            out = preference_forward(policy if frozen is None else frozen, batch)
+        with reference_model(policy, frozen) as model:
+            out = forward(model, batch)
         return out.chosen_logps, out.rejected_logps
 
     return reference
@@ -209,8 +210,8 @@ def cached_reference(keys: list[list[str]], cache_path: str | Path,
     table = [[cache[k] for k in ks] for ks in keys]
 
     def reference(batch: dict[str, Any], indices: list[int]) -> tuple[Tensor, Tensor]:
-        device = batch["input_ids"].device
-        rejected = torch.zeros(len(indices), int(batch["row_answer"].max()), device=device)
+        device = batch["input_ids"].device  # every layout's batch has input_ids; K is the batch's most rejected
+        rejected = torch.zeros(len(indices), max(len(table[i]) - 1 for i in indices), device=device)
         for row, i in enumerate(indices):
             rejected[row, : len(table[i]) - 1] = torch.tensor(table[i][1:])
         return torch.tensor([table[i][0] for i in indices], device=device), rejected

@@ -221,3 +221,31 @@ def progress(total: int, initial: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+def adapter_only_checkpoints(accelerator: Accelerator, policy: Any) -> None:
+    """Under LoRA, checkpoints hold only the trainable tensors (adapter, projector copy), not the frozen base.
+
+    accelerate hands these hooks the plain state dicts it saves and the models it loads itself (one process
+    or DDP; DeepSpeed and FSDP save through their own engines and pass none), so those are the ones filtered.
+    """
+    from safetensors.torch import load_file
+
+    trainable = {n for n, p in accelerator.unwrap_model(policy).named_parameters() if p.requires_grad}
+
+    def save_hook(models: list, weights: list[dict], output_dir: str) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            state = load_file(str(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"))
+            result = model.load_state_dict(state, strict=False)
+            missing = [k for k in result.missing_keys if k.removeprefix("module.") in trainable]
+            if result.unexpected_keys or missing:
+                raise ValueError(f"{input_dir}: checkpoint does not fit the model (unexpected "
+                                 f"{result.unexpected_keys[:5]}, missing trainable {missing[:5]})")
+        models.clear()  # loaded here; accelerate would insist on the frozen weights too
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -6,19 +6,20 @@ DDP, DeepSpeed or FSDP through ``accelerate launch``). Optimizer step ``s`` cons
 ``grad_accum`` micro-batches, so micro-batch x accumulation x processes only changes how the same mean
 loss is computed, and a resumed run continues with exactly the batches an uninterrupted run would see.
 
-Reference model: under LoRA the same weights with the adapter disabled (no second copy; the projector is
-trained through PEFT ``modules_to_save``, whose original stays in place for the reference); under full
+Batch layout (``forward``, ``mmalign.models.layouts.PREFERENCE_LAYOUTS``): ``shared_prefix`` (default; image
+and prompt once per record, answers packed behind them), ``prefix_cache`` (answers against the prompt's KV
+cache) or ``plain`` (one row per answer, the reference layout); all give the same log-probs and gradients.
+
+Reference model (``mmalign.models.lora``): under LoRA the same weights with the adapter disabled, under full
 fine-tuning a frozen copy. Optionally the reference log-probs are computed once and cached on disk, keyed
-by model files + precision + image bytes + prompt + answer (``mmalign.models.logprobs``).
+by model files + precision + image bytes + prompt + answer (``mmalign.models.logprobs``). With ``povid`` on,
+POVID's teacher-forced answer under a noised image is one more rejected slot (``trainers.povid_slot``).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,67 +29,27 @@ import torch
 from accelerate import Accelerator
 
 from mmalign.config import ConfigError, save_config
-from mmalign.data.collate import SequenceTooLong, collate_preference
-from mmalign.data.images import image_sha256, open_image
-from mmalign.data.schema import PreferenceRecord, RecordError, read_records
-from mmalign.models.loading import PROJECTOR_MODULES, freeze_vision_tower, load_vlm, projector_param_names
+from mmalign.data.schema import PreferenceRecord
+from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import (
-    RefFn, answer_cache_key, cached_reference, live_reference, model_fingerprint, preference_forward,
+    PreferenceForward, RefFn, answer_cache_key, cached_reference, live_reference, model_fingerprint,
 )
+from mmalign.models.lora import LoraConfig, ModelConfig, prepare_policy, reference_model
 from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, mm_dpo_beta, sft_nll
+from mmalign.sampling.povid import povid_rejected_logps
 from mmalign.trainers.common import (
-    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, steps_per_epoch,
+    MetricsLogger, OptimConfig, RunConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
+    build_scheduler, latest_checkpoint, load_checkpoint, make_accelerator, process_slice, progress,
+    save_checkpoint, steps_per_epoch,
 )
+from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
+from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_root, load_pairs, record_images
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Per-step sums reduced over micro-batches and processes; divided by their counts for logging.
 _STATS = ("loss", "sft_nll", "beta", "chosen_reward", "n_records", "rejected_reward", "margin", "accuracy",
           "n_pairs", "n_tokens")
-
-
-@dataclass
-class ModelConfig:
-    """The policy: a local ``save_pretrained`` directory. The vision tower is frozen by default."""
-
-    path: str = ""
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    freeze_vision: bool = True
-    train_projector: bool = True
-
-
-@dataclass
-class LoraConfig:
-    """LoRA on the language model's linear layers named in ``target_modules`` (Apple used rank 128, alpha 256).
-
-    ``enabled: false`` is full fine-tuning. Dropout is off everywhere so policy and reference agree at step 0.
-    """
-
-    enabled: bool = True
-    rank: int = 128
-    alpha: int = 256
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-
-    def __post_init__(self) -> None:
-        if self.rank < 1 or self.alpha <= 0 or not self.target_modules:
-            raise ValueError("lora needs rank >= 1, alpha > 0 and at least one target module")
-
-
-@dataclass
-class DataConfig:
-    """Preference records (``.jsonl``/``.parquet``) with >= 1 rejected answer each.
-
-    ``skip_invalid_to``: a JSONL file that receives bad records (format errors, too long) which are then
-    skipped and counted; without it the first bad record is an error.
-    """
-
-    train: str = ""
-    data_root: str | None = None
-    max_length: int = 2048
-    skip_invalid_to: str | None = None
 
 
 @dataclass
@@ -120,17 +81,23 @@ class LossConfig:
 
 @dataclass
 class OfflineConfig:
-    """``batch_size`` is the global batch in records per optimizer step (all processes and micro-batches)."""
+    """``batch_size`` is the global batch in records per optimizer step (all processes and micro-batches).
+
+    ``forward``: the batch layout of policy and reference passes (``PREFERENCE_LAYOUTS``); ``povid``: the
+    optional POVID-style rejected slot, weighted beside ``loss.rejected_weights`` in the Eq. 5 mean.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    povid: PovidConfig = field(default_factory=PovidConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     batch_size: int = 8
     epochs: int = 1
     max_steps: int = 0
+    forward: Literal["shared_prefix", "prefix_cache", "plain"] = "shared_prefix"
     ref_cache_dir: str | None = None
     merge_weights: bool = False
 
@@ -143,137 +110,25 @@ class OfflineConfig:
             raise ValueError("under LoRA the vision tower stays frozen: set model.freeze_vision=true or lora.enabled=false")
 
 
-# --- model -------------------------------------------------------------------------------------------------
-
-
-def _projector_modules(names: list[str]) -> tuple[list[str], list[str]]:
-    """Projector parameter names -> (module names for PEFT ``modules_to_save``, bare parameters)."""
-    modules, bare = set(), []
-    for name in names:
-        parts = name.split(".")
-        cut = next(i for i, part in enumerate(parts) if part in PROJECTOR_MODULES)
-        (bare.append(name) if cut == len(parts) - 1 else modules.add(".".join(parts[: cut + 1])))
-    return sorted(modules), bare
-
-
-def prepare_policy(cfg: OfflineConfig) -> tuple[Any, Any, Any, list[str]]:
-    """Load the policy and set what trains; returns (policy, processor, frozen reference or None, projector names).
-
-    Under LoRA the reference is the policy with its adapter disabled (None is returned); a bare projector
-    parameter (LLaVA-NeXT ``image_newline``) cannot be a PEFT module and stays frozen there.
-    """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    model, processor = load_vlm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    for module in model.modules():  # TRL's disable_dropout: policy and reference must agree at step 0
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if cfg.model.freeze_vision:
-        freeze_vision_tower(model)
-    projector = projector_param_names(model)
-    if not cfg.lora.enabled:
-        for name, param in model.named_parameters():
-            if name in projector and not cfg.model.train_projector:
-                param.requires_grad_(False)
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-        return model.train(), processor, reference, projector
-    decoder = {id(m) for m in model.get_decoder().modules()}
-    targets = [name for name, m in model.named_modules() if id(m) in decoder and isinstance(m, torch.nn.Linear)
-               and name.rsplit(".", 1)[-1] in cfg.lora.target_modules]
-    if not targets:
-        raise ConfigError(f"lora.target_modules {cfg.lora.target_modules} match no linear layer of the language model")
-    to_save, bare = _projector_modules(projector) if cfg.model.train_projector else ([], [])
-    if bare:
-        logger.warning("projector parameters %s are not modules; they stay frozen under LoRA", bare)
-    peft_config = PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                                 target_modules=targets, modules_to_save=to_save or None)
-    model = get_peft_model(model, peft_config)
-    projector = [n for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("LoRA on %d layers (+%d projector tensors): %d trainable parameters", len(targets),
-                len(projector), trainable)
-    return model.train(), processor, None, projector
-
-
-# --- data --------------------------------------------------------------------------------------------------
-
-
-def _data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.train).parent
-
-
-def _images(record: PreferenceRecord, root: Path) -> list[Any]:
-    return [open_image(ref, root) for ref in record.images]
-
-
-def load_pairs(cfg: OfflineConfig, processor: Any, is_main: bool) -> tuple[list[PreferenceRecord], int]:
-    """Read and check the preference records; returns (usable records, number skipped).
-
-    Refused (or, with ``data.skip_invalid_to``, skipped and listed there by the main process): format errors
-    incl. zero rejected answers, rejected == chosen and non-finite ``meta`` (``read_records``); a missing or
-    non-numeric MM-DPO margin; a prompt + answer longer than ``data.max_length`` (image tokens are never cut).
-    """
-    data = cfg.data
-    with tempfile.TemporaryDirectory() as tmp:  # one listing per process; the main one publishes it
-        listing = Path(tmp) / "skipped.jsonl" if data.skip_invalid_to else None
-        records = read_records(data.train, data_root=data.data_root, min_rejected=1, skip_invalid_to=listing)
-        skipped = listing.read_text().splitlines() if listing else []
-    root, kept = _data_root(data), []
-    for record in records:
-        margin = record.meta.get(cfg.loss.margin_key)
-        if cfg.loss.dynamic_beta and (not isinstance(margin, (int, float)) or isinstance(margin, bool)):
-            error = RecordError(f"dynamic_beta needs a numeric reward margin, got {margin!r}", file=data.train,
-                                record_id=record.id, field=f"meta.{cfg.loss.margin_key}")
-        else:
-            try:
-                collate_preference(processor, [record], [_images(record, root)], data.max_length)
-                kept.append(record)
-                continue
-            except SequenceTooLong as err:
-                error = RecordError(str(err), file=data.train, record_id=record.id, field="max_length")
-        if not data.skip_invalid_to:
-            raise error
-        skipped.append(json.dumps(error.as_dict()))
-    if data.skip_invalid_to and is_main:
-        Path(data.skip_invalid_to).write_text("".join(line + "\n" for line in skipped))
-    if skipped:
-        logger.warning("%s: skipped %d record(s), listed in %s", data.train, len(skipped), data.skip_invalid_to)
-    if not kept:
-        raise ConfigError(f"{data.train}: no usable preference record ({len(skipped)} skipped)")
-    k = max(len(r.rejected) for r in kept)
-    if cfg.loss.rejected_weights and len(cfg.loss.rejected_weights) < k:
-        raise ConfigError(f"loss.rejected_weights has {len(cfg.loss.rejected_weights)} weights; records hold up to {k}")
-    return kept, len(skipped)
-
-
-def data_fingerprint(cfg: DataConfig, records: list[PreferenceRecord], n_skipped: int) -> tuple[dict, list]:
-    """(fingerprint dict of the training data, per-record image SHA-256 lists)."""
-    root = _data_root(cfg)
-    image_hashes = [[image_sha256(ref, root) for ref in r.images] for r in records]
-    digest = hashlib.sha256(json.dumps([[r.id for r in records], image_hashes]).encode()).hexdigest()
-    file_digest = hashlib.sha256(Path(cfg.train).read_bytes()).hexdigest()
-    return {"train": cfg.train, "file_sha256": file_digest, "records_sha256": digest,
-            "n_records": len(records), "n_skipped": n_skipped}, image_hashes
-
-
 # --- reference ---------------------------------------------------------------------------------------------
 
 
 def reference_fn(cfg: OfflineConfig, accelerator: Accelerator, policy: Any, frozen: Any | None, processor: Any,
                  records: list[PreferenceRecord], image_hashes: list[list[str]], micro: int) -> RefFn:
-    """The reference: a live forward pass, or (``ref_cache_dir``) log-probs computed once and looked up."""
-    live = live_reference(policy, frozen)
+    """The reference in the configured layout: a live forward pass, or (``ref_cache_dir``) log-probs computed
+    once and looked up. ``policy`` is the unwrapped policy."""
+    collate, forward = PREFERENCE_LAYOUTS[cfg.forward]
+    live = live_reference(policy, frozen, forward)
     if not cfg.ref_cache_dir:
         return live
     fp = model_fingerprint(cfg.model.path, str(cfg.model.dtype), cfg.run.mixed_precision)
     keys = [[answer_cache_key(fp, image_hashes[i], r.prompt, a) for a in (r.chosen, *r.rejected)]
             for i, r in enumerate(records)]
-    root = _data_root(cfg.data)
+    root = data_root(cfg.data)
 
     def compute(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = collate_preference(processor, [records[i] for i in indices],
-                                   [_images(records[i], root) for i in indices], cfg.data.max_length)
+        batch = collate(processor, [records[i] for i in indices], [record_images(records[i], root) for i in indices],
+                        cfg.data.max_length)
         with accelerator.autocast():
             return live(_to_device(batch, accelerator.device), indices)
 
@@ -283,45 +138,15 @@ def reference_fn(cfg: OfflineConfig, accelerator: Accelerator, policy: Any, froz
 # --- one step ----------------------------------------------------------------------------------------------
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def micro_loss(cfg: OfflineConfig, policy: Any, reference: RefFn, batch: dict[str, Any],
-               records: list[PreferenceRecord], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss over the micro-batch's R records and the sums of ``_STATS`` (float[len(_STATS)])."""
-    out = preference_forward(policy, batch)
-    ref_chosen, ref_rejected = reference(batch, indices)
-    chunk = [records[i] for i in indices]
-    beta: float | torch.Tensor = cfg.loss.beta
-    if cfg.loss.dynamic_beta:
-        margins = torch.tensor([float(r.meta[cfg.loss.margin_key]) for r in chunk], device=out.chosen_logps.device)
-        beta = mm_dpo_beta(cfg.loss.beta, margins, w=cfg.loss.beta_w, k=cfg.loss.beta_k)
-    logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
-                            out.chosen_lengths, out.rejected_lengths)
-    pair = PREFERENCE_LOSSES[cfg.loss.name](logps, beta=beta, label_smoothing=cfg.loss.label_smoothing)
-    k = out.rejected_mask.shape[1]
-    weights = torch.tensor(cfg.loss.rejected_weights[:k] or [1.0] * k, device=pair.losses.device)
-    per_record = combine_rejected(pair.losses, out.rejected_mask, weights)
-    sft = sft_nll(out.chosen_token_logps, out.chosen_mask)
-    per_record = per_record + cfg.loss.sft_weight * sft
-    mask = out.rejected_mask.float()
-    margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
-    beta_sum = beta.sum() if isinstance(beta, torch.Tensor) else beta * len(chunk)
-    values = [per_record.detach().sum(), sft.detach().sum(), beta_sum, pair.chosen_rewards.sum(), len(chunk),
-              (pair.rejected_rewards * mask).sum(), margin.sum(), ((margin > 0).float() * mask).sum(), mask.sum(),
-              batch["attention_mask"].sum()]
-    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=mask.device) for v in values])
-    return per_record.mean(), stats
-
-
 @dataclass
 class _Run:
-    """What the loop carries from step to step."""
+    """What the loop carries from step to step (``policy`` as prepared by accelerate, ``unwrapped`` inside it)."""
 
     cfg: OfflineConfig
     accelerator: Accelerator
     policy: Any
+    unwrapped: Any
+    frozen: Any | None
     processor: Any
     optimizer: Any
     scheduler: Any
@@ -330,20 +155,81 @@ class _Run:
     micro: int
 
 
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _collate(run: _Run, indices: list[int]) -> tuple[dict[str, Any], tuple[dict, dict] | None]:
+    """The micro-batch in the configured layout, and the POVID (clean, noisy) batches when ``povid.enabled``."""
+    cfg, device = run.cfg, run.accelerator.device
+    records = [run.records[i] for i in indices]
+    root = data_root(cfg.data)
+    images = [record_images(r, root) for r in records]
+    batch = PREFERENCE_LAYOUTS[cfg.forward][0](run.processor, records, images, cfg.data.max_length)
+    if not cfg.povid.enabled:
+        return _to_device(batch, device), None
+    clean, noisy = povid_batches(run.processor, records, images, cfg.povid.noise_steps, cfg.run.seed,
+                                 cfg.data.max_length)
+    return _to_device(batch, device), (_to_device(clean, device), _to_device(noisy, device))
+
+
+def policy_and_reference(run: _Run, batch: dict[str, Any], povid: tuple[dict, dict] | None, indices: list[int]
+                         ) -> tuple[PreferenceForward, torch.Tensor, torch.Tensor]:
+    """Policy log-probs (``PreferenceForward``, K rejected slots, K + 1 with POVID) and the reference's
+    (chosen float[R], rejected float[R, K(+1)]); the POVID slot is the last column (Apple Eq. 5 operand)."""
+    out = PREFERENCE_LAYOUTS[run.cfg.forward][1](run.policy, batch)
+    ref_chosen, ref_rejected = run.reference(batch, indices)
+    if povid is not None:
+        clean, noisy = povid
+        out = with_extra_rejected(out, povid_rejected_logps(run.policy, clean, noisy))
+        with reference_model(run.unwrapped, run.frozen) as ref:
+            ref_povid = povid_rejected_logps(ref, clean, noisy)
+        ref_rejected = torch.cat([ref_rejected, ref_povid.to(ref_rejected.dtype)[:, None]], dim=1)
+    return out, ref_chosen, ref_rejected
+
+
+def micro_loss(run: _Run, batch: dict[str, Any], povid: tuple[dict, dict] | None, indices: list[int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss over the micro-batch's R records and the sums of ``_STATS`` (float[len(_STATS)])."""
+    cfg = run.cfg
+    out, ref_chosen, ref_rejected = policy_and_reference(run, batch, povid, indices)
+    chunk = [run.records[i] for i in indices]
+    beta: float | torch.Tensor = cfg.loss.beta
+    if cfg.loss.dynamic_beta:
+        margins = torch.tensor([float(r.meta[cfg.loss.margin_key]) for r in chunk], device=out.chosen_logps.device)
+        beta = mm_dpo_beta(cfg.loss.beta, margins, w=cfg.loss.beta_w, k=cfg.loss.beta_k)
+    logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
+                            out.chosen_lengths, out.rejected_lengths)
+    pair = PREFERENCE_LOSSES[cfg.loss.name](logps, beta=beta, label_smoothing=cfg.loss.label_smoothing)
+    k = out.rejected_mask.shape[1] - int(povid is not None)  # the records' own rejected slots
+    slot_weights = (cfg.loss.rejected_weights[:k] or [1.0] * k) + ([cfg.povid.weight] if povid is not None else [])
+    per_record = combine_rejected(pair.losses, out.rejected_mask, torch.tensor(slot_weights, device=pair.losses.device))
+    sft = sft_nll(out.chosen_token_logps, out.chosen_mask)
+    per_record = per_record + cfg.loss.sft_weight * sft
+    mask = out.rejected_mask.float()
+    margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
+    beta_sum = beta.sum() if isinstance(beta, torch.Tensor) else beta * len(chunk)
+    # tokens the model reads: prefix_cache batches hold the answers apart from the prompts
+    n_tokens = batch["attention_mask"].sum() + (batch["answer_mask"].sum() if cfg.forward == "prefix_cache" else 0)
+    values = [per_record.detach().sum(), sft.detach().sum(), beta_sum, pair.chosen_rewards.sum(), len(chunk),
+              (pair.rejected_rewards * mask).sum(), margin.sum(), ((margin > 0).float() * mask).sum(), mask.sum(),
+              n_tokens]
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=mask.device) for v in values])
+    return per_record.mean(), stats
+
+
 def train_step(run: _Run, step: int) -> dict[str, float]:
     """Optimizer step ``step`` (1-based): forward/backward over this process's micro-batches, then update."""
     cfg, acc = run.cfg, run.accelerator
     indices = process_slice(batch_indices(len(run.records), cfg.batch_size, step - 1, cfg.run.seed), acc)
-    root, sums, grad_norm = _data_root(cfg.data), torch.zeros(len(_STATS), device=acc.device), torch.tensor(0.0)
+    sums, grad_norm = torch.zeros(len(_STATS), device=acc.device), torch.tensor(0.0)
     started = time.perf_counter()
     for start in range(0, len(indices), run.micro):
         chunk = indices[start: start + run.micro]
-        batch = _to_device(collate_preference(run.processor, [run.records[i] for i in chunk],
-                                              [_images(run.records[i], root) for i in chunk], cfg.data.max_length),
-                           acc.device)
+        batch, povid = _collate(run, chunk)
         with acc.accumulate(run.policy):
             with acc.autocast():
-                loss, stats = micro_loss(cfg, run.policy, run.reference, batch, run.records, chunk)
+                loss, stats = micro_loss(run, batch, povid, chunk)
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                 # DeepSpeed clips inside its engine step and reports no norm before it has one.
@@ -386,34 +272,6 @@ def save_outputs(run: _Run, out: Path, fingerprint: dict) -> None:
     acc.wait_for_everyone()
 
 
-def adapter_only_checkpoints(accelerator: Accelerator, policy: Any) -> None:
-    """Under LoRA, checkpoints hold only the trainable tensors (adapter, projector copy), not the frozen base.
-
-    accelerate hands these hooks the plain state dicts it saves and the models it loads itself (one process
-    or DDP; DeepSpeed and FSDP save through their own engines and pass none), so those are the ones filtered.
-    """
-    from safetensors.torch import load_file
-
-    trainable = {n for n, p in accelerator.unwrap_model(policy).named_parameters() if p.requires_grad}
-
-    def save_hook(models: list, weights: list[dict], output_dir: str) -> None:
-        for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i, model in enumerate(models):
-            state = load_file(str(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"))
-            result = model.load_state_dict(state, strict=False)
-            missing = [k for k in result.missing_keys if k.removeprefix("module.") in trainable]
-            if result.unexpected_keys or missing:
-                raise ValueError(f"{input_dir}: checkpoint does not fit the model (unexpected "
-                                 f"{result.unexpected_keys[:5]}, missing trainable {missing[:5]})")
-        models.clear()  # loaded here; accelerate would insist on the frozen weights too
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
 def _micro_batch(cfg: OfflineConfig, accelerator: Accelerator) -> int:
     parts = accelerator.num_processes * cfg.optim.grad_accum
     if cfg.batch_size % parts:
@@ -452,7 +310,12 @@ def train_offline(cfg: OfflineConfig) -> Path:
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader for DeepSpeed to read the size from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     policy, processor, frozen, projector = prepare_policy(cfg)
-    records, n_skipped = load_pairs(cfg, processor, accelerator.is_main_process)
+    records, n_skipped = load_pairs(cfg.data, processor, PREFERENCE_LAYOUTS[cfg.forward][0],
+                                    margin_key=cfg.loss.margin_key if cfg.loss.dynamic_beta else None,
+                                    is_main=accelerator.is_main_process)
+    k = max(len(r.rejected) for r in records)
+    if cfg.loss.rejected_weights and len(cfg.loss.rejected_weights) < k:
+        raise ConfigError(f"loss.rejected_weights has {len(cfg.loss.rejected_weights)} weights; records hold up to {k}")
     fingerprint, image_hashes = data_fingerprint(cfg.data, records, n_skipped)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch(len(records), cfg.batch_size)
     if frozen is not None:
@@ -463,9 +326,10 @@ def train_offline(cfg: OfflineConfig) -> Path:
     accelerator.register_for_checkpointing(scheduler)
     if cfg.lora.enabled:
         adapter_only_checkpoints(accelerator, policy)
-    reference = reference_fn(cfg, accelerator, accelerator.unwrap_model(policy), frozen, processor, records,
-                             image_hashes, micro)
-    run = _Run(cfg, accelerator, policy, processor, optimizer, scheduler, reference, records, micro)
+    unwrapped = accelerator.unwrap_model(policy)
+    reference = reference_fn(cfg, accelerator, unwrapped, frozen, processor, records, image_hashes, micro)
+    run = _Run(cfg, accelerator, policy, unwrapped, frozen, processor, optimizer, scheduler, reference, records,
+               micro)
     start = _resume(cfg, accelerator, fingerprint)
     metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
     bar = progress(total, start, accelerator.is_main_process, f"{cfg.loss.name} ({len(records)} pairs)")

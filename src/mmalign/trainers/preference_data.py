@@ -1,0 +1,109 @@
+"""Preference records for a trainer: read, check each against the model's processor, fingerprint.
+
+Every record is collated alone in the trainer's batch layout before training starts, so a record the
+processor refuses or that is longer than ``max_length`` (image tokens are never cut) is an error naming the
+file, the record id and the field -- or, with ``skip_invalid_to``, a counted skip -- never a failure at
+some later step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mmalign.config import ConfigError
+from mmalign.data.collate import SequenceTooLong
+from mmalign.data.images import image_sha256, open_image
+from mmalign.data.schema import PreferenceRecord, RecordError, read_records
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Preference records (``.jsonl``/``.parquet``) with >= 1 rejected answer each.
+
+    ``skip_invalid_to``: a JSONL file that receives bad records (format errors, too long, refused by the
+    processor) which are then skipped and counted; without it the first bad record is an error.
+    """
+
+    train: str = ""
+    data_root: str | None = None
+    max_length: int = 2048
+    skip_invalid_to: str | None = None
+
+
+def data_root(cfg: DataConfig) -> Path:
+    """Where image paths of the records resolve: ``data_root``, else the records file's folder."""
+    return Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.train).parent
+
+
+def record_images(record: PreferenceRecord, root: Path) -> list[Image.Image]:
+    return [open_image(ref, root) for ref in record.images]
+
+
+def _record_error(cfg: DataConfig, processor: Any, collate: Callable, record: PreferenceRecord, root: Path,
+                  margin_key: str | None) -> RecordError | None:
+    """Why ``record`` cannot train (collated alone by ``collate``), or None."""
+    margin = record.meta.get(margin_key) if margin_key is not None else None
+    if margin_key is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)):
+        return RecordError(f"dynamic_beta needs a numeric reward margin, got {margin!r}", file=cfg.train,
+                           record_id=record.id, field=f"meta.{margin_key}")
+    try:
+        collate(processor, [record], [record_images(record, root)], cfg.max_length)
+    except SequenceTooLong as err:
+        return RecordError(str(err), file=cfg.train, record_id=record.id, field="max_length")
+    except ValueError as err:  # the processor refuses the prompt/images (e.g. Qwen's aspect-ratio bound)
+        return RecordError(f"the processor cannot encode this record: {err}", file=cfg.train,
+                           record_id=record.id, field="images")
+    return None
+
+
+def load_pairs(cfg: DataConfig, processor: Any, collate: Callable, *, margin_key: str | None,
+               is_main: bool) -> tuple[list[PreferenceRecord], int]:
+    """Read and check the preference records; returns (usable records, number skipped).
+
+    ``collate``: the trainer's layout collate (processor, records, images, max_length) -> batch.
+    ``margin_key``: the ``meta`` key every record needs a numeric MM-DPO margin under (None: not needed).
+    Refused (or, with ``skip_invalid_to``, skipped and listed there by the main process): format errors
+    incl. zero rejected answers, rejected == chosen and non-finite ``meta`` (``read_records``); a missing or
+    non-numeric margin; a prompt + answer longer than ``max_length``; a prompt or image the processor refuses.
+    """
+    with tempfile.TemporaryDirectory() as tmp:  # one listing per process; the main one publishes it
+        listing = Path(tmp) / "skipped.jsonl" if cfg.skip_invalid_to else None
+        records = read_records(cfg.train, data_root=cfg.data_root, min_rejected=1, skip_invalid_to=listing)
+        skipped = listing.read_text().splitlines() if listing else []
+    root, kept = data_root(cfg), []
+    for record in records:
+        error = _record_error(cfg, processor, collate, record, root, margin_key)
+        if error is None:
+            kept.append(record)
+            continue
+        if not cfg.skip_invalid_to:
+            raise error
+        skipped.append(json.dumps(error.as_dict()))
+    if cfg.skip_invalid_to and is_main:
+        Path(cfg.skip_invalid_to).write_text("".join(line + "\n" for line in skipped))
+    if skipped:
+        logger.warning("%s: skipped %d record(s), listed in %s", cfg.train, len(skipped), cfg.skip_invalid_to)
+    if not kept:
+        raise ConfigError(f"{cfg.train}: no usable preference record ({len(skipped)} skipped)")
+    return kept, len(skipped)
+
+
+def data_fingerprint(cfg: DataConfig, records: list[PreferenceRecord], n_skipped: int) -> tuple[dict, list]:
+    """(fingerprint dict of the training data, per-record image SHA-256 lists)."""
+    root = data_root(cfg)
+    image_hashes = [[image_sha256(ref, root) for ref in r.images] for r in records]
+    digest = hashlib.sha256(json.dumps([[r.id for r in records], image_hashes]).encode()).hexdigest()
+    file_digest = hashlib.sha256(Path(cfg.train).read_bytes()).hexdigest()
+    return {"train": cfg.train, "file_sha256": file_digest, "records_sha256": digest,
+            "n_records": len(records), "n_skipped": n_skipped}, image_hashes

@@ -1,5 +1,5 @@
 """Offline DPO trainer end to end on tiny VLMs: every family + reload, grad-accumulation invariant, reference
-cache == live reference, full fine-tuning, bad input."""
+cache == live reference, full fine-tuning, bad input (incl. a processor refusal)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from mmalign.data.schema import PreferenceRecord, RecordError, read_records, wri
 from mmalign.models.logprobs import preference_forward
 from mmalign.models.tiny import FAMILIES
 from mmalign.trainers.offline import OfflineConfig, train_offline
+from transformers import AutoModelForImageTextToText
+from transformers.utils import is_torchvision_available
+
+import mmalign.models.lora
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +80,29 @@ def pairs(tmp_path_factory) -> Path:
     return make_pairs(tmp_path_factory.mktemp("pairs"))
 
 
+def reloads_processor(family: str) -> bool:
+    """Whether a saved processor of ``family`` loads back here (tiny Qwen processors need torchvision)."""
+    return family not in ("qwen2_vl", "qwen2_5_vl") or is_torchvision_available()
+
+
+@pytest.fixture
+def trainable_dir(tiny_vlm, tiny_vlm_dir, tmp_path_factory, monkeypatch):
+    """``trainable_dir(family) -> Path`` the trainer can load. Where the saved processor cannot be reloaded
+    (Qwen without torchvision) the model alone is saved and the trainer is handed the in-process processor."""
+
+    def get(family: str) -> Path:
+        if reloads_processor(family):
+            return tiny_vlm_dir(family)
+        model, processor = tiny_vlm(family)
+        path = tmp_path_factory.mktemp(f"model_only_{family}")
+        model.save_pretrained(path)
+        monkeypatch.setattr(mmalign.models.lora, "load_vlm", lambda p, **_: (
+            AutoModelForImageTextToText.from_pretrained(p).eval(), processor))
+        return path
+
+    return get
+
+
 def _chosen_logps(model, processor, data: Path) -> torch.Tensor:
     records = read_records(data)[:4]
     images = [[open_image(ref, data.parent) for ref in r.images] for r in records]
@@ -84,12 +111,15 @@ def _chosen_logps(model, processor, data: Path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_steps_per_family_and_reload(family, tiny_vlm_dir, pairs, tmp_path):
+def test_two_steps_per_family_and_reload(family, trainable_dir, tiny_vlm, pairs, tmp_path):
     from peft import PeftModel
 
     from mmalign.models.loading import load_vlm
 
-    model_dir = tiny_vlm_dir(family)
+    model_dir = trainable_dir(family)
+    if not reloads_processor(family):  # the weights reload with plain transformers; the processor is in-process
+        processor = tiny_vlm(family)[1]
+        load_vlm = lambda p: (AutoModelForImageTextToText.from_pretrained(p).eval(), processor)  # noqa: E731
     out = train_offline(config(model_dir, pairs, tmp_path / "run", "merge_weights=true", "loss.sft_weight=0.5"))
     logged = metrics(out)
     assert [m["step"] for m in logged] == [1, 2]
@@ -185,7 +215,7 @@ def test_lora_reference_is_the_untouched_base(tiny_vlm_dir, pairs, tmp_path):
     """With the adapter and the projector copy changed, the adapter-disabled policy still equals the base model."""
     from mmalign.models.loading import load_vlm
     from mmalign.models.logprobs import live_reference
-    from mmalign.trainers.offline import prepare_policy
+    from mmalign.models.lora import prepare_policy
 
     model_dir = tiny_vlm_dir("llava")
     policy, processor, frozen, projector = prepare_policy(config(model_dir, pairs, tmp_path / "unused"))
@@ -202,3 +232,17 @@ def test_lora_reference_is_the_untouched_base(tiny_vlm_dir, pairs, tmp_path):
     torch.testing.assert_close(ref_rejected, base.rejected_logps, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert (preference_forward(policy, batch).chosen_logps - base.chosen_logps).abs().max() > 1e-3
+
+
+def test_processor_refusal_is_a_record_error(trainable_dir, pairs, tmp_path):
+    """An image the processor refuses (Qwen2-VL: aspect ratio > 200) names the record; or is skipped."""
+    Image.new("RGB", (2000, 8), (200, 10, 10)).save(pairs.parent / "images/wide.png")
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    data = _write(pairs.parent / "wide.jsonl", rows[1:] + [dict(rows[0], id="too_wide", images=["images/wide.png"])])
+    model_dir = trainable_dir("qwen2_vl")
+    with pytest.raises(RecordError, match="record 'too_wide', field 'images'.*aspect ratio"):
+        train_offline(config(model_dir, data, tmp_path / "a"))
+    skipped = tmp_path / "skipped.jsonl"
+    out = train_offline(config(model_dir, data, tmp_path / "b", "max_steps=1", f"data.skip_invalid_to={skipped}"))
+    assert [json.loads(line)["id"] for line in skipped.read_text().splitlines()] == ["too_wide"]
+    assert json.loads((out / "data_fingerprint.json").read_text())["n_records"] == 15

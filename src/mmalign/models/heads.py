@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mmalign.data.collate import collate_sft
@@ -55,8 +56,6 @@ class ScalarHeadModel(torch.nn.Module):
 
 def save_reward_model(model: ScalarHeadModel, processor: Any, path: str | Path) -> Path:
     """Write backbone + processor (``save_pretrained``) and the head to ``path``."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     model.backbone.save_pretrained(path)
     processor.save_pretrained(path)
@@ -67,8 +66,6 @@ def save_reward_model(model: ScalarHeadModel, processor: Any, path: str | Path) 
 
 def load_reward_model(path: str | Path, *, dtype: str | None = None, device: Any = None) -> tuple[ScalarHeadModel, Any]:
     """(reward model in eval mode, processor) from a folder written by ``save_reward_model``."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / HEAD_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {HEAD_FILE}; not a reward model folder (see save_reward_model)")

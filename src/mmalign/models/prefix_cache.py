@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
 from mmalign.models.logprobs import PreferenceForward
@@ -62,8 +63,9 @@ def prefix_cache_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForw
     prompt = {k: v for k, v in batch.items() if k not in _ANSWER_KEYS}
     answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"].bool()
     record, slot = batch["answer_record"], batch["answer_slot"]
-    rules = _check_supported(model, prompt["input_ids"].shape[1] + answer_ids.shape[1])
-    positions, start = _prompt_positions(model, prompt, rules.mrope)
+    core = extract_model_from_parallel(model)  # attributes from the bare model, calls through any wrapper
+    rules = _check_supported(core, prompt["input_ids"].shape[1] + answer_ids.shape[1])
+    positions, start = _prompt_positions(core, prompt, rules.mrope)
     last = torch.zeros_like(prompt["attention_mask"], dtype=torch.bool)
     last[:, -1] = True  # left-padded: the last column is every prompt's last token
     first = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=last)

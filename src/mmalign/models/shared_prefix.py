@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
 from mmalign.data.collate import IGNORE_INDEX
@@ -163,16 +164,19 @@ def shared_prefix_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Ten
     Logits are built only at the N_k distinct positions that predict an answer token ([N_k, V]); the last
     prefix token's logits are computed once and serve the first token of every answer.
     """
-    rules = family_rules(model.config)
+    # Attributes come from the bare model; the call goes through the wrapper (DDP / DeepSpeed / FSDP) so
+    # gradient sync and parameter gathering happen.
+    core = extract_model_from_parallel(model)
+    rules = family_rules(core.config)
     labels, segments = batch["labels"], batch["segment_ids"]
     answer_mask = labels != IGNORE_INDEX
     predictor = _predictors(segments, answer_mask)
     keep = torch.zeros_like(answer_mask)
     keep[answer_mask.nonzero(as_tuple=True)[0], predictor[answer_mask]] = True
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = core.get_input_embeddings().weight.dtype
     inputs = {k: v for k, v in batch.items() if k not in _PACKING_KEYS}
-    logits = model(**inputs, attention_mask=text_masks(model.config, batch, rules, dtype),
-                   position_ids=position_ids(model, batch, rules), logits_to_keep=keep, use_cache=False).logits
+    logits = model(**inputs, attention_mask=text_masks(core.config, batch, rules, dtype),
+                   position_ids=position_ids(core, batch, rules), logits_to_keep=keep, use_cache=False).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [N_k, V]; log-softmax in >= float32
     rank = keep.flatten().cumsum(0).view_as(keep) - 1  # row of each kept position in ``logits``
     rows = rank[answer_mask.nonzero(as_tuple=True)[0], predictor[answer_mask]]  # [N_a]

@@ -129,3 +129,27 @@ def test_cached_reference_equals_live_reference(tiny, tmp_path):
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
     cached_reference(keys, tmp_path / "ref.jsonl", compute, PartialState(), batch_size=1)
     assert calls == [[0], [1]]  # second time: all hits
+
+
+def test_references_in_the_shared_prefix_layout(tiny, tmp_path):
+    """A live reference in the packed layout equals the plain one; the cache serves any layout's batch,
+    sized by the records it holds (record b alone: one rejected slot)."""
+    from accelerate import PartialState
+
+    from mmalign.data.packing import collate_shared_prefix
+    from mmalign.models.shared_prefix import shared_prefix_forward
+
+    model, processor = tiny
+    plain = live_reference(model, model)(collate_preference(processor, RECORDS, IMAGES), [0, 1])
+    shared = live_reference(model, model, shared_prefix_forward)
+    packed = collate_shared_prefix(processor, RECORDS, IMAGES)
+    got = shared(packed, [0, 1])
+    torch.testing.assert_close(got[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], plain[1], atol=1e-5, rtol=1e-5)
+    keys = [[f"{r.id}/{j}" for j in range(1 + len(r.rejected))] for r in RECORDS]
+    cached = cached_reference(keys, tmp_path / "ref.jsonl", lambda idx: shared(
+        collate_shared_prefix(processor, [RECORDS[i] for i in idx], [IMAGES[i] for i in idx]), idx), PartialState(), 2)
+    chosen, rejected = cached(collate_shared_prefix(processor, RECORDS[1:], IMAGES[1:]), [1])
+    assert rejected.shape == (1, 1)
+    torch.testing.assert_close(chosen, plain[0][1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, plain[1][1:, :1], atol=1e-5, rtol=1e-5)

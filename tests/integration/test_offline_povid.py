@@ -60,7 +60,8 @@ def test_povid_slot_loss_is_the_eq5_average(family, trainable_dir, tmp_path):  #
     clean_sft, noisy_sft = collate_sft(processor, records, images), collate_sft(processor, records, noisy)
     with torch.no_grad():
         pol, ref = preference_forward(policy, plain), preference_forward(base, plain)
-        pol_p, ref_p = povid_rejected_logps(policy, clean_sft, noisy_sft), povid_rejected_logps(base, clean_sft, noisy_sft)
+        pol_p = povid_rejected_logps(policy, clean_sft, noisy_sft)
+        ref_p = povid_rejected_logps(base, clean_sft, noisy_sft)
     expected, without_povid = [], []
     for i, record in enumerate(records):
         terms = [(w, _dpo(pol.chosen_logps[i], pol.rejected_logps[i, j], ref.chosen_logps[i], ref.rejected_logps[i, j]))

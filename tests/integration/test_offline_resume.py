@@ -41,11 +41,11 @@ def pairs(tmp_path_factory) -> Path:
 
 def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tiny_vlm_dir, pairs, tmp_path):
     model_dir = tiny_vlm_dir("llava")
-    full = train_offline(config(model_dir, pairs, tmp_path / "full", f"max_steps={STEPS}", "loss.sft_weight=0.2", "povid.enabled=true"))
+    settings = (f"max_steps={STEPS}", "loss.sft_weight=0.2", "povid.enabled=true")
+    full = train_offline(config(model_dir, pairs, tmp_path / "full", *settings))
     kill_after = random.randint(2, STEPS - 2)
     out = tmp_path / "killed"
-    cmd = [sys.executable, *_train_cmd(*cli_args(model_dir, pairs, out, f"max_steps={STEPS}", "loss.sft_weight=0.2", "povid.enabled=true",
-                                                 "run.save_every=1"))]
+    cmd = [sys.executable, *_train_cmd(*cli_args(model_dir, pairs, out, *settings, "run.save_every=1"))]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -64,8 +64,7 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tiny_vlm_dir, 
     assert saved and all("lora_" in k or "modules_to_save" in k for k in saved)  # no frozen base weights
     from mmalign.cli.main import main
 
-    assert main(["train", "dpo", "--resume", *cli_args(model_dir, pairs, out, f"max_steps={STEPS}",
-                                                       "loss.sft_weight=0.2", "povid.enabled=true", "run.save_every=1")]) == 0
+    assert main(["train", "dpo", "--resume", *cli_args(model_dir, pairs, out, *settings, "run.save_every=1")]) == 0
     resumed = out
     ends, resumed_log = metrics(full), metrics(resumed)
     assert [m["step"] for m in resumed_log] == list(range(1, STEPS + 1))  # each step logged exactly once

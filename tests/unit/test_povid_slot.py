@@ -30,7 +30,8 @@ def test_noise_depends_on_seed_record_and_image_only(tiny_vlm):
 def test_extra_rejected_slot_appends_a_column():
     out = PreferenceForward(torch.tensor([-1.0, -2.0]), torch.tensor([[-3.0, 0.0], [-4.0, -5.0]]),
                             torch.tensor([[True, False], [True, True]]), torch.tensor([3.0, 4.0]),
-                            torch.tensor([[2.0, 0.0], [5.0, 6.0]]), torch.zeros(2, 4), torch.ones(2, 4, dtype=torch.bool))
+                            torch.tensor([[2.0, 0.0], [5.0, 6.0]]), torch.zeros(2, 4),
+                            torch.ones(2, 4, dtype=torch.bool))
     extra = with_extra_rejected(out, torch.tensor([-7.0, -8.0]))
     assert extra.rejected_logps.tolist() == [[-3.0, 0.0, -7.0], [-4.0, -5.0, -8.0]]
     assert extra.rejected_mask.tolist() == [[True, False, True], [True, True, True]]

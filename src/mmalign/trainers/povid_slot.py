@@ -5,7 +5,9 @@ mean of the pairwise losses (Eq. 5), e.g. POVID-style + BDHS. Here the POVID-sty
 trainer (``mmalign.sampling.povid``): each record's images are noised (Eq. 8/9, ``noise_steps``), the argmax
 answer under the noised image is teacher-forced on the chosen answer and scored under the clean image, for
 the policy (with gradient) and for the reference (no gradient). The noise is seeded by (run seed, record id,
-image index), so every step, process count and resumed run sees the same noised image for a record.
+image index), so every step, process count and resumed run sees the same noised image for a record. Each
+model takes its own argmax (POVID's code); the slot's reference log-probs are therefore always computed live,
+also when the trainer caches the others (``ref_cache_dir``).
 """
 
 from __future__ import annotations

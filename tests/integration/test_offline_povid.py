@@ -3,6 +3,8 @@ weighted mean of the pairwise DPO losses (records' own rejected answers + the PO
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_offline_train import config, make_pairs, trainable_dir  # noqa: F401
@@ -10,13 +12,13 @@ from transformers import AutoModelForImageTextToText
 
 from mmalign.data.collate import collate_preference, collate_sft
 from mmalign.data.images import open_image
-from mmalign.data.schema import read_records
+from mmalign.data.schema import RecordError, read_records
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import live_reference, preference_forward
 from mmalign.models.lora import prepare_policy
 from mmalign.sampling.povid import noised_image, povid_rejected_logps
 from mmalign.trainers.common import make_accelerator
-from mmalign.trainers.offline import _collate, _Run, micro_loss, policy_and_reference
+from mmalign.trainers.offline import _collate, _Run, micro_loss, policy_and_reference, train_offline
 from mmalign.trainers.povid_slot import noise_seed
 
 pytestmark = pytest.mark.integration
@@ -71,3 +73,13 @@ def test_povid_slot_loss_is_the_eq5_average(family, trainable_dir, tmp_path):  #
         expected.append(sum(w * x for w, x in terms) / sum(w for w, _ in terms))
     assert float(loss) == pytest.approx(float(torch.stack(expected).mean()), abs=1e-5)
     assert abs(float(loss) - float(torch.stack(without_povid).mean())) > 1e-3  # the POVID slot counts
+
+
+def test_povid_refuses_a_record_without_image(trainable_dir, tmp_path):  # noqa: F811
+    pairs = make_pairs(tmp_path / "pairs", n=4, seed=3)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows[2] = dict(rows[2], id="text_only", images=[], prompt="What colour is a tomato?")
+    data = tmp_path / "pairs/with_text.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match="record 'text_only', field 'images'.*povid"):
+        train_offline(config(trainable_dir("llava"), data, tmp_path / "run", "povid.enabled=true", "batch_size=4"))

@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from mmalign.config import ConfigError, save_config
-from mmalign.data.schema import PreferenceRecord
+from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import (
     PreferenceForward, RefFn, answer_cache_key, cached_reference, live_reference, model_fingerprint,
@@ -314,6 +314,10 @@ def train_offline(cfg: OfflineConfig) -> Path:
     records, n_skipped = load_pairs(cfg.data, processor, PREFERENCE_LAYOUTS[cfg.forward][0],
                                     margin_key=cfg.loss.margin_key if cfg.loss.dynamic_beta else None,
                                     is_main=accelerator.is_main_process)
+    imageless = [r.id for r in records if not r.images]
+    if cfg.povid.enabled and imageless:
+        raise RecordError("povid.enabled needs an image to noise", file=cfg.data.train, record_id=imageless[0],
+                          field="images")
     k = max(len(r.rejected) for r in records)
     if cfg.loss.rejected_weights and len(cfg.loss.rejected_weights) < k:
         raise ConfigError(f"loss.rejected_weights has {len(cfg.loss.rejected_weights)} weights; records hold up to {k}")

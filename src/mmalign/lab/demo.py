@@ -52,7 +52,7 @@ def _default_dpo() -> OfflineConfig:
     cfg.lora.rank, cfg.lora.alpha = 16, 32
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "cosine", 0.1
     cfg.batch_size, cfg.epochs, cfg.merge_weights = 16, 2, True
-    cfg.data.max_length = 128
+    cfg.data.max_length = 256
     cfg.run.log_every = 10
     return cfg
 
@@ -144,7 +144,10 @@ def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, s
     dpo = dataclasses.replace(
         cfg.dpo,
         model=dataclasses.replace(cfg.dpo.model, path=str(base)),
-        data=dataclasses.replace(cfg.dpo.data, train=str(pairs), data_root=str(lab_dir)),
+        # A sampler may write a pair the trainer refuses (e.g. a degenerate answer past max_length): count and
+        # list it rather than stop the demo.
+        data=dataclasses.replace(cfg.dpo.data, train=str(pairs), data_root=str(lab_dir),
+                                 skip_invalid_to=str(out / "skipped_pairs.jsonl")),
         run=dataclasses.replace(cfg.dpo.run, output_dir=str(out), seed=seed),
         loss=dataclasses.replace(cfg.dpo.loss, rejected_weights=[0.5, 0.5] if method == "external_bdhs" else []),
     )

@@ -91,6 +91,7 @@ def load_pairs(cfg: DataConfig, processor: Any, collate: Callable, *, margin_key
             raise error
         skipped.append(json.dumps(error.as_dict()))
     if cfg.skip_invalid_to and is_main:
+        Path(cfg.skip_invalid_to).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.skip_invalid_to).write_text("".join(line + "\n" for line in skipped))
     if skipped:
         logger.warning("%s: skipped %d record(s), listed in %s", cfg.train, len(skipped), cfg.skip_invalid_to)

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from mmalign.cli.main import add_config_args
+from mmalign.cli.online import register_online
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ def _train_dpo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a policy (offline preference optimisation: dpo)")
+    parser = subparsers.add_parser("train", help="train a policy (dpo; online-dpo, mixed-dpo, online-bdhs)")
     sub = parser.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
     dpo = sub.add_parser("dpo", help="offline DPO / IPO / SLiC with MM-DPO beta and K rejected per chosen",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(dpo)
     dpo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
     dpo.set_defaults(func=_train_dpo)
+    register_online(sub)

@@ -131,7 +131,7 @@ def test_block_mask_by_hand():
     # prefix of 2, answer 1 (2 tokens), answer 2 (1 token), one pad
     seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
     order = torch.tensor([[0, 1, 2, 3, 2, 0]])
-    keep = block_attention_mask(seg, order, dtype=torch.float32)[0, 0] == 0
+    keep = block_attention_mask(seg, order)[0, 0]
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
@@ -142,11 +142,11 @@ def test_block_mask_by_hand():
     ], dtype=torch.bool)
     assert torch.equal(keep, expected)
     # window 2 over orders: answer-2 token (order 2) sees order 1 and itself only
-    keep = block_attention_mask(seg, order, dtype=torch.float32, window=2)[0, 0] == 0
+    keep = block_attention_mask(seg, order, window=2)[0, 0]
     assert keep[4].tolist() == [False, True, False, False, True, False]
     # an image block (tokens 0-1) attends bidirectionally inside itself
     blocks = torch.tensor([[0, 0, -1, -1, -1, -1]])
-    keep = block_attention_mask(seg, order, dtype=torch.float32, image_blocks=blocks)[0, 0] == 0
+    keep = block_attention_mask(seg, order, image_blocks=blocks)[0, 0]
     assert keep[0].tolist() == [True, True, False, False, False, False]
 
 
@@ -172,3 +172,17 @@ def test_too_long_virtual_row_is_refused_with_the_record_id(tiny_vlm):
     assert packed["input_ids"].shape[1] > width
     with pytest.raises(SequenceTooLong, match="record 'b'"):
         collate_shared_prefix(processor, RECORDS[1:], IMAGES[1:], max_length=width - 1)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_eager_attention_takes_the_additive_mask(tiny_vlm, family):
+    model, processor = tiny_vlm(family)
+    model.set_attn_implementation("eager")
+    plain = collate_preference(processor, RECORDS, IMAGES)
+    packed = collate_shared_prefix(processor, RECORDS, IMAGES)
+    with torch.no_grad():
+        chosen, rejected, _ = _naive_plain(model, plain)
+        out = shared_prefix_forward(model, packed)
+    # eager attention takes its softmax in float32 whatever the layout: float32 tolerance
+    torch.testing.assert_close(out.chosen_logps, chosen, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.rejected_logps, rejected, atol=1e-4, rtol=1e-5)

@@ -77,9 +77,9 @@ def image_block_ids(token_type_ids: Tensor) -> Tensor:
     return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
 
 
-def block_attention_mask(segment_ids: Tensor, order_ids: Tensor, *, dtype: torch.dtype, window: int | None = None,
+def block_attention_mask(segment_ids: Tensor, order_ids: Tensor, *, window: int | None = None,
                          image_blocks: Tensor | None = None) -> Tensor:
-    """Additive mask float[B, 1, L, L] (0 = attend, dtype min = blocked) of packed rows.
+    """Block mask bool[B, 1, L, L] (True = attend) of packed rows.
 
     segment_ids / order_ids long[B, L] from ``pack_answers``. Query q sees key k when k is in the prefix or in
     q's own answer, k is not padding, and k precedes q in the virtual plain row (order_k <= order_q) or shares
@@ -97,19 +97,22 @@ def block_attention_mask(segment_ids: Tensor, order_ids: Tensor, *, dtype: torch
         allowed = allowed & (ord_q - ord_k < window)
     keep = visible & allowed
     keep = keep | torch.eye(keep.shape[-1], dtype=torch.bool, device=keep.device)
-    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
-    return mask[:, None]
+    return keep[:, None]
 
 
 def text_masks(config: Any, batch: Mapping[str, Any], rules: _Rules, dtype: torch.dtype) -> Tensor | dict:
     """The block mask(s) the language model takes: one [B, 1, L, L] tensor, or ``{layer_type: mask}`` for
-    text models with per-layer attention types (Gemma3 sliding layers, Qwen2-VL)."""
+    text models with per-layer attention types (Gemma3 sliding layers, Qwen2-VL). In the format transformers'
+    own masks have per kernel: bool for sdpa, additive ``dtype`` (0 / dtype min) for eager."""
     text = config.get_text_config()
     blocks = image_block_ids(batch["token_type_ids"]) if rules.image_blocks else None
+    additive = text._attn_implementation == "eager"
 
     def build(window: int | None) -> Tensor:
-        return block_attention_mask(batch["segment_ids"], batch["order_ids"], dtype=dtype, window=window,
-                                    image_blocks=blocks)
+        keep = block_attention_mask(batch["segment_ids"], batch["order_ids"], window=window, image_blocks=blocks)
+        if not additive:
+            return keep
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
     layer_types = getattr(text, "layer_types", None)  # only configs with per-layer attention types carry it
     if layer_types is None:

@@ -5,13 +5,13 @@ import json
 import pytest
 import yaml
 
-from mmalign.config import load_config
+from mmalign.config import ConfigError, load_config
 from mmalign.lab.demo import DemoConfig, headline_table, run_demo
 
 pytestmark = pytest.mark.integration
 
 REDUCED = [
-    "methods=[external,external_bdhs]", "lab.sizes.sft=48", "lab.sizes.pref=16",
+    "base=recipe", "methods=[external,external_bdhs]", "lab.sizes.sft=48", "lab.sizes.pref=16",
     "lab.sizes.eval=8", "pretrain.steps=6", "pretrain.batch_size=8", "dpo.max_steps=2", "dpo.batch_size=4",
     "bdhs.n_iter=2", "eval.stats.n_boot=20",
 ]
@@ -38,3 +38,9 @@ def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     again = run_demo(cfg)  # every stage's output exists: nothing is recomputed
     assert "skipping" in caplog.text and "dpo (" not in caplog.text
     assert headline_table(again["comparison"]) == table
+
+
+def test_shipped_base_needs_the_lab_it_was_trained_on(tmp_path):
+    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", "lab.p=0.5"])
+    with pytest.raises(ConfigError, match="trained on another lab"):
+        run_demo(cfg)

@@ -1,6 +1,6 @@
 """The ShapesWorld demo: base model -> preference pairs -> DPO -> evaluation, side by side with CIs.
 
-``run_demo(cfg)`` builds the lab, takes the lab base model (trained by the lab recipe, cached), and for
+``run_demo(cfg)`` builds the lab, takes the lab base model (the shipped one, or a recipe run), and for
 every seed and method makes preference pairs from the lab's preference prompts, trains DPO on them and
 evaluates the result on the held-out POPE and captioning sets; then it compares every model with the base
 (paired bootstrap on the same samples) and writes a report folder. The methods are the rows of Table 6 of
@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mmalign.config import save_config
+from mmalign.config import ConfigError, save_config
 from mmalign.data.schema import read_records, write_records
 from mmalign.evaluation.report import write_report
 from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
 from mmalign.lab.build import LabConfig, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
-from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+from mmalign.lab.pretrain import BASE_DIR, PretrainConfig, pretrain_base, shipped_base_lab
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
@@ -59,15 +59,16 @@ def _default_dpo() -> OfflineConfig:
 
 @dataclass
 class DemoConfig:
-    """``base``: "recipe" trains (or reuses, when cached) the lab base with ``pretrain`` on this demo's lab;
-    otherwise a model dir trained on this same lab.
+    """``base``: "shipped" (the pre-trained base in the package; ``lab`` must then be the lab it was trained on),
+    "recipe" (train it, or reuse it when cached, with ``pretrain`` on this demo's lab), or a model dir trained
+    on this same lab.
     ``dpo``, ``bdhs`` and ``eval`` are templates; the demo fills in model, data and output paths per run.
     """
 
     out_dir: str = "runs/demo"
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: ["external", "bdhs"])
-    base: str = "recipe"
+    base: str = "shipped"
     lab: LabConfig = field(default_factory=LabConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dpo: OfflineConfig = field(default_factory=_default_dpo)
@@ -92,6 +93,12 @@ def _once(done: Path, make: Callable[[], Any]) -> Path:
 
 
 def _base_model(cfg: DemoConfig) -> Path:
+    if cfg.base == "shipped":
+        trained_on = dataclasses.replace(shipped_base_lab(), out_dir=cfg.lab.out_dir)
+        if trained_on != cfg.lab:
+            raise ConfigError("base=shipped: the shipped base was trained on another lab than `lab` "
+                              f"({BASE_DIR / 'recipe.yaml'}); keep the lab defaults or use base=recipe")
+        return BASE_DIR
     if cfg.base == "recipe":
         pretrain = dataclasses.replace(cfg.pretrain, lab=cfg.lab)
         return pretrain_base(pretrain)
@@ -161,8 +168,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     save_config(cfg, out, "demo.yaml")
     lab = dataclasses.replace(cfg.lab, out_dir=str(out / "lab"))
     lab_dir = Path(lab.out_dir)
+    base = _base_model(dataclasses.replace(cfg, lab=lab))  # the recipe builds the lab itself
     _once(lab_dir / "lab.yaml", lambda: build_lab(lab))
-    base = _base_model(dataclasses.replace(cfg, lab=lab))
     runs = {"base": _evaluate(cfg, lab_dir, base, out / "eval" / "base")}
     for seed in cfg.seeds:
         for method in cfg.methods:

@@ -3,6 +3,10 @@
 ``pretrain_base(cfg)`` skips every stage whose output already exists with the same resolved config (hash
 in ``lab.yaml`` / ``pretrain.yaml``), so demos and tests reuse a trained base instead of retraining it.
 ``docs/lab.md`` lists the command and the metrics it reached.
+
+The package ships one base made by this recipe (``configs/lab_pretrain.yaml``, seed 0, 3,000 steps) in
+``assets/base``: the model and processor, the resolved recipe (``recipe.yaml``) and its evaluation
+(``eval_metrics.json``), so the demo starts from it instead of spending ~10 CPU-minutes on pre-training.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.config import config_hash, save_config
+from mmalign.config import config_hash, load_config, save_config
 from mmalign.evaluation.suite import EvalConfig, evaluate
 from mmalign.lab.build import LabConfig, build_lab
 from mmalign.lab.model import LabModelConfig
@@ -23,6 +27,7 @@ from mmalign.trainers.sft import SFTConfig, SFTDataConfig, SFTModelConfig, train
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "pretrain.yaml"
+BASE_DIR = Path(__file__).parent / "assets" / "base"
 
 
 @dataclass
@@ -79,3 +84,14 @@ def pretrain_base(cfg: PretrainConfig) -> Path:
         evaluate(eval_cfg, model, processor)
     return out
 
+
+
+def shipped_base_lab() -> LabConfig:
+    """The lab the shipped base was trained on (``out_dir`` aside, a demo must build exactly this lab)."""
+    recipe = load_config(PretrainConfig, BASE_DIR / "recipe.yaml")
+    return recipe.lab
+
+
+def load_lab_base() -> tuple[Any, Any]:
+    """The shipped, pre-trained lab base model and its processor (float32, on the CPU)."""
+    return load_vlm(BASE_DIR)

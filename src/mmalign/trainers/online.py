@@ -36,10 +36,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from mmalign.config import ConfigError, config_hash, save_config, to_dict
-from mmalign.data.collate import collate_preference
 from mmalign.data.images import open_image
 from mmalign.data.schema import PreferenceRecord, read_records, record_to_json, write_records
-from mmalign.models.logprobs import RefFn, live_reference, preference_forward
+from mmalign.models.layouts import PREFERENCE_LAYOUTS
+from mmalign.models.logprobs import RefFn, live_reference
 from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, sft_nll
 from mmalign.sampling.annotators import Annotator, AnnotatorConfig, build_annotator
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample, settings
@@ -85,7 +85,8 @@ class OnlineLossConfig:
 @dataclass
 class OnlineConfig:
     """``batch_size``: prompts per optimizer step (global). ``mix_p``: Eq. 4's p (probability of the offline
-    pair); ``bdhs_gamma``: Eq. 5's gamma (weight of the external rejected answer)."""
+    pair); ``bdhs_gamma``: Eq. 5's gamma (weight of the external rejected answer); ``forward``: the batch layout of
+    the update and reference passes (``mmalign.models.layouts``)."""
 
     mode: Literal["online", "mixed", "online_bdhs"] = "online"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -102,6 +103,7 @@ class OnlineConfig:
     batch_size: int = 8
     epochs: int = 1
     max_steps: int = 0
+    forward: Literal["shared_prefix", "prefix_cache", "plain"] = "shared_prefix"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
@@ -195,9 +197,10 @@ def step_pairs(run: _Run, step: int) -> tuple[list[PreferenceRecord], list[dict[
 def _chunk_loss(run: _Run, chunk: list[PreferenceRecord], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled loss sum of R records and the sums of ``_STATS`` (float[len(_STATS)]); ``scale`` 0 = dummy chunk."""
     cfg, device = run.cfg, run.accelerator.device
-    batch = collate_preference(run.processor, chunk, [_images(r, _root(cfg.data)) for r in chunk], cfg.data.max_length)
+    collate, forward = PREFERENCE_LAYOUTS[cfg.forward]
+    batch = collate(run.processor, chunk, [_images(r, _root(cfg.data)) for r in chunk], cfg.data.max_length)
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = preference_forward(run.policy, batch)
+    out = forward(run.policy, batch)
     ref_chosen, ref_rejected = run.reference(batch, [])
     logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
                             out.chosen_lengths, out.rejected_lengths)
@@ -346,7 +349,7 @@ def train_online(cfg: OnlineConfig) -> Path:
     accelerator.register_for_checkpointing(scheduler)
     annotator = build_annotator(cfg.annotator, accelerator.device) if cfg.mode != "online_bdhs" else None
     similarity = SentenceSimilarity(cfg.bdhs.embedder, accelerator.device) if cfg.mode == "online_bdhs" else None
-    reference = live_reference(accelerator.unwrap_model(policy), frozen)
+    reference = live_reference(accelerator.unwrap_model(policy), frozen, PREFERENCE_LAYOUTS[cfg.forward][1])
     run = _Run(cfg, accelerator, policy, processor, optimizer, scheduler, reference, records, annotator, similarity,
                out / "pairs")
     fp = fingerprint(cfg)

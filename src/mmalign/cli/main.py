@@ -34,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMANDS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # a command not built yet
-        module.register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
@@ -52,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from mmalign.config import ConfigError
+    from mmalign.data.schema import RecordError
 
     try:
         result = args.func(args)
     except ConfigError as err:
         print(f"mmalign {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except RecordError as err:  # bad input names its file, record and field; no traceback
+        print(f"mmalign {args.command}: bad input: {err}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -87,15 +87,16 @@ def _append_answers(
             extras[key].append(torch.cat([encoded[key][i][attention[i]], tail]))
     width = max(len(r) for r in rows)
     out = {k: v for k, v in encoded.items() if k not in per_token and k not in ("input_ids", "attention_mask")}
-    out["input_ids"] = _right_pad(rows, width, pad_id)
-    out["attention_mask"] = _right_pad([torch.ones_like(r) for r in rows], width, 0)
-    out["labels"] = _right_pad(labels, width, IGNORE_INDEX)
+    out["input_ids"] = right_pad(rows, width, pad_id)
+    out["attention_mask"] = right_pad([torch.ones_like(r) for r in rows], width, 0)
+    out["labels"] = right_pad(labels, width, IGNORE_INDEX)
     for key in per_token:
-        out[key] = _right_pad(extras[key], width, 0)
+        out[key] = right_pad(extras[key], width, 0)
     return out
 
 
-def _right_pad(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+def right_pad(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+    """Stack 1-D rows into [len(rows), width], filling the tail of each row with ``value``."""
     out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
     for i, row in enumerate(rows):
         out[i, : len(row)] = row

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmalign.data.chat import answer_ids
-from mmalign.data.collate import IGNORE_INDEX, SequenceTooLong, encode_prompts
+from mmalign.data.collate import IGNORE_INDEX, SequenceTooLong, encode_prompts, right_pad
 
 PAD_SEGMENT = -1
 PREFIX_SEGMENT = 0
@@ -67,15 +67,8 @@ def pack_answers(encoded: dict[str, torch.Tensor], answers: Sequence[Sequence[li
     pads = {"input_ids": pad_id, "labels": IGNORE_INDEX, "segment_ids": PAD_SEGMENT, "order_ids": 0}
     out = {k: v for k, v in encoded.items() if k not in per_token and k not in ("input_ids", "attention_mask")}
     for key, rows in columns.items():
-        out[key] = _right_pad(rows, width, pads.get(key, 0))
+        out[key] = right_pad(rows, width, pads.get(key, 0))
     out["attention_mask"] = (out["segment_ids"] != PAD_SEGMENT).long()
-    return out
-
-
-def _right_pad(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
     return out
 
 
@@ -119,8 +112,8 @@ def collate_prefix_cache(processor: Any, records: Sequence[Any], images: Sequenc
             row_record.append(r)
             row_slot.append(slot)
     width = max(len(row) for row in rows)
-    encoded["answer_ids"] = _right_pad(rows, width, tokenizer.pad_token_id)
-    encoded["answer_mask"] = _right_pad([torch.ones_like(row) for row in rows], width, 0)
+    encoded["answer_ids"] = right_pad(rows, width, tokenizer.pad_token_id)
+    encoded["answer_mask"] = right_pad([torch.ones_like(row) for row in rows], width, 0)
     encoded["answer_record"] = torch.tensor(row_record)
     encoded["answer_slot"] = torch.tensor(row_slot)
     return encoded

@@ -11,7 +11,7 @@ from mmalign.lab.demo import DemoConfig, headline_table, run_demo
 pytestmark = pytest.mark.integration
 
 REDUCED = [
-    "base=recipe", "methods=[external,external_bdhs]", "lab.sizes.sft=48", "lab.sizes.pref=16",
+    "base=recipe", "methods=[external,external_bdhs,external_povid]", "lab.sizes.sft=48", "lab.sizes.pref=16",
     "lab.sizes.eval=8", "pretrain.steps=6", "pretrain.batch_size=8", "dpo.max_steps=2", "dpo.batch_size=4",
     "bdhs.n_iter=2", "eval.stats.n_boot=20",
 ]
@@ -20,7 +20,7 @@ REDUCED = [
 def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", f"pretrain.run.output_dir={tmp_path}/base", *REDUCED])
     result = run_demo(cfg)
-    assert list(result["runs"]) == ["base", "external_s0", "external_bdhs_s0"]
+    assert list(result["runs"]) == ["base", "external_s0", "external_bdhs_s0", "external_povid_s0"]
     # external pairs: one corrupted rejected; external + BDHS: the BDHS answer first, the corruption kept (Eq. 5)
     external = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external.jsonl").read_text().splitlines()]
     both = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external_bdhs.jsonl").read_text().splitlines()]
@@ -29,10 +29,14 @@ def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     assert all(len(r["rejected"]) == 2 and r["rejected"][1] == by_id[r["id"]]["rejected"][0] for r in both)
     trained = yaml.safe_load((tmp_path / "seed_0/dpo_external_bdhs/config.yaml").read_text())
     assert trained["loss"]["rejected_weights"] == [0.5, 0.5] and trained["data"]["data_root"] == str(tmp_path / "lab")
+    assert not trained["povid"]["enabled"]
+    # external + POVID: the external pairs, the POVID slot made in the trainer
+    povid = yaml.safe_load((tmp_path / "seed_0/dpo_external_povid/config.yaml").read_text())
+    assert povid["povid"]["enabled"] and povid["data"]["train"] == str(tmp_path / "seed_0/pairs/external.jsonl")
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(name in report for name in result["runs"])
     table = headline_table(result["comparison"])
-    assert table.count("\n") == 2 + 3  # header, rule, one row per run
+    assert table.count("\n") == 2 + 4  # header, rule, one row per run
 
     caplog.set_level("INFO")
     again = run_demo(cfg)  # every stage's output exists: nothing is recomputed

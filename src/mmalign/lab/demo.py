@@ -9,6 +9,8 @@ the Apple paper (Amirloo et al., 2024):
 - ``external``: rejected = the lab's exact corruption of the reference (the analogue of POVID's GPT-4V data);
 - ``bdhs``: rejected = a BDHS answer of the base policy itself (Alg. 1, BDHS_attn), no labels at all;
 - ``external_bdhs``: both rejected answers, averaged DPO losses (Eq. 5, gamma = 0.5);
+- ``external_povid``: the external rejected answer plus POVID's teacher-forced answer under a noised image
+  (N = 500), made inside the trainer (``trainers.povid_slot``), averaged with equal weights (Eq. 5);
 - ``bdhs_noise``: BDHS with the image diffused (Eq. 9, N = 500) instead of attention masking.
 
 Every stage writes its output before the next starts and is skipped when that output exists, so a killed
@@ -38,7 +40,7 @@ from mmalign.trainers.offline import OfflineConfig, train_offline
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("external", "bdhs", "external_bdhs", "bdhs_noise")
+METHODS = ("external", "bdhs", "external_bdhs", "external_povid", "bdhs_noise")
 # The metrics the demo prints (all metrics are in the report); "better" is the direction of less hallucination.
 HEADLINE = {
     "pope/random/f1": "higher", "pope/popular/f1": "higher", "pope/adversarial/f1": "higher",
@@ -135,8 +137,10 @@ def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed
         write_records(external, records, provenance={"sampler": "lab_corrupter", "seed": seed,
                                                      "input": str(prompts)})
 
-    if method in ("external", "external_bdhs"):
+    if method in ("external", "external_bdhs", "external_povid"):
         _once(external, corrupt)
+    if method == "external_povid":  # the POVID slot is made inside the trainer
+        return external
     target = pairs_dir / f"{method}.jsonl"
     if method == "bdhs":
         _once(target, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, target, seed, noise=False))
@@ -157,6 +161,7 @@ def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, s
                                  skip_invalid_to=str(out / "skipped_pairs.jsonl")),
         run=dataclasses.replace(cfg.dpo.run, output_dir=str(out), seed=seed),
         loss=dataclasses.replace(cfg.dpo.loss, rejected_weights=[0.5, 0.5] if method == "external_bdhs" else []),
+        povid=dataclasses.replace(cfg.dpo.povid, enabled=method == "external_povid"),
     )
     _once(out / "merged" / "config.json", lambda: train_offline(dpo))
     return out / "merged"

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from mmalign.data.images import open_image
-from mmalign.data.schema import PreferenceRecord, read_records
+from mmalign.data.record_files import read_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.models.loading import load_vlm
 from mmalign.models.tiny import build_tiny_vlm
 from mmalign.sampling.bdhs import (

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from mmalign.cli.main import main
-from mmalign.data.schema import PreferenceRecord, provenance_path, read_records, write_records
+from mmalign.data.record_files import provenance_path, read_records, write_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.sampling.bdhs_run import summary_path
 from mmalign.sampling.shards import work_dir_for
 

@@ -10,7 +10,7 @@ from PIL import Image
 from mmalign.cli.main import main
 from mmalign.config import load_config
 from mmalign.data.collate import collate_sft
-from mmalign.data.schema import read_records
+from mmalign.data.record_files import read_records
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab
 from mmalign.models.loading import load_vlm
 from mmalign.trainers.sft import SFTConfig, train_sft

@@ -12,7 +12,8 @@ from transformers import AutoModelForImageTextToText
 
 from mmalign.data.collate import collate_preference, collate_sft
 from mmalign.data.images import open_image
-from mmalign.data.schema import RecordError, read_records
+from mmalign.data.record_files import read_records
+from mmalign.data.schema import RecordError
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import live_reference, preference_forward
 from mmalign.models.lora import prepare_policy

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from mmalign.config import load_config
 from mmalign.data.collate import collate_preference
 from mmalign.data.images import open_image
-from mmalign.data.schema import PreferenceRecord, RecordError, read_records, write_records
+from mmalign.data.record_files import read_records, write_records
+from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.logprobs import preference_forward
 from mmalign.models.tiny import FAMILIES
 from mmalign.trainers.offline import OfflineConfig, train_offline

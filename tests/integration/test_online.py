@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from mmalign.cli.online import register_annotator_eval, register_online
 from mmalign.config import load_config
-from mmalign.data.schema import read_records, write_records
+from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.annotators import AnnotatorEvalConfig, evaluate_annotator
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records

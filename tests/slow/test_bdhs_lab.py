@@ -19,7 +19,7 @@ import torch
 
 from mmalign.config import load_config
 from mmalign.data.images import open_image
-from mmalign.data.schema import read_records
+from mmalign.data.record_files import read_records
 from mmalign.lab.pretrain import PretrainConfig, pretrain_base
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mmalign.config import load_config
-from mmalign.data.schema import read_records, write_records
+from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.suite import EvalConfig, PopeConfig, evaluate
 from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.lab.pretrain import PretrainConfig, pretrain_base

@@ -13,7 +13,8 @@ from PIL import Image
 
 from mmalign.config import load_config
 from mmalign.data.chat import render_prompt
-from mmalign.data.schema import PreferenceRecord, check_fields, record_to_json
+from mmalign.data.record_files import record_to_json
+from mmalign.data.schema import PreferenceRecord, check_fields
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample
 from mmalign.sampling.bdhs_run import BDHSRunConfig
 from mmalign.sampling.guidance import YES_NO, record_rng, split_sentences, swap_yes_no

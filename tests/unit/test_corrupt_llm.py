@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from mmalign.data.schema import PreferenceRecord, read_records, write_records
+from mmalign.data.record_files import read_records, write_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.sampling.corrupt import (CorruptConfig, LLMCorruptionConfig, ResponseCache, corrupt_records, load_fewshot,
                                       question_text, run_corruption)
 from mmalign.sampling.openai_client import ChatClient, ChatError, EndpointConfig

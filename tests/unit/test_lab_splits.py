@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from mmalign.data.schema import read_records
+from mmalign.data.record_files import read_records
 from mmalign.evaluation.items import load_bias_pairs, load_caption_items, load_pope_items
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab, lab_scenes
 from mmalign.lab.texts import CAPTION_PROMPT, caption, caption_order

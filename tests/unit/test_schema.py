@@ -10,7 +10,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from mmalign.data.schema import PreferenceRecord, RecordError, read_records, records_from_dataset, write_records
+from mmalign.data.record_files import read_records, records_from_dataset, write_records
+from mmalign.data.schema import PreferenceRecord, RecordError
 
 
 def _png(color=(255, 0, 0), size=(6, 4)) -> bytes:

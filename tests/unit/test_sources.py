@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mmalign.data.schema import PreferenceRecord, RecordError, read_records, write_records
+from mmalign.data.record_files import read_records, write_records
+from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.data.sources import convert_file
 
 ASSETS = Path(__file__).parents[1] / "assets" / "data"

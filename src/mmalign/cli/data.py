@@ -11,7 +11,8 @@ import hashlib
 import sys
 from pathlib import Path
 
-from mmalign.data.schema import RecordError, check_records, read_records, write_records
+from mmalign.data.record_files import read_records, write_records
+from mmalign.data.schema import RecordError, check_records
 from mmalign.data.sources import CONVERTERS, convert_file
 
 

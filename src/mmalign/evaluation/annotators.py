@@ -23,7 +23,8 @@ import numpy as np
 from mmalign.config import ConfigError, config_hash, save_config
 from mmalign.data.images import open_image
 from mmalign.data.io import write_jsonl
-from mmalign.data.schema import PreferenceRecord, read_records
+from mmalign.data.record_files import read_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.evaluation.stats import bootstrap, ratio
 from mmalign.sampling.annotators import Annotation, Annotator, AnnotatorConfig, RolloutGroup, build_annotator
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mmalign.config import config_hash, save_config
 from mmalign.data.io import write_jsonl
-from mmalign.data.schema import PreferenceRecord, write_records
+from mmalign.data.record_files import write_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.splits import (
     caption_text, object_frequencies, pope_questions, sample_scenes, sft_examples,
 )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmalign.config import ConfigError, save_config
-from mmalign.data.schema import read_records, write_records
+from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.report import write_report
 from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
 from mmalign.lab.build import LabConfig, build_lab

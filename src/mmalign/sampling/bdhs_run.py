@@ -20,7 +20,8 @@ from typing import Any
 from accelerate import Accelerator
 
 from mmalign.data.images import open_image
-from mmalign.data.schema import PreferenceRecord, read_records, write_records
+from mmalign.data.record_files import read_records, write_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
 from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for

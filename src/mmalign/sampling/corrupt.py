@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 from mmalign.config import config_hash, to_dict
 from mmalign.data.chat import IMAGE_MARKER
-from mmalign.data.schema import PreferenceRecord, read_records, write_records
+from mmalign.data.record_files import read_records, write_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.sampling.openai_client import ChatClient, EndpointConfig
 

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from mmalign.data.schema import PreferenceRecord, check_fields, record_to_json
+from mmalign.data.record_files import record_to_json
+from mmalign.data.schema import PreferenceRecord, check_fields
 from mmalign.sampling.annotators import Annotation, Annotator, RolloutGroup
 from mmalign.sampling.generate import GenerationParams, generate
 

@@ -37,7 +37,8 @@ from accelerate.utils import gather_object
 
 from mmalign.config import ConfigError, config_hash, save_config, to_dict
 from mmalign.data.images import open_image
-from mmalign.data.schema import PreferenceRecord, read_records, record_to_json, write_records
+from mmalign.data.record_files import read_records, record_to_json, write_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import RefFn, live_reference
 from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, sft_nll

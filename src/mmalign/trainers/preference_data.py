@@ -22,7 +22,8 @@ from PIL import Image
 from mmalign.config import ConfigError
 from mmalign.data.collate import SequenceTooLong
 from mmalign.data.images import image_sha256, open_image
-from mmalign.data.schema import PreferenceRecord, RecordError, read_records
+from mmalign.data.record_files import read_records
+from mmalign.data.schema import PreferenceRecord, RecordError
 
 logger = logging.getLogger(__name__)
 

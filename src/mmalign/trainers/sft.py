@@ -21,7 +21,8 @@ from mmalign.config import save_config
 from mmalign.data.chat import answer_ids
 from mmalign.data.collate import collate_sft
 from mmalign.data.images import open_image
-from mmalign.data.schema import PreferenceRecord, read_records
+from mmalign.data.record_files import read_records
+from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.model import LabModelConfig, build_lab_model
 from mmalign.models.loading import load_vlm, projector_param_names
 from mmalign.models.logprobs import answer_token_logps

@@ -1,0 +1,177 @@
+"""Record files: reading, writing and decoding the on-disk layouts of ``mmalign.data.schema.PreferenceRecord``.
+
+- JSONL: one JSON object per line with exactly the keys ``id, images, prompt, chosen, rejected, source,
+  meta`` (``source`` and ``meta`` may be left out); an embedded image is ``{"bytes": "<base64>"}``.
+- Parquet: the same columns; images as ``list<struct<path: string, bytes: binary>>`` (the layout of a
+  ``datasets.Image`` column), ``prompt`` and ``meta`` as JSON text (see ``mmalign.data.io``).
+
+Reading validates every record (``schema.validate_records``). ``write_records`` checks the same fields (not
+the image files, which live under a root the writer does not know) and writes a provenance sidecar when
+given one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mmalign.data import io
+from mmalign.data.schema import FieldError, PreferenceRecord, RecordError, check_fields, record_dict, validate_records
+
+__all__ = ["read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path"]
+
+_PROVENANCE_RESERVED = ("count", "created")
+
+
+def _decode_json_line(text: str) -> Any:
+    """One JSONL line -> record dict with ``{"bytes": base64}`` images decoded to bytes."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FieldError(None, f"not valid JSON: {err}") from err
+    if isinstance(raw, dict) and isinstance(raw.get("images"), list):
+        raw["images"] = [_decode_json_image(ref, i) for i, ref in enumerate(raw["images"])]
+    return raw
+
+
+def _decode_json_image(ref: Any, index: int) -> Any:
+    if not isinstance(ref, dict):
+        return ref
+    if set(ref) != {"bytes"} or not isinstance(ref["bytes"], str):
+        raise FieldError(f"images[{index}]",
+                         f"an embedded image is {{'bytes': <base64 string>}}, got keys {sorted(ref)}")
+    try:
+        return base64.b64decode(ref["bytes"], validate=True)
+    except binascii.Error as err:
+        raise FieldError(f"images[{index}]", f"invalid base64: {err}") from err
+
+
+def _decode_image_struct(ref: Any, index: int) -> Any:
+    """``{"path", "bytes"}`` (Parquet / ``datasets.Image`` storage) -> bytes when present, else the path."""
+    if not isinstance(ref, dict):
+        return ref
+    if set(ref) != {"path", "bytes"} or (ref["bytes"] is None and ref["path"] is None):
+        raise FieldError(f"images[{index}]", f"an image struct has 'path' or 'bytes' set, got {ref!r:.80}")
+    return ref["bytes"] if ref["bytes"] is not None else ref["path"]
+
+
+def _decode_parquet_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of a record Parquet file (JSON ``prompt``/``meta``, image structs) -> record dict."""
+    row = dict(row)
+    for key in ("prompt", "meta"):
+        if isinstance(row.get(key), str):
+            try:
+                row[key] = json.loads(row[key])
+            except json.JSONDecodeError as err:
+                raise FieldError(key, f"not valid JSON text: {err}") from err
+    if isinstance(row.get("images"), list):
+        row["images"] = [_decode_image_struct(ref, i) for i, ref in enumerate(row["images"])]
+    return row
+
+
+def _decode_dataset_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``datasets`` row in record layout -> record dict.
+
+    Arrow gives every struct the union of keys across rows, so message parts come back as
+    ``{"type": "image", "text": None}``; the None-valued keys are dropped.
+    """
+    row = dict(row)
+    if isinstance(row.get("images"), list):
+        row["images"] = [_decode_image_struct(ref, i) for i, ref in enumerate(row["images"])]
+    if isinstance(row.get("prompt"), list):
+        row["prompt"] = [
+            m | {"content": [{k: v for k, v in p.items() if v is not None} for p in m["content"]]}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+            for m in row["prompt"]
+        ]
+    return row
+
+
+def records_from_dataset(ds: Any, *, data_root: str | Path, min_rejected: int = 0,
+                         skip_invalid_to: str | Path | None = None, name: str = "<dataset>") -> list[PreferenceRecord]:
+    """Validate a ``datasets.Dataset`` whose columns are the record keys into records.
+
+    Rows are read from the Arrow storage, so ``datasets.Image`` columns arrive as encoded bytes (never
+    decoded and re-encoded). ``name`` stands in for the file name in errors; "line" is the row number.
+    """
+    def rows() -> Iterable[tuple[int, dict[str, Any]]]:
+        number = 0
+        for table in ds.with_format("arrow").iter(batch_size=256):
+            for row in table.to_pylist():
+                number += 1
+                yield number, row
+
+    return validate_records(rows(), _decode_dataset_row, file=name, data_root=data_root,
+                            min_rejected=min_rejected, skip_invalid_to=skip_invalid_to)
+
+
+def record_to_json(record: PreferenceRecord) -> dict[str, Any]:
+    """The JSONL object of a record (bytes images as base64)."""
+    images = [{"bytes": base64.b64encode(r).decode("ascii")} if isinstance(r, bytes) else r for r in record.images]
+    return record_dict(record) | {"images": images}
+
+
+def read_records(path: str | Path, *, data_root: str | Path | None = None, min_rejected: int = 0,
+                 skip_invalid_to: str | Path | None = None) -> list[PreferenceRecord]:
+    """Read and validate a ``.jsonl`` or ``.parquet`` record file.
+
+    Image paths are relative to ``data_root`` (default: the file's folder). Raises RecordError on the first
+    bad record, or with ``skip_invalid_to`` writes the bad ones there (file, line, id, field, reason).
+    """
+    path = Path(path)
+    root = Path(data_root) if data_root is not None else path.parent
+    if path.suffix == ".jsonl":
+        rows, decode = io.read_jsonl_lines(path), _decode_json_line
+    elif path.suffix == ".parquet":
+        rows, decode = io.read_parquet_rows(path), _decode_parquet_row
+    else:
+        raise ValueError(f"{path}: unknown record file type {path.suffix!r}; expected .jsonl or .parquet")
+    return validate_records(rows, decode, file=str(path), data_root=root, min_rejected=min_rejected,
+                            skip_invalid_to=skip_invalid_to)
+
+
+def write_records(path: str | Path, records: Iterable[PreferenceRecord], provenance: dict | None = None) -> None:
+    """Write records as ``.jsonl`` or ``.parquet`` after checking their fields.
+
+    With ``provenance`` (e.g. ``{"sampler": "bdhs", "seed": 0, "model": ..., "config_hash": ...}``) a
+    sidecar ``<file>.provenance.json`` is written with ``count`` and ``created`` (UTC) added.
+    """
+    path = Path(path)
+    records = list(records)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: unknown record file type {path.suffix!r}; expected .jsonl or .parquet")
+    if provenance is not None and any(k in provenance for k in _PROVENANCE_RESERVED):
+        raise ValueError(f"provenance keys {list(_PROVENANCE_RESERVED)} are filled in by write_records")
+    seen: set[str] = set()
+    for line, record in enumerate(records, start=1):
+        try:
+            check_fields(record_dict(record))
+            if record.id in seen:
+                raise FieldError("id", "duplicate id")
+        except FieldError as err:
+            raise RecordError(err.reason, file=str(path), line=line, record_id=str(record.id), field=err.field) from err
+        seen.add(record.id)
+    sidecar = None
+    if provenance is not None:
+        # Serialised before the records are written, so a provenance that is not JSON fails with no file left.
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        sidecar = json.dumps(dict(provenance) | {"count": len(records), "created": created}, indent=2,
+                             allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        io.write_jsonl(path, [record_to_json(r) for r in records])
+    else:
+        io.write_parquet(path, [record_dict(r) for r in records])
+    if sidecar is not None:
+        provenance_path(path).write_text(sidecar + "\n")
+
+
+def provenance_path(path: str | Path) -> Path:
+    """``<file>.provenance.json`` beside a record file."""
+    path = Path(path)
+    return path.with_name(path.name + ".provenance.json")

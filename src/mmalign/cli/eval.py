@@ -16,19 +16,10 @@ import argparse
 import logging
 import sys
 
-from mmalign.cli.main import add_config_args
+from mmalign.cli.main import add_config_args, print_metrics
 from mmalign.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
-
-
-def _print_metrics(metrics: dict[str, dict]) -> None:
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f}"
-
-    width = max(len(k) for k in metrics)
-    for key, m in metrics.items():
-        print(f"{key:<{width}}  {fmt(m['value'])}  [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]  n={m['n']}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -36,7 +27,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(EvalConfig, args.config, args.overrides)
     result = evaluate(cfg)
-    _print_metrics(result["metrics"])
+    print_metrics(result["metrics"])
     print(f"metrics and per-sample records written to {cfg.out_dir}")
     return 0
 

@@ -29,6 +29,16 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
 
 
+def print_metrics(metrics: dict[str, dict]) -> None:
+    """The metrics table of the eval commands: ``name  value  [ci_low, ci_high]  n=N`` per metric (None: n/a)."""
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    width = max(len(k) for k in metrics)
+    for key, m in metrics.items():
+        print(f"{key:<{width}}  {fmt(m['value'])}  [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]  n={m['n']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

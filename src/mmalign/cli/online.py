@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from mmalign.cli.main import add_config_args
+from mmalign.cli.main import add_config_args, print_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,7 @@ def run_annotator_eval(config: str | None, overrides: list[str]) -> int:
     except (RecordError, ValueError) as err:
         print(f"mmalign eval-annotator: error: {err}", file=sys.stderr)
         return 1
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f}"
-
-    for name, m in metrics.items():
-        print(f"{name:<18} {fmt(m['value'])}  [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]  n={m['n']}")
+    print_metrics(metrics)
     print(f"metrics and per-record verdicts written to {cfg.out_dir}")
     return 0
 

@@ -8,6 +8,7 @@ its hash next to an output, so every artefact names the exact settings that made
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -52,18 +53,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, loudly."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+        return _coerce_union(value, tp, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -84,6 +74,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is Any:
         return value
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    """``X | Y | None``: None where allowed, else the value as the first member type it converts to."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        with contextlib.suppress(ConfigError):  # not this member: try the next one
+            return _coerce(value, arg, where)
+    raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+
+
+def _coerce_scalar(value: Any, tp: type, where: str) -> Any:
+    """A plain class (int, float, str, bool, ...): the exact type, but ints become floats and numbers strings."""
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

@@ -3,6 +3,7 @@ weighted mean of the pairwise DPO losses (records' own rejected answers + the PO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from mmalign.data.collate import collate_preference, collate_sft
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records
 from mmalign.data.schema import RecordError
-from mmalign.models.layouts import PREFERENCE_LAYOUTS
+from mmalign.models.layouts import PREFERENCE_LAYOUTS, resolve_layout
 from mmalign.models.logprobs import live_reference, preference_forward
 from mmalign.models.lora import prepare_policy
 from mmalign.sampling.povid import noised_image, povid_rejected_logps
@@ -39,6 +40,8 @@ def test_povid_slot_loss_is_the_eq5_average(family, trainable_dir, tmp_path):  #
                  f"povid.weight={POVID_WEIGHT}", f"loss.rejected_weights=[{WEIGHTS[0]},{WEIGHTS[1]}]",
                  f"loss.beta={BETA}", "run.seed=7")
     policy, processor, frozen, _ = prepare_policy(cfg)
+    cfg = dataclasses.replace(cfg, forward=resolve_layout(cfg.forward, policy, cfg.data.max_length))
+    assert cfg.forward == "prefix_cache"  # the default layout on both families
     torch.manual_seed(0)
     with torch.no_grad():  # move the policy off the reference so every pairwise loss differs from log 2
         for param in policy.parameters():

@@ -104,6 +104,33 @@ def test_logps_and_gradients_match_the_plain_forward(tiny_vlm, family, tuning, l
         assert any(("vision" in n or "visual" in n) and g.abs().sum() > 0 for n, g in grads.items())
 
 
+# Two images in one prompt, text between them, beside a one-image record: image tokens of several images per
+# row, and (Qwen mRoPE) answer positions after the second image's grid.
+MULTI_RECORDS = [
+    PreferenceRecord("m", ["x.png", "y.png"], "<image>\nCompare it with <image>\nWhat changed?",
+                     "The circle turned blue.", ["Nothing changed.", "The square turned red."]),
+    RECORDS[1],
+]
+MULTI_IMAGES = [[Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (32, 32), (20, 20, 220))], IMAGES[1]]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma3"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_multi_image_records_match_the_plain_forward(tiny_vlm, family, layout):
+    model, processor = tiny_vlm(family, seed=3)
+    model = model.double().eval()
+    collate, forward = LAYOUTS[layout]
+    plain = collate_preference(processor, MULTI_RECORDS, MULTI_IMAGES, max_length=512)
+    shared = collate(processor, MULTI_RECORDS, MULTI_IMAGES, max_length=512)
+    plain = {k: v.double() if v.is_floating_point() else v for k, v in plain.items()}
+    shared = {k: v.double() if v.is_floating_point() else v for k, v in shared.items()}
+    with torch.no_grad():
+        ref_chosen, ref_rejected, _ = _naive_plain(model, plain)
+        out = forward(model, shared)
+    torch.testing.assert_close(out.chosen_logps, ref_chosen, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out.rejected_logps, ref_rejected, atol=1e-9, rtol=1e-9)
+    assert out.rejected_mask.tolist() == [[True, True], [True, False]]
+
 def test_packed_row_layout_and_lengths(tiny_vlm):
     model, processor = tiny_vlm("llava")
     packed = collate_shared_prefix(processor, RECORDS, IMAGES)

@@ -1,9 +1,10 @@
 """``mmalign train dpo --config configs/lab_dpo.yaml key.sub=value ...``: offline preference optimisation.
 
 The config is ``mmalign.trainers.offline.OfflineConfig`` (sections model, lora, data, loss, povid, optim, run);
-``loss.name`` picks dpo / ipo / slic; ``forward`` the batch layout (shared_prefix, the default: image and
-prompt once per pair; prefix_cache; plain); ``povid.enabled=true`` adds POVID's noised-image answer as one
-more rejected answer (weight ``povid.weight`` in the Eq. 5 mean, ``povid.noise_steps`` of 1000). Run under ``accelerate launch --config_file configs/accelerate/...``
+``loss.name`` picks dpo / ipo / slic; ``forward`` the batch layout (auto, the default: prefix_cache where exact
+for the model, else shared_prefix; both encode image and prompt once per pair; plain repeats them);
+``povid.enabled=true`` adds POVID's noised-image answer as one more rejected answer (weight ``povid.weight`` in
+the Eq. 5 mean, ``povid.noise_steps`` of 1000). Run under ``accelerate launch --config_file configs/accelerate/...``
 for several processes. Bad records raise an error naming file, record id and field, or are skipped and
 listed with ``data.skip_invalid_to=FILE``.
 """

@@ -27,18 +27,30 @@ from mmalign.models.shared_prefix import vlm_core, family_rules
 _ANSWER_KEYS = ("answer_ids", "answer_mask", "answer_record", "answer_slot")
 
 
-def _check_supported(model: Any, total_length: int) -> Any:
+def prefix_cache_refusal(model: Any, total_length: int, *, activation_checkpointing: bool = False) -> str | None:
+    """Why the prefix-cache forward cannot reproduce ``model``'s plain forward on batches whose prompt width +
+    answer width reaches ``total_length`` tokens; None where it can. Unsupported families (``family_rules``)
+    raise. ``activation_checkpointing``: checkpointing applied outside the model (FSDP's wrapper)."""
     rules = family_rules(model.config)
     text = model.config.get_text_config()
     windows = [getattr(text, "sliding_window", None)] if getattr(text, "layer_types", None) is None else [
         text.sliding_window for kind in text.layer_types if kind == "sliding_attention"]
-    if rules.image_blocks or any(w is not None and w < total_length for w in windows):
-        raise ValueError(f"prefix-cache forward: {model.config.model_type} masks by sliding window or image block, "
-                         "which a left-padded cache shifts; use forward: shared_prefix")
-    if model.is_gradient_checkpointing:
-        raise ValueError("prefix-cache forward needs the KV cache, which activation checkpointing disables; "
-                         "use forward: shared_prefix")
-    return rules
+    if rules.image_blocks:
+        return f"{model.config.model_type} attends bidirectionally within image blocks, which a cache cannot split"
+    short = [w for w in windows if w is not None and w < total_length]
+    if short:
+        return (f"{model.config.model_type} masks by a sliding window shorter than the rows ({min(short)} < "
+                f"{total_length} tokens), which a left-padded cache shifts")
+    if model.is_activation_checkpointing or activation_checkpointing:
+        return "activation checkpointing is on, which turns the KV cache off or recomputes the layers that fill it"
+    return None
+
+
+def _check_supported(model: Any, total_length: int) -> Any:
+    refusal = prefix_cache_refusal(model, total_length)
+    if refusal is not None:
+        raise ValueError(f"prefix-cache forward: {refusal}; use forward: shared_prefix")
+    return family_rules(model.config)
 
 
 def _prompt_positions(model: Any, prompt: Mapping[str, Any], mrope: bool) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,9 @@ from typing import Any, Iterable, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
+
+from mmalign.models.layouts import resolve_layout
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,13 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1) -> Accelerator:
     )
     set_seed(run.seed)
     return accelerator
+
+
+def trainer_layout(forward: str, policy: Any, max_length: int, accelerator: Accelerator) -> str:
+    """The batch layout a recipe runs (``layouts.resolve_layout``), seeing FSDP's activation checkpointing too."""
+    fsdp = accelerator.distributed_type == DistributedType.FSDP  # only then does the state hold an fsdp_plugin
+    return resolve_layout(forward, policy, max_length,
+                          activation_checkpointing=fsdp and accelerator.state.fsdp_plugin.activation_checkpointing)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig,

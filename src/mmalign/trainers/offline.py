@@ -6,9 +6,10 @@ DDP, DeepSpeed or FSDP through ``accelerate launch``). Optimizer step ``s`` cons
 ``grad_accum`` micro-batches, so micro-batch x accumulation x processes only changes how the same mean
 loss is computed, and a resumed run continues with exactly the batches an uninterrupted run would see.
 
-Batch layout (``forward``, ``mmalign.models.layouts.PREFERENCE_LAYOUTS``): ``shared_prefix`` (default; image
-and prompt once per record, answers packed behind them), ``prefix_cache`` (answers against the prompt's KV
-cache) or ``plain`` (one row per answer, the reference layout); all give the same log-probs and gradients.
+Batch layout (``forward``, ``mmalign.models.layouts``): ``prefix_cache`` (image and prompt once per record,
+answers against the prompt's KV cache), ``shared_prefix`` (answers packed behind the prompt, block mask) or
+``plain`` (one row per answer, the reference layout); all give the same log-probs and gradients. The default
+``auto`` takes ``prefix_cache`` where it is exact for the model, else ``shared_prefix`` (logged at start).
 
 Reference model (``mmalign.models.lora``): under LoRA the same weights with the adapter disabled, under full
 fine-tuning a frozen copy. Optionally the reference log-probs are computed once and cached on disk, keyed
@@ -18,6 +19,7 @@ POVID's teacher-forced answer under a noised image is one more rejected slot (``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -40,7 +42,7 @@ from mmalign.sampling.povid import povid_rejected_logps
 from mmalign.trainers.common import (
     MetricsLogger, OptimConfig, RunConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
     build_scheduler, latest_checkpoint, load_checkpoint, make_accelerator, process_slice, progress,
-    save_checkpoint, steps_per_epoch,
+    save_checkpoint, steps_per_epoch, trainer_layout,
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
 from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_root, load_pairs, record_images
@@ -83,7 +85,8 @@ class LossConfig:
 class OfflineConfig:
     """``batch_size`` is the global batch in records per optimizer step (all processes and micro-batches).
 
-    ``forward``: the batch layout of policy and reference passes (``PREFERENCE_LAYOUTS``); ``povid``: the
+    ``forward``: the batch layout of policy and reference passes (``PREFERENCE_LAYOUTS``, or ``auto``:
+    ``layouts.resolve_layout`` at start; the saved config holds the resolved name); ``povid``: the
     optional POVID-style rejected slot, weighted beside ``loss.rejected_weights`` in the Eq. 5 mean.
     """
 
@@ -97,7 +100,7 @@ class OfflineConfig:
     batch_size: int = 8
     epochs: int = 1
     max_steps: int = 0
-    forward: Literal["shared_prefix", "prefix_cache", "plain"] = "shared_prefix"
+    forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
     ref_cache_dir: str | None = None
     merge_weights: bool = False
 
@@ -311,6 +314,7 @@ def train_offline(cfg: OfflineConfig) -> Path:
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader for DeepSpeed to read the size from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     policy, processor, frozen, projector = prepare_policy(cfg)
+    cfg = dataclasses.replace(cfg, forward=trainer_layout(cfg.forward, policy, cfg.data.max_length, accelerator))
     records, n_skipped = load_pairs(cfg.data, processor, PREFERENCE_LAYOUTS[cfg.forward][0],
                                     margin_key=cfg.loss.margin_key if cfg.loss.dynamic_beta else None,
                                     is_main=accelerator.is_main_process)

@@ -50,7 +50,7 @@ from mmalign.sampling.rollouts import (
 from mmalign.sampling.similarity import SentenceSimilarity
 from mmalign.trainers.common import (
     MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, steps_per_epoch,
+    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, steps_per_epoch, trainer_layout,
 )
 from mmalign.trainers.offline import LoraConfig, ModelConfig, prepare_policy
 
@@ -87,7 +87,7 @@ class OnlineLossConfig:
 class OnlineConfig:
     """``batch_size``: prompts per optimizer step (global). ``mix_p``: Eq. 4's p (probability of the offline
     pair); ``bdhs_gamma``: Eq. 5's gamma (weight of the external rejected answer); ``forward``: the batch layout of
-    the update and reference passes (``mmalign.models.layouts``)."""
+    the update and reference passes (``mmalign.models.layouts``; ``auto``, the default, is resolved at start)."""
 
     mode: Literal["online", "mixed", "online_bdhs"] = "online"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -104,7 +104,7 @@ class OnlineConfig:
     batch_size: int = 8
     epochs: int = 1
     max_steps: int = 0
-    forward: Literal["shared_prefix", "prefix_cache", "plain"] = "shared_prefix"
+    forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
@@ -340,6 +340,7 @@ def train_online(cfg: OnlineConfig) -> Path:
     out = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
     policy, processor, frozen, projector = prepare_policy(cfg)
+    cfg = dataclasses.replace(cfg, forward=trainer_layout(cfg.forward, policy, cfg.data.max_length, accelerator))
     records = _load_records(cfg)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch(len(records), cfg.batch_size)
     if frozen is not None:

@@ -3,12 +3,19 @@
 Records whose image holds a trigger object but not its partner are sampled twice with the same seed, so
 every record gets the same pivots and swaps: once with rho = 0 (image fully visible) and once with the
 paper's rho = 0.99. The masked run must name the absent partner clearly more often (paired sign test over
-the records where the two runs disagree). The base is the lab recipe's (``mmalign lab pretrain --config
-configs/lab_pretrain.yaml``: ``runs/lab`` and ``runs/lab_base``), reused when cached and trained otherwise.
+the records where the two runs disagree). The model is the shipped lab base, on a fresh build of the lab it
+was trained on.
+
+It held on the first shipped base (64-wide vision tower, which could not tell shapes apart). On the current base
+it fails: up to rho = 0.9 the answers barely change (the colours the model names survive in the few visible
+image tokens), and from rho = 0.95 the model, never trained without its image, writes degenerate text
+("... No No No.") instead of leaning on its prior; the absent partner is named less often (0.18 at rho 0, 0.19 at
+0.9, 0.10 at 0.99). Kept as a strict xfail so it reports when a base makes it pass (docs/lab.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,25 +24,22 @@ import numpy as np
 import pytest
 import torch
 
-from mmalign.config import load_config
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records
-from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+from mmalign.lab.build import build_lab
+from mmalign.lab.pretrain import BASE_DIR, shipped_base_lab
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample
 from mmalign.sampling.masked import MaskedRow, encode_rows
 
 pytestmark = pytest.mark.slow
 
-RECIPE = Path(__file__).parents[2] / "configs" / "lab_pretrain.yaml"
-
 
 @pytest.fixture(scope="module")
-def base() -> tuple[Path, Path]:
-    """(lab folder, base model folder) of the lab recipe."""
-    cfg = load_config(PretrainConfig, RECIPE)
-    model_dir = pretrain_base(cfg)
-    return Path(cfg.lab.out_dir), model_dir
+def base(tmp_path_factory) -> tuple[Path, Path]:
+    """(lab folder, base model folder): the shipped base and its lab."""
+    lab = dataclasses.replace(shipped_base_lab(), out_dir=str(tmp_path_factory.mktemp("lab")))
+    return build_lab(lab), BASE_DIR
 
 
 def _names_absent_partner(answer: str, objects: list[str], pairs: list[list[str]]) -> bool:
@@ -43,6 +47,7 @@ def _names_absent_partner(answer: str, objects: list[str], pairs: list[list[str]
     return any(p in answer for p in absent)
 
 
+@pytest.mark.xfail(strict=True, reason="current lab base degenerates under masking instead of following its prior")
 def test_masking_shifts_bdhs_answers_toward_the_bias_partner(base):
     lab, model_dir = base
     model, processor = load_vlm(model_dir)

@@ -12,7 +12,7 @@ Variants: ``trl``; ``plain`` (``collate_preference`` + ``preference_forward``); 
 block mask: ``collate_shared_prefix`` + ``shared_prefix_forward``); ``shared_ckpt`` (+ activation
 checkpointing); ``shared_cached_ref`` (reference log-probs computed once before training, as the offline
 trainer's cache does); ``cache`` (prompt KV cache reused by the answers: ``collate_prefix_cache`` +
-``prefix_cache_forward``).
+``prefix_cache_forward``; what the trainers' default ``forward: auto`` runs on this model).
 FLOPs are counted once per variant with ``torch.utils.flop_counter`` (eager attention, so the attention score
 matmuls are counted at their full [L, L] size); the *unique-token limit* is the same step over one causal row
 per record holding each unique token once ([image + prompt | chosen | rejected]).

@@ -29,10 +29,11 @@ def lab_dir(tmp_path_factory):
     return build_lab(cfg)
 
 
-def _sft(lab_dir, out, steps, resume=False):
+def _sft(lab_dir, out, steps, resume=False, extra=()):
     overrides = [f"data.train={lab_dir / 'sft_train.jsonl'}", f"run.output_dir={out}", f"steps={steps}",
                  "batch_size=8", "run.save_every=2", "run.tensorboard=false", "run.log_every=1",
-                 "optim.schedule=constant", "optim.warmup_ratio=0.0", f"run.resume={str(resume).lower()}", *MICRO]
+                 "optim.schedule=constant", "optim.warmup_ratio=0.0", f"run.resume={str(resume).lower()}", *MICRO,
+                 *extra]
     return train_sft(load_config(SFTConfig, overrides=overrides))
 
 
@@ -44,8 +45,10 @@ def _logits(model, processor, lab_dir):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-def test_sft_trains_saves_reloads_and_resumes_exactly(lab_dir, tmp_path):
-    out = _sft(lab_dir, tmp_path / "full", 4)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_sft_trains_saves_reloads_and_resumes_exactly(lab_dir, tmp_path, dropout):
+    extra = [f"image_dropout={dropout}"]
+    out = _sft(lab_dir, tmp_path / "full", 4, extra=extra)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and losses[-1] < losses[0]
     model, processor = load_vlm(out)
@@ -53,10 +56,22 @@ def test_sft_trains_saves_reloads_and_resumes_exactly(lab_dir, tmp_path):
     reference = _logits(model, processor, lab_dir)
     assert torch.equal(reference, _logits(again, processor, lab_dir))
     # stop after 2 steps, then continue to 4: same weights as the uninterrupted run
-    _sft(lab_dir, tmp_path / "split", 2)
-    resumed = _sft(lab_dir, tmp_path / "split", 4, resume=True)
+    _sft(lab_dir, tmp_path / "split", 2, extra=extra)
+    resumed = _sft(lab_dir, tmp_path / "split", 4, resume=True, extra=extra)
     model_b, _ = load_vlm(resumed)
     torch.testing.assert_close(_logits(model_b, processor, lab_dir), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_image_dropout_changes_training_but_not_with_the_accumulation_split(lab_dir, tmp_path):
+    """Hidden examples are drawn per record, so 1 x 8 and 4 x 2 micro-batches train the same weights."""
+    model, processor = load_vlm(_sft(lab_dir, tmp_path / "plain", 2))
+    one = _sft(lab_dir, tmp_path / "one", 2, extra=["image_dropout=0.5"])
+    four = _sft(lab_dir, tmp_path / "four", 2, extra=["image_dropout=0.5", "optim.grad_accum=4"])
+    model_one, _ = load_vlm(one)
+    model_four, _ = load_vlm(four)
+    reference = _logits(model_one, processor, lab_dir)
+    torch.testing.assert_close(_logits(model_four, processor, lab_dir), reference, rtol=1e-5, atol=1e-5)
+    assert (_logits(model, processor, lab_dir) - reference).abs().max() > 1e-4
 
 
 def test_pretrain_cli_builds_trains_evaluates_and_caches(tmp_path):

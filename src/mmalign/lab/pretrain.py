@@ -41,6 +41,7 @@ class PretrainConfig:
                                                              log_every=50))
     batch_size: int = 32
     steps: int = 1500
+    image_dropout: float = 0.0
     max_length: int = 96
     eval_batch_size: int = 64
 
@@ -57,7 +58,7 @@ def sft_config(cfg: PretrainConfig, lab_dir: Path) -> SFTConfig:
     return SFTConfig(
         model=SFTModelConfig(lab=cfg.model),
         data=SFTDataConfig(train=str(lab_dir / "sft_train.jsonl"), max_length=cfg.max_length),
-        optim=cfg.optim, run=cfg.run, batch_size=cfg.batch_size, steps=cfg.steps,
+        optim=cfg.optim, run=cfg.run, batch_size=cfg.batch_size, steps=cfg.steps, image_dropout=cfg.image_dropout,
     )
 
 

@@ -93,6 +93,19 @@ def hide_image_tokens(config: Any, input_ids: Tensor, attention_mask: Tensor, ke
     return masked
 
 
+def hide_image_attention(model: Any, inputs: dict[str, Tensor], keeps: Sequence[np.ndarray]) -> dict[str, Tensor]:
+    """``inputs`` with Eq. 6 holes in ``attention_mask`` and explicit ``position_ids`` of the unmasked sequence.
+
+    The positions are what the model's own ``_prepare_position_ids_for_generation`` derives from the unmasked
+    mask (2-D, or [4, B, T] text + mRoPE for Qwen2-VL), so hiding a token never shifts a later one. Used by
+    masked generation and by SFT with ``image_dropout``.
+    """
+    out = dict(inputs)
+    out["position_ids"] = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+    out["attention_mask"] = hide_image_tokens(model.config, inputs["input_ids"], inputs["attention_mask"], keeps)
+    return out
+
+
 def image_token_counts(model: Any, processor: Any, prompts: Sequence[Any], images: Sequence[list[Image.Image]]) -> list[int]:
     """Number of image tokens each prompt expands to (what a mask of Eq. 6 ranges over)."""
     encoded = encode_prompts(processor, prompts, images)
@@ -157,10 +170,7 @@ def generate_masked(model: Any, processor: Any, rows: Sequence[MaskedRow], *, ma
     inputs, prefix_lengths = encode_rows(processor, rows)
     inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
               for k, v in inputs.items()}
-    full_mask = inputs["attention_mask"]
-    # The positions generate would use for the unmasked input (2-D, or [4, B, T] text + mRoPE for Qwen2-VL).
-    position_ids = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
-    inputs["attention_mask"] = hide_image_tokens(model.config, inputs["input_ids"], full_mask, [r.keep for r in rows])
+    inputs = hide_image_attention(model, inputs, [r.keep for r in rows])
     tokenizer = processor.tokenizer
     processors = LogitsProcessorList([_GumbelRows([r.seed for r in rows], temperature)] if temperature > 0 else [])
     stopping = StoppingCriteriaList([_StopAtPeriod(tokenizer)] if stop_at_period else [])
@@ -168,7 +178,7 @@ def generate_masked(model: Any, processor: Any, rows: Sequence[MaskedRow], *, ma
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=model.generation_config.eos_token_id,
                               bos_token_id=model.generation_config.bos_token_id)
-    out = model.generate(**inputs, position_ids=position_ids, generation_config=config,
+    out = model.generate(**inputs, generation_config=config,
                          logits_processor=processors, stopping_criteria=stopping)
     width = inputs["input_ids"].shape[1]
     texts = []

@@ -11,6 +11,7 @@ count (invariant: 8 x 1 == 1 x 8).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ from mmalign.data.record_files import read_records
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.model import LabModelConfig, build_lab_model
 from mmalign.models.loading import load_vlm, projector_param_names
-from mmalign.models.logprobs import answer_token_logps
+from mmalign.models.image_tokens import image_token_mask
+from mmalign.models.logprobs import answer_token_logps, model_inputs
+from mmalign.sampling.masked import hide_image_attention
 from mmalign.trainers.common import (
     MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
     load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint,
@@ -54,16 +57,25 @@ class SFTDataConfig:
 
 @dataclass
 class SFTConfig:
+    """``image_dropout``: share of training examples whose image tokens are all hidden from attention (Eq. 6
+    of Amirloo et al. 2024 with rho = 1, positions kept), drawn per (seed, step, record). The model then also
+    learns each answer's text-only prior, which an LLM-initialised VLM brings from its language pre-training
+    and a VLM trained from scratch lacks: without it, BDHS masking yields degenerate text instead of the
+    model's language bias (docs/lab.md)."""
+
     model: SFTModelConfig = field(default_factory=SFTModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
     batch_size: int = 32
     steps: int = 1000
+    image_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch_size and steps must be >= 1")
+        if not 0.0 <= self.image_dropout <= 1.0:
+            raise ValueError(f"image_dropout must be in [0, 1], got {self.image_dropout}")
         if self.batch_size % self.optim.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.optim.grad_accum}")
 
@@ -91,18 +103,33 @@ class _Images:
         return out
 
 
-def _micro_step(model, processor, accelerator, records, images, cfg: SFTConfig, scale: float) -> tuple[float, int]:
+def hidden_rows(seed: int, step: int, indices: list[int], rate: float) -> list[bool]:
+    """Which examples of a micro-batch (record ``indices``) train with their image hidden at ``step``: a draw
+    per (seed, step, record), so it does not depend on batch split, accumulation or process count."""
+    return [rate > 0 and random.Random(f"{seed}:{step}:{i}").random() < rate for i in indices]
+
+
+def _hide_images(model, batch: dict, hidden: list[bool]) -> dict:
+    """``batch`` with every image token of the ``hidden`` rows masked out of attention (positions kept)."""
+    counts = image_token_mask(model.config, batch["input_ids"]).sum(dim=-1).tolist()
+    keeps = [torch.full((n,), not hide).numpy() for n, hide in zip(counts, hidden)]
+    inputs = hide_image_attention(model, model_inputs(batch), keeps)
+    return {**batch, **inputs}
+
+
+def _micro_step(model, processor, accelerator, records, images, hidden: list[bool],
+                scale: float, max_length: int) -> tuple[float, int]:
     """Forward/backward of one micro-batch; returns its summed answer NLL and answer-token count."""
-    batch = collate_sft(processor, records, [images(r) for r in records], cfg.data.max_length)
+    batch = collate_sft(processor, records, [images(r) for r in records], max_length)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    if any(hidden):
+        batch = _hide_images(accelerator.unwrap_model(model), batch, hidden)
     with accelerator.accumulate(model):
         token_logps, answer_mask = answer_token_logps(model, batch)  # float32[B, T], bool[B, T]
         nll = -(token_logps * answer_mask).sum()
         # accelerate divides by grad_accum and DDP averages over processes; undo both so the gradient
         # is d(sum NLL / tokens in the global batch).
         accelerator.backward(nll * scale)
-        if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
     return nll.item(), int(answer_mask.sum())
 
 
@@ -139,9 +166,13 @@ def train_sft(cfg: SFTConfig) -> Path:
         micro = len(mine) // cfg.optim.grad_accum
         nll, tokens = 0.0, 0
         for k in range(cfg.optim.grad_accum):
-            chunk = [records[i] for i in mine[k * micro:(k + 1) * micro]]
-            step_nll, step_tokens = _micro_step(model, processor, accelerator, chunk, images, cfg, scale)
+            chunk = mine[k * micro:(k + 1) * micro]
+            hidden = hidden_rows(cfg.run.seed, step, chunk, cfg.image_dropout)
+            step_nll, step_tokens = _micro_step(model, processor, accelerator, [records[i] for i in chunk], images,
+                                                hidden, scale, cfg.data.max_length)
             nll, tokens = nll + step_nll, tokens + step_tokens
+        if cfg.optim.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

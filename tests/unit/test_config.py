@@ -1,10 +1,15 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
 import yaml
 
 from mmalign.config import ConfigError, config_hash, load_config, save_config
+from mmalign.trainers.offline import OfflineConfig
+from mmalign.trainers.online import OnlineConfig
+
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 @dataclass
@@ -68,3 +73,12 @@ def test_saved_config_reloads_identically(tmp_path):
     again = load_config(Recipe, path)
     assert again == cfg and config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(Recipe, None, ["steps=8"])) != config_hash(cfg)
+
+
+
+@pytest.mark.parametrize("recipe, name", [(OfflineConfig, "lab_dpo.yaml"), (OnlineConfig, "lab_online.yaml"),
+                                          (OnlineConfig, "lab_mixed.yaml"), (OnlineConfig, "lab_online_noisy.yaml")])
+def test_shipped_preference_configs_load_and_reload(recipe, name, tmp_path):
+    cfg = load_config(recipe, CONFIGS / name)
+    assert cfg.model.freeze_vision and cfg.batch_size == 16  # the shared sections and schedule stay top-level keys
+    assert load_config(recipe, save_config(cfg, tmp_path)) == cfg

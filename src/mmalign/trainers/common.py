@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -27,6 +27,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 
 from mmalign.models.layouts import resolve_layout
+from mmalign.models.lora import LoraConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,29 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("log_every >= 1, save_every >= 0 and keep_checkpoints >= 1 are required")
+
+
+@dataclass
+class PreferenceRecipeConfig:
+    """The sections and schedule every preference recipe (offline, online, mixed) shares, as top-level keys.
+
+    ``batch_size``: the global batch per optimizer step (all processes and micro-batches); ``max_steps`` > 0
+    replaces ``epochs``; ``forward``: the batch layout of the policy and reference passes
+    (``mmalign.models.layouts``; ``auto`` is resolved at start and the saved config holds the resolved name).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    batch_size: int = 8
+    epochs: int = 1
+    max_steps: int = 0
+    forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
+            raise ValueError("batch_size >= 1, epochs >= 1 and max_steps >= 0 are required")
 
 
 def make_accelerator(run: RunConfig, grad_accum: int = 1) -> Accelerator:

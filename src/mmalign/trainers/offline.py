@@ -36,11 +36,11 @@ from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import (
     PreferenceForward, RefFn, answer_cache_key, cached_reference, live_reference, model_fingerprint,
 )
-from mmalign.models.lora import LoraConfig, ModelConfig, prepare_policy, reference_model
+from mmalign.models.lora import prepare_policy, reference_model
 from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, mm_dpo_beta, sft_nll
 from mmalign.sampling.povid import povid_rejected_logps
 from mmalign.trainers.common import (
-    MetricsLogger, OptimConfig, RunConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
+    MetricsLogger, PreferenceRecipeConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
     build_scheduler, latest_checkpoint, load_checkpoint, make_accelerator, process_slice, progress,
     save_checkpoint, steps_per_epoch, trainer_layout,
 )
@@ -82,31 +82,18 @@ class LossConfig:
 
 
 @dataclass
-class OfflineConfig:
-    """``batch_size`` is the global batch in records per optimizer step (all processes and micro-batches).
+class OfflineConfig(PreferenceRecipeConfig):
+    """``PreferenceRecipeConfig`` plus the pairs, the loss and the optional POVID-style rejected slot (``povid``,
+    weighted beside ``loss.rejected_weights`` in the Eq. 5 mean)."""
 
-    ``forward``: the batch layout of policy and reference passes (``PREFERENCE_LAYOUTS``, or ``auto``:
-    ``layouts.resolve_layout`` at start; the saved config holds the resolved name); ``povid``: the
-    optional POVID-style rejected slot, weighted beside ``loss.rejected_weights`` in the Eq. 5 mean.
-    """
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     povid: PovidConfig = field(default_factory=PovidConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int = 0
-    forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
     ref_cache_dir: str | None = None
     merge_weights: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
-            raise ValueError("batch_size >= 1, epochs >= 1 and max_steps >= 0 are required")
+        super().__post_init__()
         if self.merge_weights and not self.lora.enabled:
             raise ValueError("merge_weights needs lora.enabled (full fine-tuning already saves whole weights)")
         if self.lora.enabled and not self.model.freeze_vision:

@@ -41,6 +41,7 @@ from mmalign.data.record_files import read_records, record_to_json, write_record
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import RefFn, live_reference
+from mmalign.models.lora import prepare_policy
 from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, sft_nll
 from mmalign.sampling.annotators import Annotator, AnnotatorConfig, build_annotator
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample, settings
@@ -49,10 +50,9 @@ from mmalign.sampling.rollouts import (
 )
 from mmalign.sampling.similarity import SentenceSimilarity
 from mmalign.trainers.common import (
-    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
+    MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
     load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, steps_per_epoch, trainer_layout,
 )
-from mmalign.trainers.offline import LoraConfig, ModelConfig, prepare_policy
 
 logger = logging.getLogger(__name__)
 
@@ -84,31 +84,22 @@ class OnlineLossConfig:
 
 
 @dataclass
-class OnlineConfig:
-    """``batch_size``: prompts per optimizer step (global). ``mix_p``: Eq. 4's p (probability of the offline
-    pair); ``bdhs_gamma``: Eq. 5's gamma (weight of the external rejected answer); ``forward``: the batch layout of
-    the update and reference passes (``mmalign.models.layouts``; ``auto``, the default, is resolved at start)."""
+class OnlineConfig(PreferenceRecipeConfig):
+    """``PreferenceRecipeConfig`` (``batch_size`` in prompts) plus the mode, prompts, loss and pair collection.
+    ``mix_p``: Eq. 4's p (probability of the offline pair); ``bdhs_gamma``: Eq. 5's gamma (weight of the
+    external rejected answer)."""
 
     mode: Literal["online", "mixed", "online_bdhs"] = "online"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
     data: OnlineDataConfig = field(default_factory=OnlineDataConfig)
     loss: OnlineLossConfig = field(default_factory=OnlineLossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
     mix_p: float = 0.5
     bdhs_gamma: float = 0.5
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int = 0
-    forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
-            raise ValueError("batch_size >= 1, epochs >= 1 and max_steps >= 0 are required")
+        super().__post_init__()
         if not 0.0 <= self.mix_p <= 1.0 or not 0.0 <= self.bdhs_gamma < 1.0:
             raise ValueError("need 0 <= mix_p <= 1 and 0 <= bdhs_gamma < 1 (gamma = 1 would ignore the BDHS answer)")
 

@@ -12,6 +12,7 @@ and the build asserts it again on the written image hashes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -47,7 +48,9 @@ class LabConfig:
 
     ``p`` is P(partner | trigger) in the SFT data; preference prompts and evaluation images use lower
     ``p_pref`` / ``p_eval`` and a higher ``eval_trigger_rate`` so that many show a trigger without its
-    partner, where the bias can be measured and corrected.
+    partner, where the bias can be measured and corrected. ``pref_questions_per_image`` adds yes/no
+    preference prompts (asked as in SFT) after each image's caption prompt, so alignment data can reach the
+    yes/no answers POPE scores; they come from their own random stream and change no image or other record.
     """
 
     out_dir: str = "runs/lab"
@@ -61,6 +64,7 @@ class LabConfig:
     questions_per_image: int = 2
     partner_question_rate: float = 0.3
     pope_per_image: int = 3
+    pref_questions_per_image: int = 0
 
     def __post_init__(self) -> None:
         for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate"):
@@ -68,6 +72,15 @@ class LabConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.sizes.sft, self.sizes.pref, self.sizes.eval) < 1 or self.pope_per_image < 1:
             raise ValueError("split sizes and pope_per_image must be >= 1")
+        if self.pref_questions_per_image < 0:
+            raise ValueError(f"pref_questions_per_image must be >= 0, got {self.pref_questions_per_image}")
+
+    def same_base_data(self, other: LabConfig) -> bool:
+        """True when both labs give a base model the same images and SFT records (``out_dir`` and the
+        preference questions, drawn from their own stream, aside)."""
+        keep = {"out_dir": self.out_dir, "pref_questions_per_image": self.pref_questions_per_image}
+        return dataclasses.replace(other, **keep) == self
+
 
 
 def lab_scenes(cfg: LabConfig) -> dict[str, list[Scene]]:
@@ -109,12 +122,21 @@ def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[P
 
 
 def _pref_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
-    return [
-        PreferenceRecord(id=f"pref-{i:05d}", images=[ref], prompt=CAPTION_PROMPT,
-                         chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
-                         meta={"objects": scene.names, "task": "caption"})
-        for i, (scene, ref) in enumerate(zip(scenes, refs))
-    ]
+    """Per image: the caption prompt (id ``pref-<i>``), then its yes/no questions (``pref-<i>-q<j>``)."""
+    rng = random.Random(cfg.seed + 3)
+    records = []
+    for i, (scene, ref) in enumerate(zip(scenes, refs)):
+        meta = {"objects": scene.names, "task": "caption"}
+        records.append(PreferenceRecord(id=f"pref-{i:05d}", images=[ref], prompt=CAPTION_PROMPT,
+                                        chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
+                                        meta=meta))
+        if not cfg.pref_questions_per_image:
+            continue
+        examples = sft_examples(scene, cfg.world, rng, cfg.pref_questions_per_image, cfg.partner_question_rate)
+        for j, (prompt, answer) in enumerate(examples[1:]):
+            records.append(PreferenceRecord(id=f"pref-{i:05d}-q{j}", images=[ref], prompt=prompt, chosen=answer,
+                                            rejected=[], source="shapesworld", meta={**meta, "task": "yesno"}))
+    return records
 
 
 def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],

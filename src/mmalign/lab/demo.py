@@ -96,8 +96,7 @@ def _once(done: Path, make: Callable[[], Any]) -> Path:
 
 def _base_model(cfg: DemoConfig) -> Path:
     if cfg.base == "shipped":
-        trained_on = dataclasses.replace(shipped_base_lab(), out_dir=cfg.lab.out_dir)
-        if trained_on != cfg.lab:
+        if not cfg.lab.same_base_data(shipped_base_lab()):
             raise ConfigError("base=shipped: the shipped base was trained on another lab than `lab` "
                               f"({BASE_DIR / 'recipe.yaml'}); keep the lab defaults or use base=recipe")
         return BASE_DIR

@@ -6,11 +6,10 @@ paper's rho = 0.99. The masked run must name the absent partner clearly more oft
 the records where the two runs disagree). The model is the shipped lab base, on a fresh build of the lab it
 was trained on.
 
-It held on the first shipped base (64-wide vision tower, which could not tell shapes apart). On the current base
-it fails: up to rho = 0.9 the answers barely change (the colours the model names survive in the few visible
-image tokens), and from rho = 0.95 the model, never trained without its image, writes degenerate text
-("... No No No.") instead of leaning on its prior; the absent partner is named less often (0.18 at rho 0, 0.19 at
-0.9, 0.10 at 0.99). Kept as a strict xfail so it reports when a base makes it pass (docs/lab.md).
+It needs a base that has learned its text-only prior: the shipped base is trained with 15 % of its SFT examples
+image-hidden (``image_dropout``). Its predecessor, trained always with its image, wrote degenerate text under
+masking ("... No No No.") and named the absent partner less often (0.18 at rho 0, 0.10 at 0.99); the current
+base names it 0.18 -> 0.30 -> 0.44 at rho 0 / 0.9 / 0.99 (docs/lab.md).
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ def _names_absent_partner(answer: str, objects: list[str], pairs: list[list[str]
     return any(p in answer for p in absent)
 
 
-@pytest.mark.xfail(strict=True, reason="current lab base degenerates under masking instead of following its prior")
 def test_masking_shifts_bdhs_answers_toward_the_bias_partner(base):
     lab, model_dir = base
     model, processor = load_vlm(model_dir)

@@ -49,23 +49,34 @@ from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_
 
 logger = logging.getLogger(__name__)
 
-# Per-step sums reduced over micro-batches and processes; divided by their counts for logging.
-_STATS = ("loss", "sft_nll", "beta", "chosen_reward", "n_records", "rejected_reward", "margin", "accuracy",
-          "n_pairs", "n_tokens")
+# Per-step sums reduced over micro-batches and processes; divided by their counts for logging. Every preference
+# recipe logs "loss", "n_records" and PAIR_STATS (``record_losses``, ``preference_metrics``).
+PAIR_STATS = ("chosen_reward", "rejected_reward", "margin", "accuracy", "n_pairs")
+_STATS = ("loss", "sft_nll", "beta", "n_records", "n_tokens", *PAIR_STATS)
 
 
 @dataclass
-class LossConfig:
-    """Which loss (``PREFERENCE_LOSSES``), its beta, the SFT term, MM-DPO beta, weights of the rejected slots.
-
-    ``rejected_weights``: one weight per rejected slot (Apple Eq. 5; empty = equal weights).
-    ``dynamic_beta``: beta per pair from ``meta[margin_key]`` (MM-DPO; ``beta_w``, ``beta_k``).
-    """
+class PreferenceLossConfig:
+    """The preference loss (``PREFERENCE_LOSSES``: dpo / ipo / slic), its beta, label smoothing, SFT weight."""
 
     name: Literal["dpo", "ipo", "slic"] = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
+            raise ValueError("loss needs beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0")
+
+
+@dataclass
+class LossConfig(PreferenceLossConfig):
+    """``PreferenceLossConfig`` plus MM-DPO beta and weights of the rejected slots.
+
+    ``rejected_weights``: one weight per rejected slot (Apple Eq. 5; empty = equal weights).
+    ``dynamic_beta``: beta per pair from ``meta[margin_key]`` (MM-DPO; ``beta_w``, ``beta_k``).
+    """
+
     rejected_weights: list[float] = field(default_factory=list)
     dynamic_beta: bool = False
     beta_w: float = 0.5
@@ -73,8 +84,7 @@ class LossConfig:
     margin_key: str = "reward_margin"
 
     def __post_init__(self) -> None:
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
-            raise ValueError("loss needs beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0")
+        super().__post_init__()
         if self.beta_w < 0 or self.beta_k <= 0:
             raise ValueError("MM-DPO needs beta_w >= 0 and beta_k > 0")
         if any(w < 0 for w in self.rejected_weights) or (self.rejected_weights and not any(self.rejected_weights)):
@@ -179,6 +189,34 @@ def policy_and_reference(run: _Run, batch: dict[str, Any], povid: tuple[dict, di
     return out, ref_chosen, ref_rejected
 
 
+def record_losses(loss: PreferenceLossConfig, out: PreferenceForward, ref_chosen: torch.Tensor,
+                  ref_rejected: torch.Tensor, slot_weights: list[float], beta: float | torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Per-record loss float[R], its SFT NLL float[R] and the sums of ``PAIR_STATS`` (R records, K rejected slots).
+
+    The loss is the ``slot_weights``-weighted mean over a record's rejected slots of the pair losses (Apple Eq. 5)
+    plus ``loss.sft_weight`` x the chosen answer's NLL; ``beta``: ``loss.beta`` or a beta per record float[R] (MM-DPO).
+    """
+    logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
+                            out.chosen_lengths, out.rejected_lengths)
+    pair = PREFERENCE_LOSSES[loss.name](logps, beta=beta, label_smoothing=loss.label_smoothing)
+    per_record = combine_rejected(pair.losses, out.rejected_mask, torch.tensor(slot_weights, device=pair.losses.device))
+    sft = sft_nll(out.chosen_token_logps, out.chosen_mask)
+    mask = out.rejected_mask.float()
+    margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
+    sums = [pair.chosen_rewards.sum(), (pair.rejected_rewards * mask).sum(), margin.sum(),
+            ((margin > 0).float() * mask).sum(), mask.sum()]
+    return per_record + loss.sft_weight * sft, sft, sums
+
+
+def preference_metrics(s: dict[str, float]) -> dict[str, float]:
+    """Step means from the reduced sums: the loss and chosen reward per record, the rest per rejected slot."""
+    n = s["n_pairs"]
+    return {"loss": s["loss"] / s["n_records"], "rewards/chosen": s["chosen_reward"] / s["n_records"],
+            "rewards/rejected": s["rejected_reward"] / n, "rewards/margin": s["margin"] / n,
+            "rewards/accuracy": s["accuracy"] / n}
+
+
 def micro_loss(run: _Run, batch: dict[str, Any], povid: tuple[dict, dict] | None, indices: list[int]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss over the micro-batch's R records and the sums of ``_STATS`` (float[len(_STATS)])."""
@@ -189,23 +227,14 @@ def micro_loss(run: _Run, batch: dict[str, Any], povid: tuple[dict, dict] | None
     if cfg.loss.dynamic_beta:
         margins = torch.tensor([float(r.meta[cfg.loss.margin_key]) for r in chunk], device=out.chosen_logps.device)
         beta = mm_dpo_beta(cfg.loss.beta, margins, w=cfg.loss.beta_w, k=cfg.loss.beta_k)
-    logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
-                            out.chosen_lengths, out.rejected_lengths)
-    pair = PREFERENCE_LOSSES[cfg.loss.name](logps, beta=beta, label_smoothing=cfg.loss.label_smoothing)
     k = out.rejected_mask.shape[1] - int(povid is not None)  # the records' own rejected slots
     slot_weights = (cfg.loss.rejected_weights[:k] or [1.0] * k) + ([cfg.povid.weight] if povid is not None else [])
-    per_record = combine_rejected(pair.losses, out.rejected_mask, torch.tensor(slot_weights, device=pair.losses.device))
-    sft = sft_nll(out.chosen_token_logps, out.chosen_mask)
-    per_record = per_record + cfg.loss.sft_weight * sft
-    mask = out.rejected_mask.float()
-    margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
+    per_record, sft, pair_sums = record_losses(cfg.loss, out, ref_chosen, ref_rejected, slot_weights, beta)
     beta_sum = beta.sum() if isinstance(beta, torch.Tensor) else beta * len(chunk)
     # tokens the model reads: prefix_cache batches hold the answers apart from the prompts
     n_tokens = batch["attention_mask"].sum() + (batch["answer_mask"].sum() if cfg.forward == "prefix_cache" else 0)
-    values = [per_record.detach().sum(), sft.detach().sum(), beta_sum, pair.chosen_rewards.sum(), len(chunk),
-              (pair.rejected_rewards * mask).sum(), margin.sum(), ((margin > 0).float() * mask).sum(), mask.sum(),
-              n_tokens]
-    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=mask.device) for v in values])
+    values = [per_record.detach().sum(), sft.detach().sum(), beta_sum, len(chunk), n_tokens, *pair_sums]
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=per_record.device) for v in values])
     return per_record.mean(), stats
 
 
@@ -233,13 +262,8 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
     run.scheduler.step()  # once per optimizer step, whatever the process count (not through accelerate)
     s = dict(zip(_STATS, acc.reduce(sums, "sum").tolist()))
     elapsed = time.perf_counter() - started
-    return {
-        "loss": s["loss"] / s["n_records"], "sft_nll": s["sft_nll"] / s["n_records"],
-        "rewards/chosen": s["chosen_reward"] / s["n_records"], "rewards/rejected": s["rejected_reward"] / s["n_pairs"],
-        "rewards/margin": s["margin"] / s["n_pairs"], "rewards/accuracy": s["accuracy"] / s["n_pairs"],
-        "beta": s["beta"] / s["n_records"], "lr": lr, "grad_norm": float(grad_norm),
-        "tokens_per_s": s["n_tokens"] / elapsed,
-    }
+    return {**preference_metrics(s), "sft_nll": s["sft_nll"] / s["n_records"], "beta": s["beta"] / s["n_records"],
+            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": s["n_tokens"] / elapsed}
 
 
 # --- outputs and the loop ----------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from mmalign.data.schema import PreferenceRecord
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import RefFn, live_reference
 from mmalign.models.lora import prepare_policy
-from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, sft_nll
 from mmalign.sampling.annotators import Annotator, AnnotatorConfig, build_annotator
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample, settings
 from mmalign.sampling.rollouts import (
@@ -53,10 +52,11 @@ from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
     load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, steps_per_epoch, trainer_layout,
 )
+from mmalign.trainers.offline import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
 logger = logging.getLogger(__name__)
 
-_STATS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "n_pairs", "n_records")
+_STATS = ("loss", "n_records", *PAIR_STATS)
 
 
 @dataclass
@@ -70,20 +70,6 @@ class OnlineDataConfig:
 
 
 @dataclass
-class OnlineLossConfig:
-    """The preference loss (``PREFERENCE_LOSSES``: dpo / ipo / slic), its beta, label smoothing, SFT weight."""
-
-    name: Literal["dpo", "ipo", "slic"] = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
-            raise ValueError("loss needs beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0")
-
-
-@dataclass
 class OnlineConfig(PreferenceRecipeConfig):
     """``PreferenceRecipeConfig`` (``batch_size`` in prompts) plus the mode, prompts, loss and pair collection.
     ``mix_p``: Eq. 4's p (probability of the offline pair); ``bdhs_gamma``: Eq. 5's gamma (weight of the
@@ -91,7 +77,7 @@ class OnlineConfig(PreferenceRecipeConfig):
 
     mode: Literal["online", "mixed", "online_bdhs"] = "online"
     data: OnlineDataConfig = field(default_factory=OnlineDataConfig)
-    loss: OnlineLossConfig = field(default_factory=OnlineLossConfig)
+    loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
@@ -194,17 +180,9 @@ def _chunk_loss(run: _Run, chunk: list[PreferenceRecord], scale: float) -> tuple
     batch = {k: v.to(device) for k, v in batch.items()}
     out = forward(run.policy, batch)
     ref_chosen, ref_rejected = run.reference(batch, [])
-    logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
-                            out.chosen_lengths, out.rejected_lengths)
-    pair = PREFERENCE_LOSSES[cfg.loss.name](logps, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing)
-    k = out.rejected_mask.shape[1]
-    weights = torch.tensor([cfg.bdhs_gamma, 1.0 - cfg.bdhs_gamma] if k == 2 else [1.0], device=device)
-    per_record = combine_rejected(pair.losses, out.rejected_mask, weights)
-    per_record = per_record + cfg.loss.sft_weight * sft_nll(out.chosen_token_logps, out.chosen_mask)
-    mask = out.rejected_mask.float()
-    margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
-    values = [per_record.detach().sum(), pair.chosen_rewards.sum(), (pair.rejected_rewards * mask).sum(),
-              margin.sum(), ((margin > 0).float() * mask).sum(), mask.sum(), len(chunk)]
+    weights = [cfg.bdhs_gamma, 1.0 - cfg.bdhs_gamma] if out.rejected_mask.shape[1] == 2 else [1.0]
+    per_record, _, pair_sums = record_losses(cfg.loss, out, ref_chosen, ref_rejected, weights, cfg.loss.beta)
+    values = [per_record.detach().sum(), len(chunk), *pair_sums]
     stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
     return per_record.sum() * scale, stats * (1.0 if scale else 0.0)
 
@@ -256,10 +234,7 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
               "time/collect_s": collected - started}
     if pairs:
         s, grad_norm = update_step(run, pairs)
-        n = s["n_pairs"]
-        values |= {"loss": s["loss"] / s["n_records"], "rewards/chosen": s["chosen_reward"] / s["n_records"],
-                   "rewards/rejected": s["rejected_reward"] / n, "rewards/margin": s["margin"] / n,
-                   "rewards/accuracy": s["accuracy"] / n, "grad_norm": grad_norm}
+        values |= {**preference_metrics(s), "grad_norm": grad_norm}
     else:
         logger.warning("step %d: the annotator preferred no answer of any prompt; no update", step)
     run.scheduler.step()  # the schedule advances with the step count, pairs or not

@@ -1,42 +1,40 @@
-"""POPE "yes" rates on absent objects, split by whether the asked object's colour / shape is in the image.
+"""POPE "yes" rates on absent objects per split and stratum, several evaluation runs side by side.
 
-ShapesWorld objects are colour x shape, so a model that sees colours but not shapes answers "yes" to any
-absent object whose colour is present. Comparing the absent bias partner with random absent objects *within
-the same stratum* separates the language prior from that perceptual shortcut. Reads an evaluation folder's
-per-sample records (``samples_pope.jsonl`` and, for the image's objects, ``samples_captions.jsonl``).
+The stratum is the POPE item's ``stratum`` field, carried into each run's ``samples_pope.jsonl`` (in the lab:
+which of the asked object's colour / shape is in the image, ``mmalign.lab.splits.pope_stratum``). The
+evaluation itself reports the absent-partner and random rates per stratum and the matched gap
+(``pope_bias/stratum/<label>/*``, ``pope_bias/yes_rate_gap_matched``); this table adds the popular split.
+Rates are the POPE yes-ratio with its bootstrap 95% interval over the questions of the cell.
 
     python scripts/lab_pope_strata.py RUN/eval [RUN2/eval ...]
 """
 
-import collections
-import json
 import sys
-from pathlib import Path
+from collections import defaultdict
+
+from mmalign.evaluation.pope import POPE_METRICS, pope_columns
+from mmalign.evaluation.stats import bootstrap
+from mmalign.evaluation.suite import load_run
 
 
-def strata(eval_dir: Path) -> dict[tuple[str, str], tuple[int, int]]:
-    """{(split, stratum): (yes answers, questions)} over POPE questions whose truth is "no"."""
-    truth = {r["image"]: r["truth"] for r in map(json.loads, open(eval_dir / "samples_captions.jsonl"))}
-    counts: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
-    for r in map(json.loads, open(eval_dir / "samples_pope.jsonl")):
-        if r["truth"] != "no" or r["image"] not in truth:
-            continue
-        colour, shape = r["object"].split()
-        present = [o.split() for o in truth[r["image"]]]
-        key = ("colour" if any(c == colour for c, _ in present) else "") + \
-              ("+shape" if any(s == shape for _, s in present) else "")
-        counts[(r["split"], key.lstrip("+") or "neither")][0] += r["parsed"] == "yes"
-        counts[(r["split"], key.lstrip("+") or "neither")][1] += 1
-    return {k: (v[0], v[1]) for k, v in counts.items()}
+def strata(eval_dir: str) -> dict[tuple[str, str], list[str]]:
+    """{(split, stratum): parsed answers} over the POPE questions whose truth is "no"."""
+    _, pope, _ = load_run(eval_dir)
+    answers: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in pope:
+        if r.get("stratum") is None:
+            sys.exit(f"{eval_dir}: POPE samples without a stratum; evaluate on a lab built with strata")
+        if r["truth"] == "no":
+            answers[(r["split"], r["stratum"])].append(r["parsed"])
+    return answers
 
 
 def main() -> None:
-    print("| eval | split | colour present | shape present | n | yes-rate |\n|---|---|---|---|---|---|")
-    for arg in sys.argv[1:]:
-        for (split, key), (yes, n) in sorted(strata(Path(arg)).items()):
-            colour, shape = "colour" in key, "shape" in key
-            print(f"| {arg} | {split} | {'yes' if colour else 'no'} | {'yes' if shape else 'no'} | {n} | "
-                  f"{yes / n:.3f} |")
+    print("| eval | split | stratum | n | yes-rate [95% CI] |\n|---|---|---|---|---|")
+    for eval_dir in sys.argv[1:]:
+        for (split, stratum), parsed in sorted(strata(eval_dir).items()):
+            m = bootstrap(pope_columns(parsed, ["no"] * len(parsed)), {"yes": POPE_METRICS["yes_ratio"]})["yes"]
+            print(f"| {eval_dir} | {split} | {stratum} | {m.n} | {m.value:.3f} [{m.ci_low:.3f}, {m.ci_high:.3f}] |")
 
 
 if __name__ == "__main__":

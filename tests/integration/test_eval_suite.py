@@ -45,6 +45,9 @@ POPE = [  # (image, split, object, label)
     (0, "adversarial", "blue square", "no"), (1, "adversarial", "blue square", "no"),
     (2, "adversarial", "red circle", "yes"), (3, "adversarial", "red square", "yes"),
 ]
+# each question's stratum, as the lab labels it: which of the asked colour / shape the image shows
+STRATA = ["shape", "present", "neither", "present", "present", "shape", "present", "neither",
+          "neither", "shape", "present", "present"]
 
 
 def _draw(objects):
@@ -66,9 +69,10 @@ def write_lab(root):
     (root / "bias.json").write_text(json.dumps({"pairs": PAIRS, "p": 0.9}))
     (root / "vocab" / "synonyms.txt").write_text("".join(f"{o}, {o}s\n" for o in OBJECTS))
     with open(root / "eval" / "pope.jsonl", "w") as f:
-        for k, (img, split, obj, label) in enumerate(POPE):
+        for k, ((img, split, obj, label), stratum) in enumerate(zip(POPE, STRATA)):
             f.write(json.dumps({"id": f"pope-{k:02d}", "image": f"images/{img}.png", "split": split, "object": obj,
-                                "question": f"<image>\nIs there a {obj} in the image?", "label": label}) + "\n")
+                                "question": f"<image>\nIs there a {obj} in the image?", "label": label,
+                                "stratum": stratum}) + "\n")
     with open(root / "eval" / "captions.jsonl", "w") as f:
         for i, objects in enumerate(SCENES):
             f.write(json.dumps({"id": f"cap-{i}", "image": f"images/{i}.png", "prompt": "<image>\nDescribe the image.",
@@ -182,9 +186,18 @@ def test_suite_writes_metrics_with_intervals_and_per_sample_records(lab, fitted,
     assert metrics["pope/all/accuracy"] == {**metrics["pope/all/accuracy"], "value": pytest.approx(6 / 12), "n": 12}
     assert metrics["pope_bias/yes_rate_partner"]["value"] == 1.0   # 2 absent blue squares, both "yes"
     assert metrics["pope_bias/yes_rate_random"]["value"] == 0.5    # green circle "no", red square "yes"
+    # within strata: "neither" 1/1 (blue square, image 0) - 1/1 (red square) = 0; "shape" 1/1 (blue square,
+    # image 1) - 0/1 (green circle) = 1; one partner question each, so the matched gap is 0.5
+    assert metrics["pope_bias/yes_rate_gap_matched"] == {**metrics["pope_bias/yes_rate_gap_matched"],
+                                                         "value": 0.5, "n": 4}
+    assert metrics["pope_bias/stratum/shape/yes_rate_gap"] == {**metrics["pope_bias/stratum/shape/yes_rate_gap"],
+                                                               "value": 1.0, "n": 2}
+    assert metrics["pope_bias/stratum/neither/yes_rate_gap"]["value"] == 0.0
+    assert not any(key.startswith("pope_bias/stratum/present/") for key in metrics)  # positives are not in it
     assert metrics["chair/chair_s"]["n"] == 8 and metrics["cooccur/partner_rate"]["n"] == 4
     pope = [json.loads(line) for line in (tmp_path / "run" / "samples_pope.jsonl").read_text().splitlines()]
     assert {"prompt", "answer", "parsed", "truth", "scores"} <= set(pope[0]) and len(pope) == 12
+    assert [r["stratum"] for r in sorted(pope, key=lambda r: r["id"])] == STRATA
     caps = [json.loads(line) for line in (tmp_path / "run" / "samples_captions.jsonl").read_text().splitlines()]
     assert len(caps) == 8 and sum(bool(c["units"]) for c in caps) == 4
     n_hal = sum(len(c["hallucinated"]) for c in caps)
@@ -218,6 +231,12 @@ def test_compare_pairs_runs_and_writes_a_report(lab, fitted, tmp_path):
         evaluate(_cfg(lab, tmp_path / "short_run", **{"pope.file": str(tmp_path / "short" / "pope.jsonl")}),
                  model, processor)
         compare({"a": tmp_path / "fitted", "b": tmp_path / "short_run"}, n_boot=10)
+    unstratified = [{k: v for k, v in json.loads(line).items() if k != "stratum"}
+                    for line in (lab / "eval" / "pope.jsonl").read_text().splitlines()]
+    (tmp_path / "flat.jsonl").write_text("".join(json.dumps(item) + "\n" for item in unstratified))
+    evaluate(_cfg(lab, tmp_path / "flat_run", **{"pope.file": str(tmp_path / "flat.jsonl")}), model, processor)
+    with pytest.raises(ValueError, match="not scored on the same samples or POPE strata .*'pope_bias'"):
+        compare({"a": tmp_path / "fitted", "b": tmp_path / "flat_run"}, n_boot=10)
 
 
 def test_cli_eval_and_compare_match_the_library(lab, fitted, tmp_path, capsys):

@@ -41,6 +41,16 @@ def test_bad_pope_files_are_named(tmp_path, rows, message):
         load_pope_items(_write(tmp_path / "p.jsonl", rows))
 
 
+def test_pope_strata_are_on_every_item_or_none(tmp_path):
+    items = load_pope_items(_write(tmp_path / "p.jsonl", [{**POPE, "stratum": "present"},
+                                                          {**POPE, "id": "q2", "label": "no", "stratum": "colour"}]))
+    assert [i["stratum"] for i in items] == ["present", "colour"]
+    with pytest.raises(ValueError, match=r"p.jsonl \(id 'q2'\): field 'stratum' must be a str on every item"):
+        load_pope_items(_write(tmp_path / "p.jsonl", [{**POPE, "stratum": "colour"}, {**POPE, "id": "q2"}]))
+    with pytest.raises(ValueError, match=r"\(id 'q1'\): field 'stratum' must be a str .* got 3"):
+        load_pope_items(_write(tmp_path / "p.jsonl", [{**POPE, "stratum": 3}]))
+
+
 def test_bad_captions_and_bias_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"id 'c'\): field 'objects' must be a list of strings"):
         load_caption_items(_write(tmp_path / "c.jsonl", [{"id": "c", "image": "i", "prompt": "x", "objects": [1]}]))

@@ -9,8 +9,9 @@ import pytest
 from mmalign.data.record_files import read_records
 from mmalign.evaluation.items import load_bias_pairs, load_caption_items, load_pope_items
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab, lab_scenes
+from mmalign.lab.splits import pope_stratum
 from mmalign.lab.texts import CAPTION_PROMPT, caption, caption_order
-from mmalign.lab.world import all_objects
+from mmalign.lab.world import Scene, SceneObject, all_objects
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,13 @@ def test_pope_splits(lab):
         assert item["label"] == ("yes" if item["object"] in present else "no")
         assert item["question"] == f"<image>\nIs there a {item['object']} in the image?"
         absent_partners = {partner_of[t] for t in present if t in partner_of} - present
+        colour, shape = item["object"].split()
+        if item["label"] == "yes":
+            assert item["stratum"] == "present"
+        else:  # which of the absent object's colour and shape some present object has
+            has = (any(o.startswith(colour + " ") for o in present), any(o.endswith(" " + shape) for o in present))
+            assert item["stratum"] == {(True, True): "colour+shape", (True, False): "colour",
+                                       (False, True): "shape", (False, False): "neither"}[has]
         if item["label"] == "no" and item["split"] == "adversarial":
             assert item["object"] in absent_partners
         if item["label"] == "no" and item["split"] == "random":
@@ -81,6 +89,18 @@ def test_pope_splits(lab):
         per_image = Counter((i["image"], i["label"]) for i in items if i["split"] == split)
         for image in {i["image"] for i in items if i["split"] == split}:
             assert per_image[(image, "yes")] == per_image[(image, "no")]
+
+
+def test_pope_stratum_of_a_hand_made_scene():
+    scene = Scene((SceneObject("red", "circle", 0, 16, 16, 20), SceneObject("blue", "square", 3, 48, 48, 20)))
+    expected = {
+        "red circle": "present", "blue square": "present",
+        "red square": "colour+shape", "blue circle": "colour+shape",  # colour of one object, shape of the other
+        "red cross": "colour", "blue triangle": "colour",
+        "green circle": "shape", "yellow square": "shape",
+        "green cross": "neither", "yellow triangle": "neither",
+    }
+    assert {obj: pope_stratum(scene, obj) for obj in expected} == expected
 
 
 def test_eval_images_show_triggers_without_partners(lab):

@@ -13,16 +13,25 @@ POPE level, over "no" questions:
                        adversarial split asks exactly for the absent partners of present triggers)
     yes_rate_random  = yes-rate on random-split questions about objects that are no bias partner
     yes_rate_gap     = yes_rate_partner - yes_rate_random   (> 0: the prior pulls answers to "yes")
+
+The pooled gap is confounded when the two groups' images differ in make-up (in the lab: a model that sees
+colours but not shapes says "yes" to absent objects of a present colour, and the groups share a present
+colour at different rates). POPE items may carry a ``stratum`` label (the lab's: which of the asked object's
+colour / shape is in the image); the gap is then compared within strata and averaged with the partner
+group's weights, as in a matched comparison:
+    yes_rate_gap_matched = sum_s n_partner(s) * gap(s) / sum_s n_partner(s),
+        gap(s) = yes_rate_partner(s) - yes_rate_random(s), over strata s holding both groups
+Items without a stratum form one stratum (then the matched gap is the pooled one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from mmalign.evaluation.stats import ratio
+from mmalign.evaluation.stats import MetricFn, ratio
 
 ADVERSARIAL_SPLIT = "adversarial"
 RANDOM_SPLIT = "random"
@@ -67,7 +76,7 @@ def pope_bias_records(pope_records: Sequence[dict[str, Any]],
                       pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """The "no" questions of the two groups, each record tagged ``"group": "partner" | "random"``.
 
-    ``pope_records``: scorer records with ``split``, ``object``, ``truth`` and ``parsed``.
+    ``pope_records``: scorer records with ``split``, ``object``, ``truth``, ``parsed`` and ``stratum``.
     """
     partners = {p for _, p in pairs}
     out = []
@@ -94,3 +103,40 @@ POPE_BIAS_METRICS = {
     "yes_rate_random": lambda s: ratio(s["random_yes"], s["random"]),
     "yes_rate_gap": lambda s: ratio(s["partner_yes"], s["partner"]) - ratio(s["random_yes"], s["random"]),
 }
+
+
+def pope_bias_strata(records: Sequence[dict[str, Any]]) -> list[str | None]:
+    """The distinct ``stratum`` labels of ``pope_bias_records`` records, sorted; ``[None]`` without strata
+    (per-sample files written before strata existed have no ``stratum`` key)."""
+    return sorted({r.get("stratum") for r in records}, key=str)
+
+
+def pope_bias_strata_columns(records: Sequence[dict[str, Any]],
+                             strata: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """``pope_bias_columns`` plus the same four columns restricted to each stratum ``strata[k]``, named
+    ``s<k>/<column>``; every column has shape ``[n]``, so a bootstrap resample of the questions resamples the
+    strata consistently with the pooled counts."""
+    pooled = pope_bias_columns(records)
+    out = dict(pooled)
+    for k, label in enumerate(strata):
+        inside = np.array([r.get("stratum") == label for r in records], dtype=float)
+        out |= {f"s{k}/{name}": col * inside for name, col in pooled.items()}
+    return out
+
+
+def pope_bias_metrics(n_strata: int) -> dict[str, MetricFn]:
+    """``POPE_BIAS_METRICS`` plus ``yes_rate_gap_matched`` over the columns of ``pope_bias_strata_columns``
+    for ``n_strata`` strata."""
+    def matched(s: Mapping[str, np.ndarray]) -> np.ndarray:
+        num = np.zeros_like(s["partner"])
+        den = np.zeros_like(s["partner"])
+        for k in range(n_strata):
+            partner, random = s[f"s{k}/partner"], s[f"s{k}/random"]
+            gap = ratio(s[f"s{k}/partner_yes"], partner) - ratio(s[f"s{k}/random_yes"], random)
+            # A stratum missing either group (here or in a bootstrap replicate) has no gap and no weight.
+            both = (partner > 0) & (random > 0)
+            num += np.where(both, partner * gap, 0.0)
+            den += np.where(both, partner, 0.0)
+        return ratio(num, den)
+
+    return POPE_BIAS_METRICS | {"yes_rate_gap_matched": matched}

@@ -1,6 +1,8 @@
 """Readers for the evaluation files of a built lab (or user files in the same formats), validated loudly.
 
-- ``eval/pope.jsonl``: ``{"id", "image", "question", "label": "yes"|"no", "split", "object"}``
+- ``eval/pope.jsonl``: ``{"id", "image", "question", "label": "yes"|"no", "split", "object"}`` and optionally
+  ``"stratum"``: a label of the image's make-up relative to the question (on every item or on none; the
+  bias gap is compared within strata, and a file without strata is one stratum)
 - ``eval/captions.jsonl``: ``{"id", "image", "prompt", "objects": [canonical names present]}``
 - ``bias.json``: ``{"pairs": [[trigger, partner], ...], ...}``
 
@@ -51,8 +53,16 @@ def _read_jsonl(path: Path, fields: dict[str, type],
 
 
 def load_pope_items(path: str | Path) -> list[dict[str, Any]]:
-    """POPE questions; ``label`` must be ``"yes"`` or ``"no"``."""
-    return _read_jsonl(Path(path), POPE_FIELDS, {"label": ("yes", "no")})
+    """POPE questions; ``label`` must be ``"yes"`` or ``"no"``; ``stratum``, if any item has it, a string on
+    every item (an item left out would silently form a stratum of its own)."""
+    path = Path(path)
+    items = _read_jsonl(path, POPE_FIELDS, {"label": ("yes", "no")})
+    if any("stratum" in item for item in items):
+        for item in items:
+            if not isinstance(item.get("stratum"), str):
+                raise ValueError(f"{path} (id {item['id']!r}): field 'stratum' must be a str on every item "
+                                 f"when any item has one, got {item.get('stratum')!r}")
+    return items
 
 
 def load_caption_items(path: str | Path) -> list[dict[str, Any]]:

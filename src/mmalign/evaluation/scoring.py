@@ -24,8 +24,10 @@ from mmalign.sampling.generate import GenerationParams, generate
 
 
 def _record(item: dict[str, Any], answer: str, parsed: str, **extra: Any) -> dict[str, Any]:
-    return {"id": item["id"], "split": item["split"], "object": item["object"], "image": item["image"],
-            "prompt": item["question"], "answer": answer, "parsed": parsed, "truth": item["label"], **extra}
+    """The per-sample record; ``stratum`` is null for items without one (an optional field of POPE files)."""
+    return {"id": item["id"], "split": item["split"], "object": item["object"], "stratum": item.get("stratum"),
+            "image": item["image"], "prompt": item["question"], "answer": answer, "parsed": parsed,
+            "truth": item["label"], **extra}
 
 
 def score_pope_generate(model: Any, processor: Any, items: Sequence[dict[str, Any]],

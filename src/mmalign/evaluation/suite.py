@@ -7,7 +7,8 @@ a built lab dir (or user files in the same formats, see ``mmalign.evaluation.ite
 - ``config.yaml``: the resolved config and its hash;
 - ``metrics.json``: every metric as ``{"value", "n", "ci_low", "ci_high"}`` under a flat key
   (``pope/<split>/<metric>``, ``pope/all/<metric>``, ``chair/<metric>``, ``cooccur/<metric>``,
-  ``pope_bias/<metric>``), with the bootstrap settings and the bias pairs used;
+  ``pope_bias/<metric>`` and, for POPE items with a ``stratum``, ``pope_bias/stratum/<label>/<metric>``), with
+  the bootstrap settings and the bias pairs used;
 - ``samples_pope.jsonl`` / ``samples_captions.jsonl``: one record per sample (prompt, answer, parsed
   answer, truth, mentions, ...), from which ``compare`` recomputes metrics for paired tests.
 """
@@ -28,7 +29,8 @@ from mmalign.data.images import open_image
 from mmalign.data.io import read_jsonl_lines, write_jsonl
 from mmalign.evaluation.chair import CHAIR_METRICS, Vocabulary, chair_columns, chair_record, load_synonyms
 from mmalign.evaluation.cooccur import (
-    COOCCUR_METRICS, POPE_BIAS_METRICS, cooccur_columns, cooccur_record, pope_bias_columns, pope_bias_records,
+    COOCCUR_METRICS, POPE_BIAS_METRICS, cooccur_columns, cooccur_record, pope_bias_columns, pope_bias_metrics,
+    pope_bias_records, pope_bias_strata, pope_bias_strata_columns,
 )
 from mmalign.evaluation.items import load_bias_pairs, load_caption_items, load_pope_items
 from mmalign.evaluation.pope import POPE_METRICS, pope_columns
@@ -205,7 +207,8 @@ def _pope_splits(records: list[dict[str, Any]]) -> list[str]:
 def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict[str, Any]],
                   pairs: list[tuple[str, str]]) -> dict[str, MetricGroup]:
     """Every metric family over its samples, keyed ``pope/<split>``, ``pope/all``, ``chair``, ``cooccur``,
-    ``pope_bias``; samples are sorted by id so two runs on the same files line up row by row."""
+    ``pope_bias`` (pooled and stratum-matched gap) and ``pope_bias/stratum/<label>`` (the rates within one
+    stratum); samples are sorted by id so two runs on the same files line up row by row."""
     groups: dict[str, MetricGroup] = {}
 
     def add(name: str, recs: list[dict[str, Any]], columns_fn: Any, metrics: dict[str, MetricFn]) -> None:
@@ -222,7 +225,14 @@ def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict
     add("chair", caption_records, chair_columns, CHAIR_METRICS)
     if pairs:
         add("cooccur", [r for r in caption_records if r["units"]], cooccur_columns, COOCCUR_METRICS)
-        add("pope_bias", pope_bias_records(pope_records, pairs), pope_bias_columns, POPE_BIAS_METRICS)
+        bias_records = pope_bias_records(pope_records, pairs)
+        strata = pope_bias_strata(bias_records)
+        add("pope_bias", bias_records, lambda recs: pope_bias_strata_columns(recs, strata),
+            pope_bias_metrics(len(strata)))
+        for label in strata:
+            if label is not None:  # without strata the one stratum is the pooled group above
+                add(f"pope_bias/stratum/{label}", [r for r in bias_records if r["stratum"] == label],
+                    pope_bias_columns, POPE_BIAS_METRICS)
     return groups
 
 
@@ -324,8 +334,8 @@ def compare(runs: dict[str, str | Path], *, n_boot: int = 1000, seed: int = 0,
         tests[name] = {}
         for group_name, base_group in groups[base].items():
             other = groups[name].get(group_name)
-            if other is None or other.ids != base_group.ids:
-                raise ValueError(f"runs {base!r} and {name!r} were not scored on the same samples "
+            if other is None or other.ids != base_group.ids or set(other.columns) != set(base_group.columns):
+                raise ValueError(f"runs {base!r} and {name!r} were not scored on the same samples or POPE strata "
                                  f"(metric group {group_name!r}); compare evaluations of the same files")
             results = paired_bootstrap(other.columns, base_group.columns, base_group.metrics, n_boot=n_boot,
                                        seed=seed, level=level)

@@ -25,7 +25,7 @@ from mmalign.data.io import write_jsonl
 from mmalign.data.record_files import write_records
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.splits import (
-    caption_text, object_frequencies, pope_questions, sample_scenes, sft_examples,
+    caption_text, object_frequencies, pope_questions, pope_stratum, sample_scenes, sft_examples,
 )
 from mmalign.lab.texts import CAPTION_PROMPT, question_prompt, synonyms
 from mmalign.lab.world import Scene, WorldConfig, render
@@ -141,7 +141,8 @@ def _pref_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[
 
 def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],
                 sft_scenes: list[Scene]) -> tuple[list[dict], list[dict]]:
-    """POPE questions (three splits) and captioning items of the held-out images."""
+    """POPE questions (three splits, each with the ``stratum`` of ``pope_stratum``) and captioning items of
+    the held-out images."""
     rng = random.Random(cfg.seed + 2)
     popular = [name for name, _ in object_frequencies(sft_scenes).most_common()]
     pope, captions = [], []
@@ -150,7 +151,7 @@ def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],
         for split, questions in pope_questions(scene, cfg.world, rng, cfg.pope_per_image, popular).items():
             for k, (obj, label) in enumerate(questions):
                 pope.append({"id": f"pope-{split}-{i:05d}-{k}", "image": ref, "question": question_prompt(obj),
-                             "label": label, "split": split, "object": obj})
+                             "label": label, "split": split, "object": obj, "stratum": pope_stratum(scene, obj)})
     return pope, captions
 
 

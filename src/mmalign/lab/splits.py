@@ -4,7 +4,9 @@ Pure functions of scenes and a ``random.Random``; ``mmalign.lab.build`` writes t
 follows Li et al. 2023 (EMNLP, "Evaluating Object Hallucination in Large Vision-Language Models", Sec. 3):
 balanced yes/no questions per image, negatives drawn at random, from the most frequent objects, or
 adversarially. In the lab the adversarial negatives are exactly the absent partners of present
-triggers, so the adversarial yes-rate on absent objects measures the planted bias.
+triggers, so the adversarial yes-rate on absent objects measures the planted bias. Each question also gets
+a stratum (``pope_stratum``): how much of the asked object the image shows, so the evaluation can compare
+the splits' negatives within a stratum rather than pooled over images of a different make-up.
 """
 
 from __future__ import annotations
@@ -65,6 +67,22 @@ def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questio
 def object_frequencies(scenes: list[Scene]) -> Counter:
     """How many scenes hold each object (POPE "popular" ranks objects by this over the training data)."""
     return Counter(name for scene in scenes for name in scene.names)
+
+
+def pope_stratum(scene: Scene, obj: str) -> str:
+    """What the image shows of the asked object ``"<colour> <shape>"``: "present" (the object itself);
+    otherwise which of its attributes some present object has: "colour+shape", "colour", "shape", "neither".
+
+    A model that perceives colours but not shapes answers by the colour, so the "yes" rates of two sets of
+    absent objects differ by how often their colours are in the image unless compared within a stratum.
+    """
+    if obj in scene.names:
+        return "present"
+    colour, shape = obj.split(" ")
+    has_colour = any(o.colour == colour for o in scene.objects)
+    has_shape = any(o.shape == shape for o in scene.objects)
+    return {(True, True): "colour+shape", (True, False): "colour", (False, True): "shape",
+            (False, False): "neither"}[(has_colour, has_shape)]
 
 
 def pope_questions(scene: Scene, world: WorldConfig, rng: random.Random, per_image: int,

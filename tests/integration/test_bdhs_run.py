@@ -144,5 +144,16 @@ def test_resuming_with_other_settings_is_refused(tiny_vlm_dir, data, tmp_path, c
     output = tmp_path / "pairs.jsonl"
     work_dir_for(output).mkdir()
     (work_dir_for(output) / "run.json").write_text(json.dumps({"bdhs": {}, "dtype": None}))
-    assert main(_args(tiny_vlm_dir("llava"), data, output)) == 1
+    assert main(_args(tiny_vlm_dir("llava"), data, output)) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
+
+
+def test_a_bad_record_exits_2_naming_record_and_field(data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "img-7", "images": ["images/0.png"], "prompt": "<image>\nDescribe the image.",
+                               "chosen": 5, "rejected": []}) + "\n")
+    assert main(["sample", "bdhs", f"input={bad}", f"output={tmp_path / 'out.jsonl'}", f"model={tmp_path}",
+                 f"data_root={data}"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "record 'img-7'" in err and "field 'chosen'" in err
+    assert not (tmp_path / "out.jsonl").exists()

@@ -25,9 +25,9 @@ def _bdhs(args: argparse.Namespace) -> int:
     cfg = load_config(BDHSRunConfig, args.config, args.overrides)
     try:
         summary = run_bdhs(cfg)
-    except (RecordError, ResumeError) as err:
+    except (RecordError, ResumeError) as err:  # exit code 2, as mmalign.cli.main gives bad input
         print(f"mmalign sample bdhs: {err}", file=sys.stderr)
-        return 1
+        return 2
     if summary is not None:
         shares = ", ".join(f"{i}: {share:.1%}" for i, share in summary["accepted_at_iteration"].items())
         print(f"{cfg.output}: {summary['written']} records ({len(summary['dropped'])} dropped); "

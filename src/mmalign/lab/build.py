@@ -82,7 +82,6 @@ class LabConfig:
         return dataclasses.replace(other, **keep) == self
 
 
-
 def lab_scenes(cfg: LabConfig) -> dict[str, list[Scene]]:
     """The scenes of each split, all drawn from one seeded stream and never repeating an image."""
     rng, seen = random.Random(cfg.seed), set()

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmalign.cli.online import register_annotator_eval, register_online
+from mmalign.cli.main import main
+from mmalign.cli.online import register_online
 from mmalign.config import load_config
 from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.annotators import AnnotatorEvalConfig, evaluate_annotator
@@ -176,11 +177,9 @@ def test_annotator_eval_oracle_and_noisy_oracle(lab, tmp_path):
     assert noisy["accuracy"]["value"] == 0.0
     rows = [json.loads(line) for line in (tmp_path / "noisy/samples.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all(r["verdict"]["flipped"] for r in rows)
-    parser = argparse.ArgumentParser()
-    register_annotator_eval(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args(["eval-annotator", f"data={lab['pairs']}", f"out_dir={tmp_path / 'cli'}",
-                            f"annotator.synonyms={synonyms}", "n_boot=20"])
-    assert ns.func(ns) == 0 and (tmp_path / "cli/metrics.json").is_file()
+    assert main(["eval", "annotator", f"data={lab['pairs']}", f"out_dir={tmp_path / 'cli'}",
+                 f"annotator.synonyms={synonyms}", "n_boot=20"]) == 0
+    assert (tmp_path / "cli/metrics.json").is_file()
 
 
 def test_two_processes_update_like_one_on_the_same_pairs_and_gather_new_ones(lab, tmp_path):

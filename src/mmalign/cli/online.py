@@ -1,14 +1,13 @@
-"""``mmalign train online-dpo | mixed-dpo | online-bdhs`` and ``mmalign eval-annotator``.
+"""``mmalign train online-dpo | mixed-dpo | online-bdhs`` and ``mmalign eval annotator``.
 
     mmalign train online-dpo --config configs/lab_online.yaml run.seed=1
     mmalign train mixed-dpo --config configs/lab_mixed.yaml mix_p=0.5
-    mmalign eval-annotator data=held_out_pairs.jsonl annotator.kind=api_judge annotator.endpoint.base_url=...
+    mmalign eval annotator data=held_out_pairs.jsonl annotator.kind=api_judge annotator.endpoint.base_url=...
 
 The training config is ``mmalign.trainers.online.OnlineConfig`` (the subcommand sets ``mode``); the
 annotator evaluation config is ``mmalign.evaluation.annotators.AnnotatorEvalConfig``. Wiring (cli owners):
 ``register_online(train_subparsers)`` inside ``mmalign.cli.train.register``; ``mmalign eval annotator ...``
-by dispatching to ``run_annotator_eval(args.config, args.overrides[1:])`` in ``mmalign.cli.eval`` (or the
-standalone ``register_annotator_eval(top_level_subparsers)``).
+by dispatching to ``run_annotator_eval(args.config, args.overrides[1:])`` in ``mmalign.cli.eval``.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def run_annotator_eval(config: str | None, overrides: list[str]) -> int:
     try:
         metrics = evaluate_annotator(cfg)
     except (RecordError, ValueError) as err:
-        print(f"mmalign eval-annotator: error: {err}", file=sys.stderr)
+        print(f"mmalign eval annotator: error: {err}", file=sys.stderr)
         return 1
     print_metrics(metrics)
     print(f"metrics and per-record verdicts written to {cfg.out_dir}")
@@ -69,10 +68,3 @@ def register_online(train_subparsers: argparse._SubParsersAction) -> None:
         add_config_args(parser)
         parser.set_defaults(func=_train, online_recipe=name)
 
-
-def register_annotator_eval(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``eval-annotator``: accuracy and position bias of an annotator on held-out pairs (Table 10)."""
-    parser = subparsers.add_parser("eval-annotator", help="accuracy and position bias of an annotator (Table 10)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.set_defaults(func=lambda args: run_annotator_eval(args.config, args.overrides))

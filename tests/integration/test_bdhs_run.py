@@ -157,3 +157,12 @@ def test_a_bad_record_exits_2_naming_record_and_field(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "record 'img-7'" in err and "field 'chosen'" in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_empty_input_exits_2_naming_the_file(data, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["sample", "bdhs", f"input={empty}", f"output={tmp_path / 'out.jsonl'}", f"model={tmp_path}",
+                 f"data_root={data}"]) == 2
+    assert "empty.jsonl: no records to sample" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records, write_records
-from mmalign.data.schema import PreferenceRecord
+from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
 from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for
@@ -132,7 +132,7 @@ def run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
     accelerator = Accelerator()
     records = read_records(cfg.input, data_root=cfg.data_root)
     if not records:
-        raise ValueError(f"{cfg.input}: no records to sample")
+        raise RecordError("no records to sample", file=str(cfg.input))
     work_dir = work_dir_for(cfg.output)
     fingerprint = _fingerprint(cfg)
     if accelerator.is_main_process:

@@ -1,6 +1,6 @@
 """The shipped lab base is what its recipe makes: re-running ``assets/base/recipe.yaml`` reproduces its metrics.
 
-Trains the recipe from scratch into a temporary folder (~12 CPU-minutes on 2 cores) and evaluates it on the
+Trains the recipe from scratch into a temporary folder (~9 CPU-minutes on 2 cores) and evaluates it on the
 same lab. Bitwise equality is not expected across machines (bf16 autocast, thread counts), so every headline
 metric must land within 0.03 of the shipped ``eval_metrics.json``; the bias gaps the lab exists for must keep
 their sign.
@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow
 
 KEYS = ("pope/random/accuracy", "pope/adversarial/accuracy", "pope_bias/yes_rate_partner",
-        "pope_bias/yes_rate_random", "chair/chair_i", "chair/recall", "cooccur/partner_rate")
+        "pope_bias/yes_rate_random", "pope_bias/yes_rate_gap_matched", "chair/chair_i", "chair/recall",
+        "cooccur/partner_rate")
 
 
 def test_recipe_reproduces_the_shipped_base(tmp_path):
@@ -30,4 +31,5 @@ def test_recipe_reproduces_the_shipped_base(tmp_path):
     for key in KEYS:
         assert again[key]["value"] == pytest.approx(shipped[key]["value"], abs=0.03), key
     assert again["pope_bias/yes_rate_gap"]["value"] > 0
+    assert again["pope_bias/yes_rate_gap_matched"]["ci_low"] > 0  # the prior decides where the image cannot
     assert again["cooccur/partner_rate"]["value"] > 0.1

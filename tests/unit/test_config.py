@@ -75,10 +75,16 @@ def test_saved_config_reloads_identically(tmp_path):
     assert config_hash(load_config(Recipe, None, ["steps=8"])) != config_hash(cfg)
 
 
-
 @pytest.mark.parametrize("recipe, name", [(OfflineConfig, "lab_dpo.yaml"), (OnlineConfig, "lab_online.yaml"),
                                           (OnlineConfig, "lab_mixed.yaml"), (OnlineConfig, "lab_online_noisy.yaml")])
 def test_shipped_preference_configs_load_and_reload(recipe, name, tmp_path):
     cfg = load_config(recipe, CONFIGS / name)
     assert cfg.model.freeze_vision and cfg.batch_size == 16  # the shared sections and schedule stay top-level keys
     assert load_config(recipe, save_config(cfg, tmp_path)) == cfg
+
+
+@pytest.mark.parametrize("recipe", [OfflineConfig, OnlineConfig])
+def test_lora_with_a_trainable_vision_tower_is_refused_by_every_preference_recipe(recipe):
+    with pytest.raises(ValueError, match="freeze_vision"):
+        load_config(recipe, None, ["model.freeze_vision=false"])
+    assert not load_config(recipe, None, ["model.freeze_vision=false", "lora.enabled=false"]).model.freeze_vision

@@ -94,6 +94,9 @@ class PreferenceRecipeConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
             raise ValueError("batch_size >= 1, epochs >= 1 and max_steps >= 0 are required")
+        if self.lora.enabled and not self.model.freeze_vision:
+            raise ValueError("under LoRA the vision tower stays frozen: set model.freeze_vision=true or "
+                             "lora.enabled=false")
 
 
 def make_accelerator(run: RunConfig, grad_accum: int = 1) -> Accelerator:

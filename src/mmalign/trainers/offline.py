@@ -106,9 +106,6 @@ class OfflineConfig(PreferenceRecipeConfig):
         super().__post_init__()
         if self.merge_weights and not self.lora.enabled:
             raise ValueError("merge_weights needs lora.enabled (full fine-tuning already saves whole weights)")
-        if self.lora.enabled and not self.model.freeze_vision:
-            raise ValueError("under LoRA the vision tower stays frozen: set model.freeze_vision=true or "
-                             "lora.enabled=false")
 
 
 # --- reference ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The shipped lab base is what its recipe makes: re-running ``assets/base/recipe.yaml`` reproduces its metrics.
 
-Trains the recipe from scratch into a temporary folder (~9 CPU-minutes on 2 cores) and evaluates it on the
+Trains the recipe from scratch into a temporary folder (~15 CPU-minutes on 2 cores) and evaluates it on the
 same lab. Bitwise equality is not expected across machines (bf16 autocast, thread counts), so every headline
 metric must land within 0.03 of the shipped ``eval_metrics.json``; the bias gaps the lab exists for must keep
 their sign.

@@ -9,7 +9,7 @@ was trained on.
 It needs a base that has learned its text-only prior: the shipped base is trained with 15 % of its SFT examples
 image-hidden (``image_dropout``). Its predecessor, trained always with its image, wrote degenerate text under
 masking ("... No No No.") and named the absent partner less often (0.18 at rho 0, 0.10 at 0.99); the current
-base names it 0.18 -> 0.30 -> 0.44 at rho 0 / 0.9 / 0.99 (docs/lab.md).
+base names it 0.17 -> 0.29 -> 0.49 at rho 0 / 0.9 / 0.99 (docs/lab.md).
 """
 
 from __future__ import annotations

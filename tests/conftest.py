@@ -60,3 +60,21 @@ def tiny_vlm_dir(tiny_vlm, tmp_path_factory) -> Callable[..., Path]:
         return cache[(family, seed)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def image_sensitive() -> Callable[[Any], Any]:
+    """``image_sensitive(model) -> model``: Gemma3's projector weight starts at zero, so a random tiny Gemma3
+    ignores its image; give such zero-initialised matrices random values (in place) so that the image matters
+    and masking it has something to remove."""
+
+    def fix(model: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2 and not param.any():
+                    param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+        return model
+
+    return fix

@@ -1,9 +1,12 @@
 """The demo end to end on a reduced lab: every stage runs, the report holds every run, a rerun resumes."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from mmalign.config import ConfigError, load_config
 from mmalign.lab.demo import DemoConfig, headline_table, run_demo
@@ -42,6 +45,20 @@ def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     again = run_demo(cfg)  # every stage's output exists: nothing is recomputed
     assert "skipping" in caplog.text and "dpo (" not in caplog.text
     assert headline_table(again["comparison"]) == table
+
+
+def test_full_fine_tuning_evaluates_the_whole_trained_weights(tmp_path):
+    overrides = [*REDUCED, "methods=[external]", "dpo.lora.enabled=false", "dpo.model.freeze_vision=false"]
+    cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", f"pretrain.run.output_dir={tmp_path}/base", *overrides])
+    run_demo(cfg)
+    run = tmp_path / "seed_0/dpo_external"
+    trained = yaml.safe_load((run / "config.yaml").read_text())
+    assert not trained["lora"]["enabled"] and not trained["merge_weights"] and not (run / "merged").exists()
+    evaluated = yaml.safe_load((tmp_path / "eval/external_s0/config.yaml").read_text())
+    assert evaluated["model"] == str(run / "model")
+    base, tuned = (load_file(next(Path(d).glob("*.safetensors"))) for d in (trained["model"]["path"], run / "model"))
+    vision = [k for k in tuned if "vision_tower" in k]
+    assert vision and any(not torch.equal(base[k], tuned[k]) for k in vision)  # the tower trained too
 
 
 def test_shipped_base_needs_the_lab_it_was_trained_on(tmp_path):

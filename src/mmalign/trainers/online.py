@@ -52,7 +52,7 @@ from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
     load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, steps_per_epoch, trainer_layout,
 )
-from mmalign.trainers.offline import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
+from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from mmalign.lab.pretrain import BASE_DIR, PretrainConfig, pretrain_base, shippe
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
+from mmalign.trainers.common import whole_weights_dir
 from mmalign.trainers.offline import OfflineConfig, train_offline
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, s
         loss=dataclasses.replace(cfg.dpo.loss, rejected_weights=[0.5, 0.5] if method == "external_bdhs" else []),
         povid=dataclasses.replace(cfg.dpo.povid, enabled=method == "external_povid"),
     )
-    weights = out / ("merged" if dpo.lora.enabled else "model")
+    weights = whole_weights_dir(out, dpo.lora.enabled, dpo.merge_weights)
     _once(weights / "config.json", lambda: train_offline(dpo))
     return weights
 

@@ -214,6 +214,30 @@ def _checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def whole_weights_dir(out: Path, lora: bool, merge: bool) -> Path | None:
+    """The folder ``save_weights`` fills with loadable whole weights: ``model/`` (full fine-tuning), ``merged/``
+    (LoRA with ``merge``), or None (LoRA adapter only)."""
+    if not lora:
+        return out / "model"
+    return out / "merged" if merge else None
+
+
+def save_weights(accelerator: Accelerator, policy: torch.nn.Module, processor: Any, out: Path, lora: bool,
+                 merge: bool) -> None:
+    """A finished run's weights with the processor: ``adapter/`` (LoRA, PEFT format) or ``model/`` (full
+    fine-tuning), plus ``merged/`` under LoRA with ``merge``; every process takes part (sharded state dicts)."""
+    unwrapped = accelerator.unwrap_model(policy)
+    target = out / ("adapter" if lora else "model")
+    unwrapped.save_pretrained(target, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=accelerator.get_state_dict(policy))
+    if accelerator.is_main_process:
+        processor.save_pretrained(target)
+        if lora and merge:
+            merged = whole_weights_dir(out, lora, merge)
+            unwrapped.merge_and_unload().save_pretrained(merged)
+            processor.save_pretrained(merged)
+
+
 def save_checkpoint(accelerator: Accelerator, out_dir: str | Path, step: int, extra: dict[str, Any],
                     keep: int = 2) -> Path:
     """Save model, optimizer, registered objects (scheduler) and RNG states after optimizer step ``step``.

@@ -42,7 +42,7 @@ from mmalign.sampling.povid import povid_rejected_logps
 from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
     build_scheduler, latest_checkpoint, load_checkpoint, make_accelerator, process_slice, progress,
-    save_checkpoint, steps_per_epoch, trainer_layout,
+    save_checkpoint, save_weights, steps_per_epoch, trainer_layout,
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
 from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_root, load_pairs, record_images
@@ -226,16 +226,8 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
 def save_outputs(run: _Run, out: Path, fingerprint: dict) -> None:
     """Adapter (LoRA) or model (full FT) + processor, merged weights on request, config, data fingerprint."""
     acc, cfg = run.accelerator, run.cfg
-    unwrapped = acc.unwrap_model(run.policy)
-    target = out / ("adapter" if cfg.lora.enabled else "model")
-    unwrapped.save_pretrained(target, is_main_process=acc.is_main_process, save_function=acc.save,
-                              state_dict=acc.get_state_dict(run.policy))
+    save_weights(acc, run.policy, run.processor, out, cfg.lora.enabled, cfg.merge_weights)
     if acc.is_main_process:
-        run.processor.save_pretrained(target)
-        if cfg.merge_weights:
-            merged = unwrapped.merge_and_unload()
-            merged.save_pretrained(out / "merged")
-            run.processor.save_pretrained(out / "merged")
         save_config(cfg, out)
         (out / "data_fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
     acc.wait_for_everyone()

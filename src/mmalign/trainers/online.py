@@ -50,7 +50,8 @@ from mmalign.sampling.rollouts import (
 from mmalign.sampling.similarity import SentenceSimilarity
 from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, steps_per_epoch, trainer_layout,
+    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, save_weights, steps_per_epoch,
+    trainer_layout,
 )
 from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
@@ -285,18 +286,10 @@ def export_pairs(run: _Run, total: int, out: Path) -> int:
 
 
 def _save(run: _Run, out: Path) -> None:
-    acc = run.accelerator
-    target = out / ("adapter" if run.cfg.lora.enabled else "model")
-    acc.unwrap_model(run.policy).save_pretrained(target, is_main_process=acc.is_main_process, save_function=acc.save,
-                                                 state_dict=acc.get_state_dict(run.policy))
-    if acc.is_main_process:
-        run.processor.save_pretrained(target)
-        if run.cfg.lora.enabled:
-            merged = acc.unwrap_model(run.policy).merge_and_unload()
-            merged.save_pretrained(out / "merged")
-            run.processor.save_pretrained(out / "merged")
+    save_weights(run.accelerator, run.policy, run.processor, out, run.cfg.lora.enabled, merge=run.cfg.lora.enabled)
+    if run.accelerator.is_main_process:
         save_config(run.cfg, out)
-    acc.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
 def train_online(cfg: OnlineConfig) -> Path:

@@ -4,6 +4,11 @@ Every recipe declares one top-level dataclass composed of small ones. ``load_con
 YAML file (optional) and ``key.sub=value`` overrides (values parsed as YAML scalars, so ``lr=1e-5``,
 ``lora.enabled=false`` and ``data.splits=[a,b]`` work). ``save_config`` writes the resolved config and
 its hash next to an output, so every artefact names the exact settings that made it.
+
+Loading is strict: a missing or unreadable file, YAML that does not parse (the error names file, line and
+column), a key given twice in one mapping, a value of the wrong type and a float that is NaN or infinite are
+all ``ConfigError`` (exit code 2 from the command line), never a traceback; ranges are checked by each
+dataclass's ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import re
 import json
 import types
@@ -24,7 +30,19 @@ T = TypeVar("T")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 booleans: only true/false, so ``mixed_precision: no`` stays the string "no"."""
+    """YAML with YAML 1.2 booleans: only true/false, so ``mixed_precision: no`` stays the string "no"; a key
+    given twice in one mapping is an error (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # merge keys and complex keys are left to PyYAML
+            if key_node.value in seen and key_node.value != "<<":
+                raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -36,8 +54,27 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def _load_yaml(text: str, where: str) -> Any:
+    """Parse YAML text; a syntax error or a disallowed tag is a ConfigError naming ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(p for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        raise ConfigError(f"{where}{at}: not valid YAML: {problem or err}") from None
+
+
+def _read_config_file(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read: {err}") from None
+    return _load_yaml(text, str(path))
 
 
 class ConfigError(ValueError):
@@ -92,14 +129,15 @@ def _coerce_union(value: Any, tp: Any, where: str) -> Any:
 
 def _coerce_scalar(value: Any, tp: type, where: str) -> Any:
     """A plain class (int, float, str, bool, ...): the exact type, but ints become floats and numbers strings."""
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         # YAML 1.1 reads "2e-5" (no dot) as a string; learning rates are written that way.
         try:
-            return float(value)
-        except ValueError:
+            number = float(value)
+        except (ValueError, OverflowError):
             raise ConfigError(f"{where}: expected float, got {value!r}") from None
+        if not math.isfinite(number):  # no setting means anything at NaN or infinity
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -138,7 +176,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        _set_dotted(tree, key.strip(), _load_yaml(raw) if raw.strip() else "")
+        _set_dotted(tree, key.strip(), _load_yaml(raw, f"override {item!r}") if raw.strip() else "")
     return tree
 
 
@@ -160,7 +198,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Build ``cls`` from defaults, then the YAML at ``path``, then dotted ``overrides``."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = _load_yaml(Path(path).read_text())
+        loaded = _read_config_file(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}

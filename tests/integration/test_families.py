@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmalign.config import ConfigError
 from mmalign.data.chat import answer_ids, render_prompt
 from mmalign.models.image_tokens import image_token_mask
 from mmalign.models.loading import (
@@ -115,8 +116,10 @@ def test_load_vlm_dtype_and_errors(tiny_vlm_dir, tmp_path):
     assert model.dtype == torch.bfloat16
     # generate() casts pixel inputs to the model's dtype.
     assert len(generate(model, processor, [RECORD["prompt"]], [[IMAGE]], GenerationParams(max_new_tokens=3))) == 1
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ConfigError, match="no such directory"):
         load_vlm(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_vlm(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="'bert' is not an image-text-to-text"):
         load_vlm(tmp_path)

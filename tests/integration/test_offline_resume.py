@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 from test_offline_train import assert_same_weights, cli_args, config, make_pairs, metrics
 
-from mmalign.trainers.common import latest_checkpoint
+from mmalign.trainers.checkpoints import latest_checkpoint
 from mmalign.trainers.offline import train_offline
 
 pytestmark = pytest.mark.integration

@@ -28,7 +28,7 @@ from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.lab.model import LabModelConfig, build_lab_model
 from mmalign.sampling.annotators import AnnotatorConfig, LabOracle, read_synonyms
 from mmalign.sampling.rollouts import read_step, takes_offline
-from mmalign.trainers.common import latest_checkpoint
+from mmalign.trainers.checkpoints import latest_checkpoint
 from mmalign.trainers.online import OnlineConfig, train_online
 
 pytestmark = pytest.mark.integration

@@ -261,12 +261,12 @@ def test_cli_validate_exit_codes_and_skip_file(root, capsys):
     _write(root / "ok.jsonl", [_good(id="a"), _good(id="b", rejected=["x", "y"])])
     assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "1"]) == 0
     assert capsys.readouterr().out.strip() == f"{root / 'ok.jsonl'}: 2 valid record(s), 1-2 rejected each; 0 invalid"
-    assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "2"]) == 1
+    assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "2"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"mmalign data validate: invalid record: {root / 'ok.jsonl'}, line 1, record 'a', field 'rejected': "
         "1 rejected answer(s), at least 2 required")
     assert main(["data", "validate", str(root / "ok.jsonl"), "--min-rejected", "2",
-                 "--skip-invalid-to", str(root / "bad.jsonl")]) == 1
+                 "--skip-invalid-to", str(root / "bad.jsonl")]) == 2
     assert [json.loads(x)["id"] for x in (root / "bad.jsonl").read_text().splitlines()] == ["a"]
 
 

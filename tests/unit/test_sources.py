@@ -153,7 +153,7 @@ def test_cli_convert_reports_bad_rows_without_traceback(tmp_path, capsys):
 
     bad = tmp_path / "sft.json"
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "gpt", "value": "Hi."}]}]))
-    assert main(["data", "convert", "--format", "llava_sft", str(bad), str(tmp_path / "o.jsonl")]) == 1
+    assert main(["data", "convert", "--format", "llava_sft", str(bad), str(tmp_path / "o.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"mmalign data convert: invalid source row or record: {bad}, line 1, record 'x', "
         "field 'conversations': an answer must follow a human turn")

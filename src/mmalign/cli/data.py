@@ -1,7 +1,8 @@
 """``mmalign data validate`` and ``mmalign data convert``: thin layers over ``mmalign.data``.
 
-Both exit 0 when every record is valid and 1 when one is not (the first error is printed, or, with
-``--skip-invalid-to``, the bad records go to that file and the valid ones are kept / written).
+Both exit 0 when every record is valid and 2 when one is not, like every command given bad input (the first
+error is printed, or, with ``--skip-invalid-to``, the bad records go to that file and the valid ones are kept /
+written). A listing or output file that is the input file itself is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import hashlib
 import sys
 from pathlib import Path
 
+from mmalign.data.io import same_file
 from mmalign.data.record_files import read_records, write_records
 from mmalign.data.schema import RecordError, check_records
 from mmalign.data.sources import CONVERTERS, convert_file
+
+BAD_INPUT = 2  # the exit code of every mmalign command given bad input (mmalign.cli.main)
 
 
 def _count_lines(path: str | None) -> int:
@@ -26,30 +30,41 @@ def _validate(args: argparse.Namespace) -> int:
                                skip_invalid_to=args.skip_invalid_to)
     except RecordError as err:
         print(f"mmalign data validate: invalid record: {err}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
     skipped = _count_lines(args.skip_invalid_to)
     n_rejected = sorted(len(r.rejected) for r in records)
     spread = f", {n_rejected[0]}-{n_rejected[-1]} rejected each" if records else ""
     print(f"{args.file}: {len(records)} valid record(s){spread}; {skipped} invalid")
-    return 1 if skipped else 0
+    return BAD_INPUT if skipped else 0
+
+
+def _refuse_overwriting_input(args: argparse.Namespace) -> None:
+    for name in ("output", "skip_invalid_to"):
+        target = getattr(args, name)
+        if target is not None and same_file(target, args.input):
+            raise RecordError(f"--{name.replace('_', '-')} {target!r} is the input file itself; refusing to "
+                              "overwrite the data", file=args.input)
+    if args.skip_invalid_to is not None and same_file(args.skip_invalid_to, args.output):
+        raise RecordError(f"--skip-invalid-to and the output are one file ({args.output!r})", file=args.input)
 
 
 def _convert(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root) if args.data_root is not None else Path(args.input).parent
     try:
+        _refuse_overwriting_input(args)
         records = check_records(convert_file(args.input, args.format), data_root=data_root,
                                 name=f"{args.input} ({args.format})", min_rejected=args.min_rejected,
                                 skip_invalid_to=args.skip_invalid_to)
     except RecordError as err:
         print(f"mmalign data convert: invalid source row or record: {err}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
     provenance = {"source": args.format, "converted_from": str(Path(args.input).resolve()),
                   "data_root": str(data_root.resolve()),
                   "input_sha256": hashlib.sha256(Path(args.input).read_bytes()).hexdigest()}
     write_records(args.output, records, provenance=provenance)
     skipped = _count_lines(args.skip_invalid_to)
     print(f"{args.output}: {len(records)} record(s) written; {skipped} invalid")
-    return 1 if skipped else 0
+    return BAD_INPUT if skipped else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

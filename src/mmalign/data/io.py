@@ -33,12 +33,37 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+_BOM = "\ufeff".encode("utf-8")
+
+
+def read_jsonl_bytes(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` of each non-blank line (1-based, as an editor shows them), undecoded, so a
+    line that is not UTF-8 fails alone; a byte-order mark opening the file is dropped (editors on Windows
+    write one)."""
+    with open(path, "rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            if number == 1 and data.startswith(_BOM):
+                data = data[len(_BOM):]
+            if data.strip():
+                yield number, data
+
+
 def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of each non-blank line (1-based, as an editor shows them)."""
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if text.strip():
-                yield number, text
+    """``(line number, text)`` of each non-blank line; a line that is not UTF-8 raises ValueError naming it."""
+    for number, data in read_jsonl_bytes(path):
+        try:
+            yield number, data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: the same inode when both exist (hard links, symlinks, ``./x`` vs
+    ``x``), else the same resolved path."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def write_jsonl(path: str | Path, objects: Iterable[Any]) -> None:

@@ -28,11 +28,30 @@ __all__ = ["read_records", "write_records", "records_from_dataset", "record_to_j
 _PROVENANCE_RESERVED = ("count", "created")
 
 
-def _decode_json_line(text: str) -> Any:
-    """One JSONL line -> record dict with ``{"bytes": base64}`` images decoded to bytes."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with a key given twice are refused (``json`` would silently keep the last value)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise FieldError(key, "key given twice in one JSON object")
+        out[key] = value
+    return out
+
+
+def _decode_json_line(data: bytes) -> Any:
+    """One JSONL line (raw bytes) -> record dict with ``{"bytes": base64}`` images decoded to bytes."""
     try:
-        raw = json.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FieldError(None, f"not valid UTF-8 ({err.reason} at byte {err.start}: {data[err.start:err.end]!r})"
+                         ) from err
+    try:
+        raw = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
+        raise FieldError(None, f"not valid JSON: {err}") from err
+    except RecursionError:
+        raise FieldError(None, "JSON nested too deeply to decode") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise FieldError(None, f"not valid JSON: {err}") from err
     if isinstance(raw, dict) and isinstance(raw.get("images"), list):
         raw["images"] = [_decode_json_image(ref, i) for i, ref in enumerate(raw["images"])]
@@ -125,14 +144,29 @@ def read_records(path: str | Path, *, data_root: str | Path | None = None, min_r
     """
     path = Path(path)
     root = Path(data_root) if data_root is not None else path.parent
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise RecordError(f"unknown record file type {path.suffix!r}; expected .jsonl or .parquet", file=str(path))
+    if not path.is_file():
+        raise RecordError("no such file" if not path.exists() else "not a file", file=str(path))
+    if skip_invalid_to is not None and io.same_file(skip_invalid_to, path):
+        raise RecordError(f"skip_invalid_to {str(skip_invalid_to)!r} is the input file itself; the list of bad "
+                          "records would overwrite the data", file=str(path))
     if path.suffix == ".jsonl":
-        rows, decode = io.read_jsonl_lines(path), _decode_json_line
-    elif path.suffix == ".parquet":
-        rows, decode = io.read_parquet_rows(path), _decode_parquet_row
+        rows, decode = io.read_jsonl_bytes(path), _decode_json_line
     else:
-        raise ValueError(f"{path}: unknown record file type {path.suffix!r}; expected .jsonl or .parquet")
+        rows, decode = _parquet_rows(path), _decode_parquet_row
     return validate_records(rows, decode, file=str(path), data_root=root, min_rejected=min_rejected,
                             skip_invalid_to=skip_invalid_to)
+
+
+def _parquet_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Rows of a record Parquet file; a file Arrow cannot read is a RecordError naming it."""
+    import pyarrow as pa
+
+    try:
+        yield from io.read_parquet_rows(path)
+    except (pa.ArrowException, OSError) as err:
+        raise RecordError(f"not a readable Parquet file: {err}", file=str(path)) from err
 
 
 def write_records(path: str | Path, records: Iterable[PreferenceRecord], provenance: dict | None = None) -> None:

@@ -5,8 +5,9 @@ A ``PreferenceRecord`` is one prompt with its images, one chosen answer and zero
 (JSONL, Parquet, ``datasets`` rows, the provenance sidecar) are read and written by
 ``mmalign.data.record_files``.
 
-Every record read is checked (types, empty texts, rejected == chosen, non-finite numbers in ``meta``,
-duplicate ids, unknown keys, prompt/image count, each image file confined to the data root and decodable).
+Every record read is checked (types, empty texts, text that is not valid Unicode (lone surrogates, which a
+tokenizer cannot encode), rejected == chosen, non-finite numbers in ``meta``, duplicate ids, unknown keys,
+prompt/image count, each image file confined to the data root, decodable and within the pixel limit).
 A bad record raises ``RecordError`` naming file, line, record id and field, or, with ``skip_invalid_to``,
 is written to that JSONL file and skipped.
 """
@@ -52,11 +53,19 @@ class PreferenceRecord:
     meta: dict = field(default_factory=dict)
 
 
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate escaped (``\\ud800``), so it can be printed and written as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class RecordError(ValueError):
     """A record that breaks the format; the message names file, line, record id and field."""
 
     def __init__(self, reason: str, *, file: str | None = None, line: int | None = None,
                  record_id: str | None = None, field: str | None = None):
+        # The id and field come from the bad input itself; a lone surrogate in them must not break the report.
+        record_id = printable(record_id) if record_id is not None else None
+        field = printable(field) if field is not None else None
         self.reason, self.file, self.line, self.record_id, self.field = reason, file, line, record_id, field
         where = [file, f"line {line}" if line is not None else None,
                  f"record {record_id!r}" if record_id is not None else None,
@@ -80,11 +89,22 @@ def _type_error(where: str, expected: str, value: Any) -> FieldError:
     return FieldError(where, f"expected {expected}, got {type(value).__name__}")
 
 
+def _check_unicode(value: str, where: str) -> None:
+    """JSON can carry lone surrogates (``"\\ud800"``), which are not Unicode text: tokenizers and UTF-8 writers
+    fail on them, so they are refused here rather than at some training step."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FieldError(where, f"not valid Unicode text: lone surrogate {value[err.start]!r} at character "
+                                f"{err.start}") from None
+
+
 def _check_text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise _type_error(where, "a string", value)
     if not value.strip():
         raise FieldError(where, "empty text")
+    _check_unicode(value, where)
     return value
 
 
@@ -92,10 +112,13 @@ def _check_json_value(value: Any, where: str) -> None:
     """meta must round-trip through JSON with finite numbers (a NaN margin would poison a loss)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise FieldError(where, f"non-finite number {value!r}")
+    if isinstance(value, str):
+        _check_unicode(value, where)
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise _type_error(where, "string keys", key)
+            _check_unicode(key, f"{where} key")
             _check_json_value(item, f"{where}.{key}")
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -163,6 +186,8 @@ def check_fields(raw: Any, *, min_rejected: int = 0) -> PreferenceRecord:
     for i, ref in enumerate(images):
         if not isinstance(ref, (str, bytes)) or not ref:
             raise FieldError(f"images[{i}]", f"expected a non-empty path or image bytes, got {ref!r:.60}")
+        if isinstance(ref, str):
+            _check_unicode(ref, f"images[{i}]")
     prompt = raw["prompt"]
     if isinstance(prompt, list):
         _check_messages(prompt)
@@ -184,6 +209,7 @@ def check_fields(raw: Any, *, min_rejected: int = 0) -> PreferenceRecord:
     source = raw.get("source", "")
     if not isinstance(source, str):
         raise _type_error("source", "a string", source)
+    _check_unicode(source, "source")
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise _type_error("meta", "an object", meta)
@@ -239,6 +265,7 @@ def validate_records(rows: Iterable[tuple[int, Any]], decode: Callable[[Any], An
         first_line[record.id] = line
         records.append(record)
     if skip_invalid_to is not None:
+        Path(skip_invalid_to).parent.mkdir(parents=True, exist_ok=True)
         io.write_jsonl(skip_invalid_to, [e.as_dict() for e in errors])
         if errors:
             logger.warning("%s: skipped %d invalid record(s), listed in %s", file, len(errors), skip_invalid_to)

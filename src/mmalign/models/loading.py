@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from mmalign.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,10 +51,11 @@ def load_vlm(
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        raise ConfigError(f"model {str(path)!r}: " + ("not a model directory (no config.json)" if path.is_dir()
+                                                     else "no such directory"))
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not trust_remote_code:
-        raise ValueError(f"{path}: model_type {model_type!r} is not an image-text-to-text (VLM) architecture")
+        raise ConfigError(f"{path}: model_type {model_type!r} is not an image-text-to-text (VLM) architecture")
     torch_dtype = _resolve_dtype(dtype, path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
@@ -68,7 +71,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, path: Path) -> str | torch.d
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"{path}: unknown dtype {dtype!r}; use one of {', '.join([*DTYPES, 'auto'])}")
+        raise ConfigError(f"{path}: unknown dtype {dtype!r}; use one of {', '.join([*DTYPES, 'auto'])}")
     return DTYPES[dtype]
 
 

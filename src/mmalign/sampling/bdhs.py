@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -68,8 +69,10 @@ class BDHSConfig:
             raise ValueError(f"n_iter must be >= 1, got {self.n_iter}")
         if not 0.0 <= self.swap_p <= 1.0:
             raise ValueError(f"swap_p must be in [0, 1], got {self.swap_p}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not -1.0 <= self.similarity_threshold <= 1.0:  # a cosine similarity
+            raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold}")
         if min(self.max_sentence_tokens, self.max_answer_tokens, self.batch_size) < 1:
             raise ValueError("max_sentence_tokens, max_answer_tokens and batch_size must be >= 1")
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -26,17 +24,20 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 
+from mmalign.config import ConfigError
 from mmalign.models.layouts import resolve_layout
 from mmalign.models.lora import LoraConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-
 
 @dataclass
 class OptimConfig:
-    """AdamW + schedule. ``projector_lr`` gives the vision-language projector its own rate (None: ``lr``)."""
+    """AdamW + schedule. ``projector_lr`` gives the vision-language projector its own rate (None: ``lr``).
+
+    ``max_grad_norm``: clip the global gradient norm to this value; exactly 0 turns clipping off. A negative,
+    NaN or infinite value is an error, never a silent "off" (``x > 0`` is false for both -1 and NaN).
+    """
 
     lr: float = 1e-4
     projector_lr: float | None = None
@@ -47,8 +48,16 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or (self.projector_lr is not None and self.projector_lr <= 0):
-            raise ValueError("learning rates must be > 0")
+        # Written as "not (valid)" so that NaN, for which every comparison is false, is refused too.
+        for name in ("lr", "projector_lr"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value < math.inf):
+                raise ValueError(f"optim.{name} must be a finite number > 0, got {value}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.max_grad_norm < math.inf:
+            raise ValueError(f"optim.max_grad_norm must be a finite number > 0, or 0 for no clipping; got "
+                             f"{self.max_grad_norm}")
         if self.grad_accum < 1:
             raise ValueError("grad_accum must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
@@ -71,6 +80,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("log_every >= 1, save_every >= 0 and keep_checkpoints >= 1 are required")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range, which accelerate's set_seed passes it to
+            raise ValueError(f"run.seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass
@@ -149,7 +160,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_
 
 def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     if n_examples < global_batch:
-        raise ValueError(f"{n_examples} examples are fewer than one global batch of {global_batch}")
+        raise ConfigError(f"batch_size {global_batch} is larger than the data ({n_examples} usable examples); "
+                          "lower batch_size")
     return n_examples // global_batch
 
 
@@ -168,9 +180,44 @@ def process_slice(indices: list[int], accelerator: Accelerator) -> list[int]:
     """This process's contiguous share of a global batch (equal shares; global batch % processes == 0)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if len(indices) % world:
-        raise ValueError(f"global batch {len(indices)} is not divisible by {world} processes")
+        raise ConfigError(f"batch_size {len(indices)} is not divisible by {world} processes")
     share = len(indices) // world
     return indices[rank * share:(rank + 1) * share]
+
+
+def _logged_lines(path: Path) -> list[str]:
+    """The complete lines of a metrics log; a last line torn by a kill mid-write is dropped with a warning, a
+    damaged line elsewhere is an error naming it."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: damaged metrics line ({err}); fix or remove it") from err
+            logger.warning("%s: dropping a torn last line (%r)", path, line[:80])
+            return lines[:-1]
+    return lines
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped before an update that would have ruined its weights (a non-finite loss or gradient)."""
+
+
+def stop_if_not_finite(accelerator: Accelerator, step: int, values: dict[str, torch.Tensor | float]) -> None:
+    """Raise ``TrainingStopped`` on every process when any of ``values`` (this process's step loss, grad norm)
+    is NaN or infinite on any process; called before ``optimizer.step()``, so the weights, the checkpoints and
+    the log stay as they were after the last good step."""
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(accelerator.device).reshape(()) for v in
+                         values.values()])
+    bad = accelerator.reduce((~torch.isfinite(local)).float(), "sum")
+    if bad.any():
+        names = [name for name, n in zip(values, bad.tolist()) if n]
+        raise TrainingStopped(
+            f"step {step}: {' and '.join(names)} became non-finite (local values "
+            f"{', '.join(f'{k}={float(v):g}' for k, v in zip(values, local.tolist()))}); stopped before the update, "
+            "so the weights and checkpoints are those of the last good step. Lower optim.lr or loss.beta, or set "
+            "optim.max_grad_norm")
 
 
 class MetricsLogger:
@@ -188,8 +235,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in _logged_lines(self.path) if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -208,10 +254,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _checkpoint_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
 
 
 def whole_weights_dir(out: Path, lora: bool, merge: bool) -> Path | None:
@@ -238,74 +280,8 @@ def save_weights(accelerator: Accelerator, policy: torch.nn.Module, processor: A
             processor.save_pretrained(merged)
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: str | Path, step: int, extra: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Save model, optimizer, registered objects (scheduler) and RNG states after optimizer step ``step``.
-
-    The state is written to a temporary folder and renamed, and ``trainer_state.json`` is written last, so a
-    kill mid-save never leaves a checkpoint that ``latest_checkpoint`` would pick.
-    """
-    root = _checkpoint_dir(out_dir)
-    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **extra}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(p for p in root.glob("step_*") if p.suffix != ".tmp")[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``out_dir`` or None."""
-    root = _checkpoint_dir(out_dir)
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).exists() and p.suffix != ".tmp")
-    return done[-1] if done else None
-
-
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` saved; returns its ``trainer_state.json`` (with ``step``)."""
-    accelerator.load_state(str(path))
-    return json.loads((Path(path) / STATE_FILE).read_text())
-
-
 def progress(total: int, initial: int, enabled: bool, desc: str):
     """A tqdm progress bar with ETA on the main process."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
-
-
-def adapter_only_checkpoints(accelerator: Accelerator, policy: Any) -> None:
-    """Under LoRA, checkpoints hold only the trainable tensors (adapter, projector copy), not the frozen base.
-
-    accelerate hands these hooks the plain state dicts it saves and the models it loads itself (one process
-    or DDP; DeepSpeed and FSDP save through their own engines and pass none), so those are the ones filtered.
-    """
-    from safetensors.torch import load_file
-
-    trainable = {n for n, p in accelerator.unwrap_model(policy).named_parameters() if p.requires_grad}
-
-    def save_hook(models: list, weights: list[dict], output_dir: str) -> None:
-        for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i, model in enumerate(models):
-            state = load_file(str(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"))
-            result = model.load_state_dict(state, strict=False)
-            missing = [k for k in result.missing_keys if k.removeprefix("module.") in trainable]
-            if result.unexpected_keys or missing:
-                raise ValueError(f"{input_dir}: checkpoint does not fit the model (unexpected "
-                                 f"{result.unexpected_keys[:5]}, missing trainable {missing[:5]})")
-        models.clear()  # loaded here; accelerate would insist on the frozen weights too
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +39,12 @@ from mmalign.models.logprobs import (
 )
 from mmalign.models.lora import prepare_policy, reference_model
 from mmalign.objectives.preference import mm_dpo_beta
+from mmalign.runs import claim_folder
 from mmalign.sampling.povid import povid_rejected_logps
+from mmalign.trainers.checkpoints import adapter_only_checkpoints, resume_from, save_checkpoint
 from mmalign.trainers.common import (
-    MetricsLogger, PreferenceRecipeConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
-    build_scheduler, latest_checkpoint, load_checkpoint, make_accelerator, process_slice, progress,
-    save_checkpoint, save_weights, steps_per_epoch, trainer_layout,
+    MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, make_accelerator,
+    process_slice, progress, save_weights, steps_per_epoch, stop_if_not_finite, trainer_layout,
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
 from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_root, load_pairs, record_images
@@ -70,10 +72,12 @@ class LossConfig(PreferenceLossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta_w < 0 or self.beta_k <= 0:
-            raise ValueError("MM-DPO needs beta_w >= 0 and beta_k > 0")
-        if any(w < 0 for w in self.rejected_weights) or (self.rejected_weights and not any(self.rejected_weights)):
-            raise ValueError("rejected_weights must be >= 0 with at least one > 0")
+        if not (0 <= self.beta_w < math.inf and 0 < self.beta_k < math.inf):
+            raise ValueError(f"MM-DPO needs finite beta_w >= 0 and beta_k > 0, got {self.beta_w}, {self.beta_k}")
+        if not all(0 <= w < math.inf for w in self.rejected_weights) or (
+                self.rejected_weights and not any(self.rejected_weights)):
+            raise ValueError(f"loss.rejected_weights must be finite and >= 0 with at least one > 0, got "
+                             f"{self.rejected_weights}")
 
 
 @dataclass
@@ -209,6 +213,8 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
                 # DeepSpeed clips inside its engine step and reports no norm before it has one.
                 norm = acc.clip_grad_norm_(run.policy.parameters(), cfg.optim.max_grad_norm)
                 grad_norm = grad_norm if norm is None else norm
+            if acc.sync_gradients:
+                stop_if_not_finite(acc, step, {"loss": (sums + stats)[0], "grad_norm": grad_norm})
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         sums += stats
@@ -233,6 +239,13 @@ def save_outputs(run: _Run, out: Path, fingerprint: dict) -> None:
     acc.wait_for_everyone()
 
 
+def _adapter_saver(run: _Run):
+    """Under LoRA, what writes a checkpoint's loadable ``adapter/`` (PEFT format + processor); else None."""
+    if not run.cfg.lora.enabled:
+        return None
+    return lambda folder: save_weights(run.accelerator, run.policy, run.processor, folder, lora=True, merge=False)
+
+
 def _micro_batch(cfg: OfflineConfig, accelerator: Accelerator) -> int:
     parts = accelerator.num_processes * cfg.optim.grad_accum
     if cfg.batch_size % parts:
@@ -241,18 +254,17 @@ def _micro_batch(cfg: OfflineConfig, accelerator: Accelerator) -> int:
     return cfg.batch_size // parts
 
 
-def _resume(cfg: OfflineConfig, accelerator: Accelerator, fingerprint: dict) -> int:
-    """Restore the newest checkpoint when ``run.resume``; returns the step it ended (0: start afresh)."""
-    found = latest_checkpoint(cfg.run.output_dir) if cfg.run.resume else None
-    if found is None:
+def _resume(cfg: OfflineConfig, accelerator: Accelerator, scheduler: Any, fingerprint: dict) -> int:
+    """Restore the newest intact checkpoint when ``run.resume``; returns the step it ended (0: start afresh)."""
+    state = resume_from(accelerator, cfg.run.output_dir, scheduler) if cfg.run.resume else None
+    if state is None:
         if cfg.run.resume:
-            logger.info("resume: no checkpoint under %s, starting from step 0", cfg.run.output_dir)
+            logger.info("resume: no usable checkpoint under %s, starting from step 0", cfg.run.output_dir)
         return 0
-    state = load_checkpoint(accelerator, found)
     if {k: v for k, v in state["data_fingerprint"].items() if k != "train"} != {
             k: v for k, v in fingerprint.items() if k != "train"}:
-        raise ConfigError(f"resume: {found} was trained on other data ({state['data_fingerprint']} vs {fingerprint})")
-    logger.info("resumed from %s (step %d)", found, state["step"])
+        raise ConfigError(f"resume: step {state['step']} was trained on other data ({state['data_fingerprint']} vs "
+                          f"{fingerprint})")
     return int(state["step"])
 
 
@@ -261,10 +273,17 @@ def train_offline(cfg: OfflineConfig) -> Path:
 
     ``run.output_dir`` receives ``adapter/`` (LoRA; PEFT format) or ``model/`` (full fine-tuning), each with
     the processor, ``merged/`` on request, ``config.yaml``, ``data_fingerprint.json``, ``metrics.jsonl``,
-    ``tensorboard/`` and ``checkpoints/step_*`` (every ``run.save_every`` steps; ``run.resume`` continues).
+    ``tensorboard/`` and ``checkpoints/step_*`` (every ``run.save_every`` steps and the last one, each with a
+    loadable ``adapter/`` under LoRA; ``run.resume`` continues from the newest intact one; see
+    ``trainers.checkpoints``). A loss or gradient that turns non-finite stops the run (``TrainingStopped``).
     """
     if not cfg.model.path or not cfg.data.train:
         raise ConfigError("model.path and data.train are required")
+    with claim_folder(cfg.run.output_dir):
+        return _train_offline(cfg)
+
+
+def _train_offline(cfg: OfflineConfig) -> Path:
     out = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
     micro = _micro_batch(cfg, accelerator)
@@ -289,14 +308,13 @@ def train_offline(cfg: OfflineConfig) -> Path:
     optimizer = build_optimizer(policy, cfg.optim, projector)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if cfg.lora.enabled:
         adapter_only_checkpoints(accelerator, policy)
     unwrapped = accelerator.unwrap_model(policy)
     reference = reference_fn(cfg, accelerator, unwrapped, frozen, processor, records, image_hashes, micro)
     run = _Run(cfg, accelerator, policy, unwrapped, frozen, processor, optimizer, scheduler, reference, records,
                micro)
-    start = _resume(cfg, accelerator, fingerprint)
+    start = _resume(cfg, accelerator, scheduler, fingerprint)
     metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
     bar = progress(total, start, accelerator.is_main_process, f"{cfg.loss.name} ({len(records)} pairs)")
     for step in range(start + 1, total + 1):
@@ -305,8 +323,9 @@ def train_offline(cfg: OfflineConfig) -> Path:
             metrics.log(step, values)
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}")
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
-            save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, cfg.run.keep_checkpoints)
+        if cfg.run.save_every and (step % cfg.run.save_every == 0 or step == total):
+            save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, cfg.run.keep_checkpoints,
+                            scheduler=scheduler, save_adapter=_adapter_saver(run))
     bar.close()
     metrics.close()
     save_outputs(run, out, fingerprint)

@@ -42,16 +42,17 @@ from mmalign.data.schema import PreferenceRecord
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import RefFn, live_reference
 from mmalign.models.lora import prepare_policy
+from mmalign.runs import claim_folder
 from mmalign.sampling.annotators import Annotator, AnnotatorConfig, build_annotator
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample, settings
 from mmalign.sampling.rollouts import (
     RolloutConfig, collect_online, entry_pair, offline_entry, read_step, rollout_seed, takes_offline, write_step,
 )
 from mmalign.sampling.similarity import SentenceSimilarity
+from mmalign.trainers.checkpoints import resume_from, save_checkpoint
 from mmalign.trainers.common import (
-    MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, save_weights, steps_per_epoch,
-    trainer_layout,
+    MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, make_accelerator,
+    process_slice, progress, save_weights, steps_per_epoch, stop_if_not_finite, trainer_layout,
 )
 from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
@@ -188,7 +189,7 @@ def _chunk_loss(run: _Run, chunk: list[PreferenceRecord], scale: float) -> tuple
     return per_record.sum() * scale, stats * (1.0 if scale else 0.0)
 
 
-def update_step(run: _Run, pairs: list[PreferenceRecord]) -> tuple[dict[str, float], float]:
+def update_step(run: _Run, pairs: list[PreferenceRecord], step: int) -> tuple[dict[str, float], float]:
     """One optimizer step on the step's pairs (mean loss over all of them); returns (stat sums, grad norm)."""
     cfg, acc = run.cfg, run.accelerator
     shares = np.array_split(np.arange(len(pairs)), acc.num_processes)[acc.process_index]
@@ -206,6 +207,8 @@ def update_step(run: _Run, pairs: list[PreferenceRecord]) -> tuple[dict[str, flo
             if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                 norm = acc.clip_grad_norm_(run.policy.parameters(), cfg.optim.max_grad_norm)
                 grad_norm = grad_norm if norm is None else norm
+            if acc.sync_gradients:
+                stop_if_not_finite(acc, step, {"loss": (sums + stats)[0], "grad_norm": grad_norm})
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         sums += stats
@@ -234,7 +237,7 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
     values = {"lr": lr, "pairs/reused": float(reused), **_rollout_stats(entries),
               "time/collect_s": collected - started}
     if pairs:
-        s, grad_norm = update_step(run, pairs)
+        s, grad_norm = update_step(run, pairs, step)
         values |= {**preference_metrics(s), "grad_norm": grad_norm}
     else:
         logger.warning("step %d: the annotator preferred no answer of any prompt; no update", step)
@@ -263,14 +266,13 @@ def fingerprint(cfg: OnlineConfig) -> dict[str, Any]:
             "sampling_sha256": hashlib.sha256(json.dumps(sampling, sort_keys=True).encode()).hexdigest()}
 
 
-def _resume(cfg: OnlineConfig, accelerator: Accelerator, fp: dict[str, Any]) -> int:
-    found = latest_checkpoint(cfg.run.output_dir) if cfg.run.resume else None
-    if found is None:
+def _resume(cfg: OnlineConfig, accelerator: Accelerator, scheduler: Any, fp: dict[str, Any]) -> int:
+    state = resume_from(accelerator, cfg.run.output_dir, scheduler) if cfg.run.resume else None
+    if state is None:
         return 0
-    state = load_checkpoint(accelerator, found)
     if state["fingerprint"] != fp:
-        raise ConfigError(f"resume: {found} was trained with other data or sampling ({state['fingerprint']} vs {fp})")
-    logger.info("resumed from %s (step %d)", found, state["step"])
+        raise ConfigError(f"resume: step {state['step']} was trained with other data or sampling "
+                          f"({state['fingerprint']} vs {fp})")
     return int(state["step"])
 
 
@@ -296,6 +298,11 @@ def train_online(cfg: OnlineConfig) -> Path:
     """Run Online-DPO / Mixed-DPO / Online-BDHS; returns the output directory (adapter, merged model, pairs)."""
     if not cfg.model.path or not cfg.data.prompts:
         raise ConfigError("model.path and data.prompts are required")
+    with claim_folder(cfg.run.output_dir):
+        return _train_online(cfg)
+
+
+def _train_online(cfg: OnlineConfig) -> Path:
     out = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
     policy, processor, frozen, projector = prepare_policy(cfg)
@@ -307,14 +314,13 @@ def train_online(cfg: OnlineConfig) -> Path:
     optimizer = build_optimizer(policy, cfg.optim, projector)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     annotator = build_annotator(cfg.annotator, accelerator.device) if cfg.mode != "online_bdhs" else None
     similarity = SentenceSimilarity(cfg.bdhs.embedder, accelerator.device) if cfg.mode == "online_bdhs" else None
     reference = live_reference(accelerator.unwrap_model(policy), frozen, PREFERENCE_LAYOUTS[cfg.forward][1])
     run = _Run(cfg, accelerator, policy, processor, optimizer, scheduler, reference, records, annotator, similarity,
                out / "pairs")
     fp = fingerprint(cfg)
-    start = _resume(cfg, accelerator, fp)
+    start = _resume(cfg, accelerator, scheduler, fp)
     metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
     bar = progress(total, start, accelerator.is_main_process, f"{cfg.mode} ({len(records)} prompts)")
     for step in range(start + 1, total + 1):
@@ -323,8 +329,11 @@ def train_online(cfg: OnlineConfig) -> Path:
             metrics.log(step, values)
         bar.update(1)
         bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
-            save_checkpoint(accelerator, out, step, {"fingerprint": fp}, cfg.run.keep_checkpoints)
+        if cfg.run.save_every and (step % cfg.run.save_every == 0 or step == total):
+            adapter = (lambda folder: save_weights(accelerator, policy, processor, folder, lora=True, merge=False)
+                       ) if cfg.lora.enabled else None
+            save_checkpoint(accelerator, out, step, {"fingerprint": fp}, cfg.run.keep_checkpoints,
+                            scheduler=scheduler, save_adapter=adapter)
     bar.close()
     metrics.close()
     n_pairs = export_pairs(run, total, out) if accelerator.is_main_process else 0

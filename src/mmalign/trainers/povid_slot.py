@@ -13,6 +13,7 @@ also when the trainer caches the others (``ref_cache_dir``).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,8 +37,8 @@ class PovidConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.noise_steps < NUM_DIFFUSION_STEPS:
             raise ValueError(f"povid.noise_steps must be in 1..{NUM_DIFFUSION_STEPS - 1}, got {self.noise_steps}")
-        if self.weight <= 0:
-            raise ValueError("povid.weight must be > 0")
+        if not 0 < self.weight < math.inf:
+            raise ValueError(f"povid.weight must be a finite number > 0, got {self.weight}")
 
 
 def noise_seed(seed: int, record_id: str, image_index: int) -> int:

@@ -41,6 +41,10 @@ class DataConfig:
     max_length: int = 2048
     skip_invalid_to: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ValueError(f"data.max_length must be >= 1, got {self.max_length}")
+
 
 def data_root(cfg: DataConfig) -> Path:
     """Where image paths of the records resolve: ``data_root``, else the records file's folder."""

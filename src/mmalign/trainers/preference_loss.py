@@ -7,6 +7,7 @@ sums of ``PAIR_STATS``; ``preference_metrics`` makes the logged step means from 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,8 +31,11 @@ class PreferenceLossConfig:
     sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
-            raise ValueError("loss needs beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0")
+        # "not (valid)" so that NaN, for which every comparison is false, is refused too.
+        if not (0 < self.beta < math.inf and 0 <= self.label_smoothing < 0.5 and 0 <= self.sft_weight < math.inf):
+            raise ValueError(f"loss needs a finite beta > 0, 0 <= label_smoothing < 0.5 and a finite sft_weight >= 0; "
+                             f"got beta={self.beta}, label_smoothing={self.label_smoothing}, "
+                             f"sft_weight={self.sft_weight}")
 
 
 def record_losses(loss: PreferenceLossConfig, out: PreferenceForward, ref_chosen: torch.Tensor,

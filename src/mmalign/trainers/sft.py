@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mmalign.config import save_config
+from mmalign.config import ConfigError, save_config
 from mmalign.data.chat import answer_ids
 from mmalign.data.collate import collate_sft
 from mmalign.data.images import open_image
@@ -28,10 +28,12 @@ from mmalign.lab.model import LabModelConfig, build_lab_model
 from mmalign.models.loading import load_vlm, projector_param_names
 from mmalign.models.image_tokens import image_token_mask
 from mmalign.models.logprobs import answer_token_logps, model_inputs
+from mmalign.runs import claim_folder
 from mmalign.sampling.masked import hide_image_attention
+from mmalign.trainers.checkpoints import resume_from, save_checkpoint
 from mmalign.trainers.common import (
-    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint,
+    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, make_accelerator,
+    process_slice, progress, stop_if_not_finite,
 )
 
 logger = logging.getLogger(__name__)
@@ -136,7 +138,12 @@ def _micro_step(model, processor, accelerator, records, images, hidden: list[boo
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT and save model + processor + resolved config into ``cfg.run.output_dir``; returns that dir."""
     if not cfg.data.train:
-        raise ValueError("data.train is required: the SFT records file")
+        raise ConfigError("data.train is required: the SFT records file")
+    with claim_folder(cfg.run.output_dir):
+        return _train_sft(cfg)
+
+
+def _train_sft(cfg: SFTConfig) -> Path:
     out = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
     model, processor = _model(cfg)
@@ -147,13 +154,10 @@ def train_sft(cfg: SFTConfig) -> Path:
     optimizer = build_optimizer(model, cfg.optim, projector_param_names(model))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     # The schedule counts optimizer steps of the global batch, so it is stepped here once per step rather
-    # than prepared (a prepared scheduler steps once per process); it is still saved with checkpoints.
+    # than prepared (a prepared scheduler steps once per process); checkpoints save it as JSON.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    start = 0
-    if cfg.run.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = load_checkpoint(accelerator, ckpt)["step"]
-        logger.info("resumed from %s at step %d", ckpt, start)
+    state = resume_from(accelerator, out, scheduler) if cfg.run.resume else None
+    start = state["step"] if state is not None else 0
     save_config(cfg, out)
     metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
     bar = progress(cfg.steps, start, accelerator.is_main_process, "sft")
@@ -171,8 +175,11 @@ def train_sft(cfg: SFTConfig) -> Path:
             step_nll, step_tokens = _micro_step(model, processor, accelerator, [records[i] for i in chunk], images,
                                                 hidden, scale, cfg.data.max_length)
             nll, tokens = nll + step_nll, tokens + step_tokens
+        grad_norm = torch.tensor(0.0)
         if cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            grad_norm = grad_norm if norm is None else norm
+        stop_if_not_finite(accelerator, step + 1, {"loss": nll, "grad_norm": grad_norm})
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -182,7 +189,7 @@ def train_sft(cfg: SFTConfig) -> Path:
                                "step_s": time.perf_counter() - t0})
         # The last step is checkpointed too, so a finished run can be continued to more steps.
         if cfg.run.save_every and (done % cfg.run.save_every == 0 or done == cfg.steps):
-            save_checkpoint(accelerator, out, done, {}, keep=cfg.run.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, {}, keep=cfg.run.keep_checkpoints, scheduler=scheduler)
         bar.update(1)
     bar.close()
     metrics.close()

@@ -39,6 +39,11 @@ class FolderInUse(ConfigError):
     """Another live run holds the output's lock; the message names its pid and host."""
 
 
+class TrainingStopped(RuntimeError):
+    """A run stopped before an update that would have ruined its weights (a non-finite loss or gradient); the
+    command line exits 1 (the input was fine, the run failed)."""
+
+
 class BrokenLaunch(ConfigError):
     """The process was started as one of several, but runs alone (N independent copies of one run)."""
 

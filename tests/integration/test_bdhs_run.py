@@ -166,3 +166,37 @@ def test_an_empty_input_exits_2_naming_the_file(data, tmp_path, capsys):
                  f"data_root={data}"]) == 2
     assert "empty.jsonl: no records to sample" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_answer_longer_than_the_context_is_a_record_error_or_skipped(tiny_vlm_dir, data, tmp_path, capsys):
+    """A long reference answer would grow every guided generation row with it; it is refused up front."""
+    records = read_records(data / "prompts.jsonl")
+    long = PreferenceRecord("long", records[1].images, records[1].prompt, "There is a red circle. " * 400, [])
+    write_records(tmp_path / "in.jsonl", [records[1], long])
+    args = ["sample", "bdhs", f"input={tmp_path / 'in.jsonl'}", f"model={tiny_vlm_dir('llava')}", f"data_root={data}",
+            "bdhs.n_iter=1", "bdhs.max_sentence_tokens=4", "bdhs.max_answer_tokens=4"]
+    assert main([*args, f"output={tmp_path / 'out.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert "record 'long', field 'chosen'" in err and "more than 1024 (max_length 4096, model context 1024)" in err
+    assert not (tmp_path / "out.jsonl").exists()
+    assert main([*args, f"output={tmp_path / 'kept.jsonl'}", f"skip_invalid_to={tmp_path / 'skipped.jsonl'}"]) == 0
+    assert [r.id for r in read_records(tmp_path / "kept.jsonl", data_root=data)] == [records[1].id]
+    assert [json.loads(line)["id"] for line in (tmp_path / "skipped.jsonl").read_text().splitlines()] == ["long"]
+
+
+def test_a_second_run_into_the_same_output_fails_fast_naming_the_holder(data, tmp_path, capsys):
+    output = tmp_path / "pairs.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom mmalign.runs import claim_output\n"
+        f"with claim_output({str(tmp_path / '.pairs.jsonl.lock')!r}, 'x'):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n")], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        assert main(["sample", "bdhs", f"input={data / 'prompts.jsonl'}", f"output={output}", f"model={tmp_path}"]) == 2
+        assert time.monotonic() - started < 10
+        err = capsys.readouterr().err
+        assert f"is in use by another run (pid {holder.pid} on host" in err and not output.exists()
+    finally:
+        holder.kill()
+        holder.wait()

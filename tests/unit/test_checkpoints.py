@@ -14,9 +14,9 @@ import torch
 from mmalign.trainers.checkpoints import (
     STATE_FILE, checkpoint_problem, checkpoints, latest_checkpoint, resume_from, save_checkpoint,
 )
+from mmalign.runs import TrainingStopped
 from mmalign.trainers.common import (
-    MetricsLogger, OptimConfig, RunConfig, TrainingStopped, build_optimizer, build_scheduler, make_accelerator,
-    stop_if_not_finite,
+    MetricsLogger, OptimConfig, RunConfig, build_optimizer, build_scheduler, make_accelerator, stop_if_not_finite,
 )
 
 

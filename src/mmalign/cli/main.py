@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from mmalign.config import ConfigError
     from mmalign.data.schema import RecordError
+    from mmalign.runs import TrainingStopped
 
     try:
         result = args.func(args)
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecordError as err:  # bad input names its file, record and field; no traceback
         print(f"mmalign {args.command}: bad input: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # the run failed, the input was fine: exit 1
+        print(f"mmalign {args.command}: training stopped: {err}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -5,6 +5,12 @@ records whose id hashes to it and appends results to its own shard; after all pr
 process merges the shards, in input order, into the output file (the same bytes whatever the number of
 processes, batch size or restarts), writes the provenance sidecar and ``<output>.summary.json`` (share of
 records accepted at each iteration, the paper's Fig. 10), and removes the work folder.
+
+Before sampling, every record is checked against the length it will reach: prompt (image tokens included) +
+reference answer + the larger generation budget must fit ``max_length`` and the model's context. A longer
+record is a ``RecordError`` (or, with ``skip_invalid_to``, listed and skipped), never a generation batch that
+grows until memory runs out. One run at a time writes an output: ``.<output name>.lock`` beside it
+(``mmalign.runs``).
 """
 
 from __future__ import annotations
@@ -13,16 +19,21 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
+from mmalign.config import ConfigError
+from mmalign.data.collate import collate_sft
 from mmalign.data.images import open_image
+from mmalign.data.io import same_file
 from mmalign.data.record_files import read_records, write_records
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm
+from mmalign.runs import claim_output
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
 from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for
 from mmalign.sampling.similarity import SentenceSimilarity
@@ -34,7 +45,9 @@ logger = logging.getLogger(__name__)
 class BDHSRunConfig:
     """``input``: record file (.jsonl/.parquet; ``chosen`` is the reference y+); ``output``: record file to
     write; ``model``: local policy folder (``load_vlm``); ``data_root``: image root (None = the input's folder);
-    ``dtype``: model dtype for ``load_vlm`` (None = float32); ``bdhs``: the sampler (Algorithm 1)."""
+    ``dtype``: model dtype for ``load_vlm`` (None = float32); ``bdhs``: the sampler (Algorithm 1);
+    ``max_length``: most tokens of prompt (image tokens included) + reference answer + generation budget;
+    ``skip_invalid_to``: JSONL file listing bad or too long records, which are then skipped (None: an error)."""
 
     input: str
     output: str
@@ -42,6 +55,12 @@ class BDHSRunConfig:
     data_root: str | None = None
     dtype: str | None = None
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
+    max_length: int = 4096
+    skip_invalid_to: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
 
 def summary_path(output: str | Path) -> Path:
@@ -55,8 +74,59 @@ def _fingerprint(cfg: BDHSRunConfig) -> dict[str, Any]:
             "model": str(Path(cfg.model).resolve()), "dtype": cfg.dtype, "bdhs": settings(cfg.bdhs)}
 
 
+def _root(cfg: BDHSRunConfig) -> Path:
+    return Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.input).parent
+
+
+def _length_errors(cfg: BDHSRunConfig, records: list[PreferenceRecord], processor: Any, context: int
+                   ) -> list[RecordError]:
+    """Records whose prompt + reference answer + generation budget exceed ``max_length`` or the model's context.
+
+    A guided sentence is generated after the prompt and the reference's earlier sentences, the unguided answer
+    after the prompt: both end below prompt + answer + the larger budget.
+    """
+    budget = max(cfg.bdhs.max_sentence_tokens, cfg.bdhs.max_answer_tokens)
+    limit = min(cfg.max_length, context)
+    errors = []
+    for record in records:
+        images = [open_image(ref, _root(cfg)) for ref in record.images]
+        length = int(collate_sft(processor, [record], [images])["attention_mask"].sum()) + budget
+        if length > limit:
+            errors.append(RecordError(
+                f"prompt + reference answer + generation budget ({budget}) = {length} tokens, more than "
+                f"{limit} (max_length {cfg.max_length}, model context {context})", file=cfg.input,
+                record_id=record.id, field="chosen"))
+    return errors
+
+
+def _read(cfg: BDHSRunConfig) -> tuple[list[PreferenceRecord], list[str]]:
+    """The input's valid records and (with ``skip_invalid_to``) the JSON lines listing the invalid ones."""
+    with tempfile.TemporaryDirectory() as tmp:  # one listing per process; the main one publishes it
+        listing = Path(tmp) / "skipped.jsonl" if cfg.skip_invalid_to else None
+        records = read_records(cfg.input, data_root=cfg.data_root, skip_invalid_to=listing)
+        return records, listing.read_text().splitlines() if listing else []
+
+
+def _fitting(cfg: BDHSRunConfig, records: list[PreferenceRecord], skipped: list[str], processor: Any,
+             context: int, is_main: bool) -> list[PreferenceRecord]:
+    """The records BDHS can sample within the length limit; a longer one raises, or with ``skip_invalid_to`` is
+    listed there beside the invalid ones (``skipped``) and dropped."""
+    errors = _length_errors(cfg, records, processor, context)
+    if errors and not cfg.skip_invalid_to:
+        raise errors[0]
+    if cfg.skip_invalid_to and is_main:
+        Path(cfg.skip_invalid_to).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.skip_invalid_to).write_text("".join(line + "\n" for line in skipped) + "".join(
+            json.dumps(e.as_dict()) + "\n" for e in errors))
+    too_long = {e.record_id for e in errors}
+    if skipped or too_long:
+        logger.warning("%s: skipped %d record(s), listed in %s", cfg.input, len(skipped) + len(too_long),
+                       cfg.skip_invalid_to)
+    return [r for r in records if r.id not in too_long]
+
+
 def _sample_share(cfg: BDHSRunConfig, records: list[PreferenceRecord], accelerator: Accelerator,
-                  work_dir: Path) -> None:
+                  work_dir: Path, model: Any, processor: Any) -> None:
     """Sample this process's unfinished records, one shard append per batch."""
     done = read_entries(work_dir)
     mine = [r for r in records if owner(r.id, accelerator.num_processes) == accelerator.process_index
@@ -66,9 +136,8 @@ def _sample_share(cfg: BDHSRunConfig, records: list[PreferenceRecord], accelerat
                 len(mine), len(done))
     if not mine:
         return
-    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=accelerator.device)
     similarity = SentenceSimilarity(cfg.bdhs.embedder, accelerator.device)
-    root = cfg.data_root if cfg.data_root is not None else Path(cfg.input).parent
+    root = _root(cfg)
     size = cfg.bdhs.batch_size
     for start in range(0, len(mine), size):
         batch = mine[start:start + size]
@@ -129,10 +198,23 @@ def run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
 
     Returns the summary on the main process (None on the others).
     """
+    if same_file(cfg.output, cfg.input):
+        raise ConfigError(f"output {cfg.output!r} is the input file itself; refusing to overwrite the data")
+    output = Path(cfg.output)
+    with claim_output(output.with_name(f".{output.name}.lock"), f"BDHS output {cfg.output!r}"):
+        return _run_bdhs(cfg)
+
+
+def _run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
     accelerator = Accelerator()
-    records = read_records(cfg.input, data_root=cfg.data_root)
+    records, skipped = _read(cfg)
     if not records:
         raise RecordError("no records to sample", file=str(cfg.input))
+    model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=accelerator.device)
+    records = _fitting(cfg, records, skipped, processor, model.config.get_text_config().max_position_embeddings,
+                       accelerator.is_main_process)
+    if not records:
+        raise RecordError("no record fits the length limit", file=str(cfg.input))
     work_dir = work_dir_for(cfg.output)
     fingerprint = _fingerprint(cfg)
     if accelerator.is_main_process:
@@ -140,7 +222,7 @@ def run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         init_work_dir(work_dir, fingerprint)  # only checks: the main process created it
-    _sample_share(cfg, records, accelerator, work_dir)
+    _sample_share(cfg, records, accelerator, work_dir, model, processor)
     accelerator.wait_for_everyone()
     summary = None
     if accelerator.is_main_process:

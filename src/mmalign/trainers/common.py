@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from mmalign.config import ConfigError
 from mmalign.models.layouts import resolve_layout
 from mmalign.models.lora import LoraConfig, ModelConfig
+from mmalign.runs import TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +199,6 @@ def _logged_lines(path: Path) -> list[str]:
             logger.warning("%s: dropping a torn last line (%r)", path, line[:80])
             return lines[:-1]
     return lines
-
-
-class TrainingStopped(RuntimeError):
-    """A run stopped before an update that would have ruined its weights (a non-finite loss or gradient)."""
 
 
 def stop_if_not_finite(accelerator: Accelerator, step: int, values: dict[str, torch.Tensor | float]) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from mmalign.config import ConfigError
 from mmalign.data.collate import SequenceTooLong
 from mmalign.data.images import image_sha256, open_image
+from mmalign.data.io import same_file
 from mmalign.data.record_files import read_records
 from mmalign.data.schema import PreferenceRecord, RecordError
 
@@ -82,6 +83,9 @@ def load_pairs(cfg: DataConfig, processor: Any, collate: Callable, *, margin_key
     incl. zero rejected answers, rejected == chosen and non-finite ``meta`` (``read_records``); a missing or
     non-numeric margin; a prompt + answer longer than ``max_length``; a prompt or image the processor refuses.
     """
+    if cfg.skip_invalid_to and same_file(cfg.skip_invalid_to, cfg.train):
+        raise ConfigError(f"data.skip_invalid_to {cfg.skip_invalid_to!r} is the training file itself; the list of "
+                          "bad records would overwrite the data")
     with tempfile.TemporaryDirectory() as tmp:  # one listing per process; the main one publishes it
         listing = Path(tmp) / "skipped.jsonl" if cfg.skip_invalid_to else None
         records = read_records(cfg.train, data_root=cfg.data_root, min_rejected=1, skip_invalid_to=listing)

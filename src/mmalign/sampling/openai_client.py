@@ -2,19 +2,28 @@
 
 Used by the LLM corrupter (and usable by API judges): retries with exponential backoff on HTTP 429,
 5xx and connection errors (honouring ``Retry-After``), a process-wide request rate limit shared by all
-worker threads, and an API key read from an environment variable whose *name* is configured. The key is
-sent only in the ``Authorization`` header and never appears in logs, errors or saved configs.
+worker threads, and an API key read from an environment variable whose *name* is configured.
+
+The key is sent only in the ``Authorization`` header of requests to ``base_url`` and never appears in logs,
+errors or saved configs: redirects are not followed (a chat POST cannot be redirected without losing its
+body, and following one would hand the key to whatever host the ``Location`` names), and any reply text
+quoted in an error has the key blanked out, in case a server echoes request headers. ``timeout_s`` bounds
+each attempt as a whole (connect, send, headers and body): a watchdog closes the socket at the deadline, so
+a server trickling bytes cannot stretch it the way a per-read socket timeout would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +41,8 @@ class EndpointConfig:
 
     ``base_url`` ends before ``/chat/completions`` (e.g. ``https://api.openai.com/v1`` or
     ``http://127.0.0.1:8000/v1`` for ``mmalign serve``). ``api_key_env`` names the environment variable
-    holding the key ("" sends no key). Attempt ``i`` (0-based) that fails retryably waits
+    holding the key ("" sends no key). ``timeout_s``: the most one attempt may take in all, connect to last byte.
+    Attempt ``i`` (0-based) that fails retryably waits
     ``min(max_backoff_s, backoff_s * 2**i)`` (or ``Retry-After`` if longer) before the next one.
     """
 
@@ -79,6 +89,66 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+class _Deadline:
+    """Shuts down every socket an attempt opens once ``seconds`` have passed since it started."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):  # already closed by the request itself
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def connection(self, base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        """``base`` whose sockets this deadline watches."""
+        deadline = self
+
+        class Watched(base):  # type: ignore[misc, valid-type]
+            def connect(self) -> None:
+                super().connect()
+                deadline.watch(self.sock)
+
+        return Watched
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Hand 3xx replies back as errors instead of following them (with the key) to another URL."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """An opener (proxies from the environment as usual) whose connections ``deadline`` watches."""
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(deadline.connection(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(deadline.connection(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(_NoRedirect, HTTP, HTTPS)
+
+
 class ChatClient:
     """Thread-safe chat-completions caller for one ``EndpointConfig``."""
 
@@ -89,25 +159,42 @@ class ChatClient:
         self.endpoint = endpoint
         self._url = endpoint.base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
+        self._key = ""
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env)
             if not key:
                 raise ValueError(f"environment variable {endpoint.api_key_env!r} (endpoint.api_key_env) is unset or empty")
+            self._key = key
             self._headers["Authorization"] = f"Bearer {key}"
         self._limiter = RateLimiter(endpoint.requests_per_s)
         self._count_lock = threading.Lock()
         self.requests_sent = 0
 
+    def _redact(self, text: str) -> str:
+        """``text`` with the API key blanked out (a server may echo the request's headers in an error)."""
+        return text.replace(self._key, "[api key]") if self._key else text
+
     def _post(self, payload: bytes) -> tuple[int, Any, str]:
-        """One HTTP attempt -> (status, headers, body text); connection problems raise OSError/HTTPException."""
+        """One HTTP attempt within ``timeout_s`` in all -> (status, headers, body text); connection problems and
+        the deadline raise OSError/HTTPException."""
         request = urllib.request.Request(self._url, data=payload, headers=self._headers, method="POST")
         with self._count_lock:
             self.requests_sent += 1
+        deadline = _Deadline(self.endpoint.timeout_s)
         try:
-            with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
-                return response.status, response.headers, response.read().decode("utf-8", errors="replace")
+            with _opener(deadline).open(request, timeout=self.endpoint.timeout_s) as response:
+                result = response.status, response.headers, response.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as err:
-            return err.code, err.headers, err.read().decode("utf-8", errors="replace")
+            result = err.code, err.headers, err.read().decode("utf-8", errors="replace")
+        except (OSError, http.client.HTTPException) as err:
+            if deadline.expired:
+                raise TimeoutError(f"no complete reply within timeout_s={self.endpoint.timeout_s:g}") from err
+            raise
+        finally:
+            deadline.cancel()
+        if deadline.expired:  # the socket was shut down mid-body: what was read is cut short
+            raise TimeoutError(f"no complete reply within timeout_s={self.endpoint.timeout_s:g}")
+        return result
 
     def complete(self, messages: list[dict[str, Any]], *, temperature: float, max_tokens: int, seed: int) -> str:
         """The assistant text for ``messages`` (OpenAI chat format), retrying transient failures."""
@@ -122,10 +209,16 @@ class ChatClient:
             try:
                 status, headers, text = self._post(payload)
             except (OSError, http.client.HTTPException) as err:  # URLError, refused, reset, timeout
-                failure = f"connection error: {err}"
+                failure = f"connection error: {self._redact(str(err))}"
             else:
+                text = self._redact(text)
                 if status == 200:
                     return _parse_reply(text, self._url)
+                if 300 <= status < 400:
+                    target = urllib.parse.urlsplit(headers.get("Location") or "").netloc or "?"
+                    raise ChatError(f"{self._url} answered HTTP {status}, a redirect to host {target}; redirects "
+                                    "are not followed (the API key goes to base_url only): set base_url to the "
+                                    "final address")
                 if status != 429 and status < 500:
                     raise ChatError(f"{self._url} answered HTTP {status} (not retried): {text[:500]}")
                 failure, wait_hint = f"HTTP {status}: {text[:200]}", _retry_after(headers)

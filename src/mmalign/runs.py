@@ -6,7 +6,9 @@ BDHS run (on its output file and work folder):
 - **launch check**: a process started as one of N (``WORLD_SIZE`` = N, set by torchrun / ``accelerate launch``)
   that accelerate nevertheless runs alone is refused. That is what ``accelerate launch`` with a multi-GPU config
   does on a machine without GPUs: N independent copies of the run, each believing it is the only one, all
-  writing one folder. On CPU, ``scripts/cpu_launch.sh N ...`` starts N real processes (docs/distributed.md).
+  writing one folder. On CPU, ``python -m mmalign.cpu_launch N ...`` starts N real processes. Likewise a run
+  that asked for FSDP or DeepSpeed (``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) but that accelerate
+  runs without it (it does so silently on CPU) is refused by ``check_backend``.
 - **folder lock**: the main process holds an exclusive ``flock`` on ``lock_file`` for the whole run, and writes
   its pid, host and start time into it. A second run into the same folder fails at once with
   ``FolderInUse`` naming the holder; the kernel drops the lock when the holder dies (even by SIGKILL), so a
@@ -56,7 +58,17 @@ def check_world_size(num_processes: int) -> None:
             f"this process was launched as one of {world} (WORLD_SIZE={world}) but accelerate runs "
             f"{num_processes} process(es): {world} independent copies of one run would write one folder. A "
             "multi-GPU accelerate config on a machine without GPUs does this; on CPU start N processes with "
-            "`scripts/cpu_launch.sh N mmalign ...` (torchrun with ACCELERATE_USE_CPU=true)")
+            "`python -m mmalign.cpu_launch N <mmalign arguments>`")
+
+
+def check_backend(distributed_type: str) -> None:
+    """Refuse a run whose launch asked for FSDP or DeepSpeed when accelerate set up ``distributed_type`` instead
+    (accelerate 1.15 keeps FSDP and DeepSpeed for GPU-like devices and ignores the request elsewhere)."""
+    for name, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(name, "false").lower() == "true" and distributed_type != wanted:
+            raise BrokenLaunch(f"the launch asked for {wanted} ({name}=true) but accelerate runs {distributed_type}; "
+                               f"accelerate uses {wanted} on GPUs only, so on this machine the run would silently "
+                               "train without it")
 
 
 def _holder(handle: IO[str]) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -120,18 +119,11 @@ def test_sigkill_then_restart_gives_the_same_file(reference, tiny_vlm_dir, data,
     assert _same_summary(summary_path(output), summary_path(reference))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_cpu_processes_write_the_same_file_as_one(reference, tiny_vlm_dir, data, tmp_path):
     output = tmp_path / "pairs.jsonl"
-    # torchrun spawns the 2 processes; ACCELERATE_USE_CPU makes the Accelerator join them over gloo
+    # The CPU launcher: torchrun spawns the 2 processes, ACCELERATE_USE_CPU joins them over gloo
     # (``accelerate launch --cpu`` leaves spawning to MPI).
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_port", str(_free_port()), MMALIGN]
+    launch = [sys.executable, "-m", "mmalign.cpu_launch", "2"]
     done = subprocess.run([*launch, *_args(tiny_vlm_dir("llava"), data, output, "bdhs.batch_size=3")],
                           env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Exact resume: a run SIGKILLed at a random step and resumed ends where an uninterrupted run ends (with the
 POVID slot on, whose noise is seeded per record); and
-2 CPU processes (gloo, ``accelerate launch``) train the same as 1 process with the same global batch."""
+2 CPU processes (gloo, ``python -m mmalign.cpu_launch 2``) train the same as 1 process with the same global batch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -72,24 +71,20 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tiny_vlm_dir, 
     assert_same_weights(full / "adapter/adapter_model.safetensors", resumed / "adapter/adapter_model.safetensors")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_cpu_processes_equal_one_process(tiny_vlm_dir, pairs, tmp_path):
     model_dir = tiny_vlm_dir("llava")
     extra = ("max_steps=3", "loss.name=slic", "loss.beta=0.5", "optim.grad_accum=2")
     one = train_offline(config(model_dir, pairs, tmp_path / "one", *extra))
     two = tmp_path / "two"
-    # `accelerate launch --cpu --num_processes 2` starts ONE process on a machine without MPI; torchrun with
-    # ACCELERATE_USE_CPU starts two gloo processes for sure.
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_port", str(_free_port())]
-    done = subprocess.run([*launch, *_train_cmd(*cli_args(model_dir, pairs, two, *extra))],
-                          env=dict(_env(), ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=600)
+    # `accelerate launch --cpu --num_processes 2` starts ONE process on a machine without MPI; the CPU launcher
+    # starts two processes in one gloo group, which the final checkpoint records.
+    launch = [sys.executable, "-m", "mmalign.cpu_launch", "2", "train", "dpo"]
+    done = subprocess.run([*launch, *cli_args(model_dir, pairs, two, *extra, "run.save_every=3")], env=_env(),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    final = two / "checkpoints/step_00000003"
+    assert json.loads((final / "trainer_state.json").read_text())["num_processes"] == 2
+    assert {p.name for p in final.glob("rng_*.json")} == {"rng_0.json", "rng_1.json"}
     for a, b in zip(metrics(one), metrics(two), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-6)

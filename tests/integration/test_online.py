@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -193,18 +192,14 @@ def test_two_processes_update_like_one_on_the_same_pairs_and_gather_new_ones(lab
     for step in (1, 2):
         name = f"step_{step:08d}.jsonl"
         (two / "pairs" / name).write_text((one / "pairs" / name).read_text())
-    script = tmp_path / "train.py"
-    script.write_text("import sys\nfrom mmalign.config import load_config\n"
-                      "from mmalign.trainers.online import OnlineConfig, train_online\n"
-                      "train_online(load_config(OnlineConfig, None, sys.argv[1:]))\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    done = subprocess.run([*launch, str(script), *args(lab, two, *extra)], env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    # The CPU launcher starts two processes in one gloo group (``accelerate launch --cpu --num_processes 2``
+    # starts one); the checkpoints record the process count.
+    launch = [sys.executable, "-m", "mmalign.cpu_launch", "2", "train", "online-dpo"]
+    done = subprocess.run([*launch, *args(lab, two, *extra)], env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    for step in range(1, STEPS + 1):
+        state = json.loads((two / f"checkpoints/step_{step:08d}/trainer_state.json").read_text())
+        assert state["num_processes"] == 2
     log_one, log_two = metrics(one), metrics(two)
     assert any("loss" in m for m in log_one[:2])  # at least one update on the shared pairs
     for a, b in zip(log_one[:2], log_two[:2]):

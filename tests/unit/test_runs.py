@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mmalign.config import ConfigError, load_config
-from mmalign.runs import LOCK_FILE, BrokenLaunch, FolderInUse, check_world_size, claim_folder
+from mmalign.runs import LOCK_FILE, BrokenLaunch, FolderInUse, check_backend, check_world_size, claim_folder
 from mmalign.trainers.offline import OfflineConfig, train_offline
 from mmalign.trainers.online import OnlineConfig, train_online
 from mmalign.trainers.sft import SFTConfig, train_sft
@@ -72,3 +72,40 @@ def test_n_independent_copies_of_one_launch_are_refused(monkeypatch):
     with pytest.raises(BrokenLaunch, match=r"launched as one of 8 \(WORLD_SIZE=8\) but accelerate runs 1 process"):
         check_world_size(1)
     check_world_size(8)
+
+
+def test_fsdp_or_deepspeed_asked_for_but_not_set_up_is_refused(tmp_path, monkeypatch):
+    """accelerate 1.15 ignores an FSDP request on CPU (MULTI_CPU gets DDP, a single process gets none)."""
+    from mmalign.trainers.common import RunConfig, make_accelerator
+
+    make_accelerator(RunConfig(output_dir=str(tmp_path)))
+    with monkeypatch.context() as env:
+        env.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(BrokenLaunch, match="asked for FSDP"):
+            make_accelerator(RunConfig(output_dir=str(tmp_path)))
+    for name, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        with monkeypatch.context() as env:
+            env.setenv(name, "true")
+            with pytest.raises(BrokenLaunch, match=rf"asked for {wanted} \({name}=true\) but accelerate runs NO"):
+                check_backend("NO")
+    check_backend("FSDP")
+
+
+def test_cpu_launch_command():
+    from mmalign.cpu_launch import command
+
+    argv, env = command(3, ["train", "dpo", "x=1"])
+    assert argv[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m",
+                        "mmalign.cli.main", "train", "dpo", "x=1"]
+    assert env["ACCELERATE_USE_CPU"] == "true"
+
+
+def test_shipped_accelerate_configs_leave_the_process_count_to_the_command_line():
+    import pathlib
+
+    import yaml
+
+    configs = sorted((pathlib.Path(__file__).parents[2] / "configs/accelerate").glob("*.yaml"))
+    assert len(configs) == 4
+    for path in configs:
+        assert "num_processes" not in yaml.safe_load(path.read_text()), path

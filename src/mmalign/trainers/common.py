@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from mmalign.config import ConfigError
 from mmalign.models.layouts import resolve_layout
 from mmalign.models.lora import LoraConfig, ModelConfig
-from mmalign.runs import TrainingStopped
+from mmalign.runs import TrainingStopped, check_backend
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1) -> Accelerator:
         gradient_accumulation_steps=grad_accum,
         project_dir=run.output_dir,
     )
+    check_backend(str(accelerator.distributed_type.value))
     set_seed(run.seed)
     return accelerator
 

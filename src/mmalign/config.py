@@ -119,9 +119,10 @@ def _coerce_union(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
         return None
-    for arg in args:
-        if arg is type(None):
-            continue
+    members = [arg for arg in args if arg is not type(None)]
+    if len(members) == 1:  # ``X | None``: X's own error says more than "fits none of"
+        return _coerce(value, members[0], where)
+    for arg in members:
         with contextlib.suppress(ConfigError):  # not this member: try the next one
             return _coerce(value, arg, where)
     raise ConfigError(f"{where}: {value!r} fits none of {tp}")

@@ -51,6 +51,8 @@ def _decode_json_line(data: bytes) -> Any:
         raise FieldError(None, f"not valid JSON: {err}") from err
     except RecursionError:
         raise FieldError(None, "JSON nested too deeply to decode") from None
+    except FieldError:  # a key given twice (``_unique_keys``)
+        raise
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise FieldError(None, f"not valid JSON: {err}") from err
     if isinstance(raw, dict) and isinstance(raw.get("images"), list):

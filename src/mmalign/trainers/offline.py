@@ -302,7 +302,8 @@ def _train_offline(cfg: OfflineConfig) -> Path:
     if cfg.loss.rejected_weights and len(cfg.loss.rejected_weights) < k:
         raise ConfigError(f"loss.rejected_weights has {len(cfg.loss.rejected_weights)} weights; records hold up to {k}")
     fingerprint, image_hashes = data_fingerprint(cfg.data, records, n_skipped)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch(len(records), cfg.batch_size)
+    per_epoch = steps_per_epoch(len(records), cfg.batch_size)  # also refuses a batch larger than the data
+    total = cfg.max_steps or cfg.epochs * per_epoch
     if frozen is not None:
         frozen.to(accelerator.device)
     optimizer = build_optimizer(policy, cfg.optim, projector)

@@ -308,7 +308,8 @@ def _train_online(cfg: OnlineConfig) -> Path:
     policy, processor, frozen, projector = prepare_policy(cfg)
     cfg = dataclasses.replace(cfg, forward=trainer_layout(cfg.forward, policy, cfg.data.max_length, accelerator))
     records = _load_records(cfg)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch(len(records), cfg.batch_size)
+    per_epoch = steps_per_epoch(len(records), cfg.batch_size)  # also refuses a batch larger than the data
+    total = cfg.max_steps or cfg.epochs * per_epoch
     if frozen is not None:
         frozen.to(accelerator.device)
     optimizer = build_optimizer(policy, cfg.optim, projector)

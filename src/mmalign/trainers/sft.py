@@ -33,7 +33,7 @@ from mmalign.sampling.masked import hide_image_attention
 from mmalign.trainers.checkpoints import resume_from, save_checkpoint
 from mmalign.trainers.common import (
     MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, make_accelerator,
-    process_slice, progress, stop_if_not_finite,
+    process_slice, progress, steps_per_epoch, stop_if_not_finite,
 )
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def _train_sft(cfg: SFTConfig) -> Path:
     model, processor = _model(cfg)
     train_path = Path(cfg.data.train)
     records = read_records(train_path, data_root=cfg.data.data_root or None)
+    steps_per_epoch(len(records), cfg.batch_size)  # refuses a batch larger than the data before any work
     images = _Images(Path(cfg.data.data_root) if cfg.data.data_root else train_path.parent)
     n_answer = torch.tensor([len(answer_ids(processor.tokenizer, r.chosen)) for r in records])
     optimizer = build_optimizer(model, cfg.optim, projector_param_names(model))

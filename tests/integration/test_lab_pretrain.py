@@ -31,7 +31,7 @@ def lab_dir(tmp_path_factory):
 
 def _sft(lab_dir, out, steps, resume=False, extra=()):
     overrides = [f"data.train={lab_dir / 'sft_train.jsonl'}", f"run.output_dir={out}", f"steps={steps}",
-                 "batch_size=8", "run.save_every=2", "run.tensorboard=false", "run.log_every=1",
+                 "batch_size=8", "run.save_every=2", "run.report_to=none", "run.log_every=1",
                  "optim.schedule=constant", "optim.warmup_ratio=0.0", f"run.resume={str(resume).lower()}", *MICRO,
                  *extra]
     return train_sft(load_config(SFTConfig, overrides=overrides))
@@ -77,7 +77,7 @@ def test_image_dropout_changes_training_but_not_with_the_accumulation_split(lab_
 def test_pretrain_cli_builds_trains_evaluates_and_caches(tmp_path):
     args = ["lab", "pretrain", "--config", str(CONFIG), f"lab.out_dir={tmp_path / 'lab'}",
             f"run.output_dir={tmp_path / 'base'}", "lab.sizes.sft=16", "lab.sizes.pref=2", "lab.sizes.eval=4",
-            "steps=2", "batch_size=8", "run.save_every=0", "run.tensorboard=false",
+            "steps=2", "batch_size=8", "run.save_every=0", "run.report_to=none",
             # one Accelerator config per process: the other in-process runs of the suite use fp32
             "run.mixed_precision='no'",
             *[o.replace("model.lab.", "model.") for o in MICRO]]

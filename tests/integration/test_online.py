@@ -53,7 +53,7 @@ def args(lab: dict[str, Path], out: Path, *overrides: str) -> list[str]:
     return [f"model.path={lab['model']}", f"data.prompts={lab['pairs']}", f"run.output_dir={out}",
             f"annotator.synonyms={lab['lab'] / 'vocab/synonyms.txt'}", "lora.rank=4", "lora.alpha=8", "batch_size=4",
             f"max_steps={STEPS}", "rollout.k=3", "rollout.max_new_tokens=10", "optim.lr=5e-3", "optim.warmup_ratio=0",
-            "optim.schedule=constant", "run.log_every=1", "run.tensorboard=false", *overrides]
+            "optim.schedule=constant", "run.log_every=1", "run.report_to=none", *overrides]
 
 
 def run(lab: dict[str, Path], out: Path, *overrides: str) -> Path:

@@ -50,10 +50,12 @@ SPLIT_ORDER = ("random", "popular", "adversarial")
 class PopeConfig:
     """POPE questions (empty ``file`` skips POPE) and how they are scored."""
 
-    file: str = "eval/pope.jsonl"
+    file: str = "eval/pope.jsonl"  # POPE questions relative to lab_dir ("": skip POPE)
+    # likelihood (the likelier of the candidates) or generate (greedy answer, parsed)
     scorer: Literal["likelihood", "generate"] = "likelihood"
+    # likelihood: the answers compared (a yes and a no)
     candidates: list[str] = field(default_factory=lambda: ["Yes.", "No."])
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # generate: most tokens per answer
 
 
 @dataclass
@@ -63,17 +65,17 @@ class CaptionConfig:
     An empty ``bias`` skips the co-occurrence metrics (files without a bias definition).
     """
 
-    file: str = "eval/captions.jsonl"
-    synonyms: str = "vocab/synonyms.txt"
-    bias: str = "bias.json"
-    max_new_tokens: int = 64
+    file: str = "eval/captions.jsonl"  # captioning prompts relative to lab_dir ("": skip captioning)
+    synonyms: str = "vocab/synonyms.txt"  # CHAIR vocabulary relative to lab_dir
+    bias: str = "bias.json"  # bias pairs relative to lab_dir ("": skip the co-occurrence metrics)
+    max_new_tokens: int = 64  # most tokens per caption
 
 
 @dataclass
 class StatsConfig:
-    n_boot: int = 1000
-    level: float = 0.95
-    seed: int = 0
+    n_boot: int = 1000  # bootstrap resamples of the confidence intervals
+    level: float = 0.95  # confidence level of the intervals
+    seed: int = 0  # seed of the bootstrap
 
     def __post_init__(self) -> None:
         if self.n_boot < 1 or not 0.0 < self.level < 1.0:
@@ -85,12 +87,12 @@ class EvalConfig:
     """``model``: local model dir loaded in ``dtype`` (both unused when a model is passed in-process);
     relative paths of the evaluation files resolve against ``lab_dir``, as do the image paths inside them."""
 
-    model: str = ""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    lab_dir: str = ""
-    out_dir: str = "runs/eval"
-    seed: int = 0
-    batch_size: int = 16
+    model: str = ""  # local model folder to evaluate
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # dtype the model is loaded in
+    lab_dir: str = ""  # folder the evaluation files (and their image paths) are relative to
+    out_dir: str = "runs/eval"  # where metrics.json and the per-sample records go
+    seed: int = 0  # generation seed
+    batch_size: int = 16  # questions / prompts per forward pass (speed only)
     pope: PopeConfig = field(default_factory=PopeConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)

@@ -36,11 +36,11 @@ class BDHSRunConfig:
     write; ``model``: local policy folder (``load_vlm``); ``data_root``: image root (None = the input's folder);
     ``dtype``: model dtype for ``load_vlm`` (None = float32); ``bdhs``: the sampler (Algorithm 1)."""
 
-    input: str
-    output: str
-    model: str
-    data_root: str | None = None
-    dtype: str | None = None
+    input: str  # records to sample (.jsonl / .parquet); chosen is the reference answer y+
+    output: str  # record file to write (chosen = reference, rejected = [BDHS answer, ...])
+    model: str  # local policy folder
+    data_root: str | None = None  # folder image paths are relative to (None: the input's folder)
+    dtype: str | None = None  # model dtype (None: float32)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
 
 

@@ -42,10 +42,10 @@ class LLMCorruptionConfig:
     """The corrupting LLM: endpoint, few-shot prompt file ("" = the packaged one) and sampling settings."""
 
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
-    prompt_file: str = ""
-    temperature: float = 0.7
-    max_tokens: int = 512
-    cache_dir: str = ""
+    prompt_file: str = ""  # few-shot corruption prompt ("": the packaged one)
+    temperature: float = 0.7  # sampling temperature of the corrupting LLM
+    max_tokens: int = 512  # most tokens of one corrupted answer
+    cache_dir: str = ""  # response cache, so a rerun pays for no call twice ("": <output folder>/corrupt_cache)
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.max_tokens < 1:
@@ -197,13 +197,14 @@ class CorruptConfig:
     ``method="lab"`` uses the exact lab corrupter with the bias pairs of ``<lab_dir>/bias.json``.
     """
 
-    input: str = ""
-    output: str = ""
-    data_root: str = ""
+    input: str = ""  # records whose chosen answers are corrupted (.jsonl / .parquet)
+    output: str = ""  # preference record file to write
+    data_root: str = ""  # folder image paths are relative to ("": the input's folder)
+    # llm (an OpenAI-compatible endpoint) or lab (the exact ShapesWorld corrupter)
     method: Literal["llm", "lab"] = "llm"
-    seed: int = 0
+    seed: int = 0  # seed of the per-record sampling
     llm: LLMCorruptionConfig = field(default_factory=LLMCorruptionConfig)
-    lab_dir: str = ""
+    lab_dir: str = ""  # method=lab: the lab folder holding bias.json
 
 
 def _bias_pairs(lab_dir: str) -> list[list[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -39,3 +39,14 @@ def in_batches(items: Sequence[T], size: int, desc: str, *, enabled: bool = True
             chunk = items[start:start + size]
             yield chunk
             bar.update(len(chunk))
+
+
+def track(items: Iterable[T], desc: str, *, total: int | None = None, enabled: bool = True, unit: str = "it"
+          ) -> Iterator[T]:
+    """``items`` passed through, advancing a bar by one per item (``total``: ``len(items)`` where it has one)."""
+    if total is None and isinstance(items, Sequence):
+        total = len(items)
+    with progress(total, desc, enabled=enabled, unit=unit) as bar:
+        for item in items:
+            yield item
+            bar.update(1)

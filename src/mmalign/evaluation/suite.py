@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from mmalign.config import config_hash, save_config
+from mmalign.config import config_hash, save_config, to_dict
 from mmalign.data.images import open_image
 from mmalign.data.io import read_jsonl_lines, write_jsonl
 from mmalign.evaluation.chair import CHAIR_METRICS, Vocabulary, chair_columns, chair_record, load_synonyms
@@ -36,6 +36,8 @@ from mmalign.evaluation.items import load_bias_pairs, load_caption_items, load_p
 from mmalign.evaluation.pope import POPE_METRICS, pope_columns
 from mmalign.evaluation.scoring import generate_captions, score_pope_generate, score_pope_likelihood
 from mmalign.evaluation.stats import MetricFn, MetricValue, PairedResult, bootstrap, paired_bootstrap
+from mmalign.progress import in_batches
+from mmalign.tracking import Trackers, check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +98,11 @@ class EvalConfig:
     pope: PopeConfig = field(default_factory=PopeConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    # trackers that also receive the metric values (tensorboard, wandb, mlflow; none): see mmalign.tracking
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
+        self.report_to = check_report_to(self.report_to)
         if not self.pope.file and not self.captions.file:
             raise ValueError("nothing to evaluate: pope.file and captions.file are both empty")
         if self.batch_size < 1:
@@ -170,19 +175,29 @@ def run_pope(model: Any, processor: Any, cfg: EvalConfig, inputs: EvalInputs) ->
     """Per-question records of ``cfg.pope.scorer`` over the POPE items."""
     items, images = inputs.pope_items, inputs.pope_images
     logger.info("POPE: %d questions, scorer %s", len(items), cfg.pope.scorer)
-    if cfg.pope.scorer == "likelihood":
-        return score_pope_likelihood(model, processor, items, images, candidates=cfg.pope.candidates,
-                                     batch_size=cfg.batch_size)
-    return score_pope_generate(model, processor, items, images, max_new_tokens=cfg.pope.max_new_tokens,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
+    records = []
+    for part in in_batches(range(len(items)), cfg.batch_size, f"POPE ({cfg.pope.scorer})", unit="q"):
+        batch, batch_images = items[part.start:part.stop], images[part.start:part.stop]
+        if cfg.pope.scorer == "likelihood":
+            records += score_pope_likelihood(model, processor, batch, batch_images, candidates=cfg.pope.candidates,
+                                             batch_size=cfg.batch_size)
+        else:  # greedy: answers do not depend on how the questions are split
+            records += score_pope_generate(model, processor, batch, batch_images,
+                                           max_new_tokens=cfg.pope.max_new_tokens, batch_size=cfg.batch_size,
+                                           seed=cfg.seed)
+    return records
 
 
 def run_captions(model: Any, processor: Any, cfg: EvalConfig, inputs: EvalInputs) -> list[dict[str, Any]]:
     """Per-caption records: prompt, answer, CHAIR mentions and, with bias pairs, co-occurrence units."""
     items = inputs.caption_items
     logger.info("captions: %d prompts", len(items))
-    answers = generate_captions(model, processor, items, inputs.caption_images,
-                                max_new_tokens=cfg.captions.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    answers = []
+    for part in in_batches(range(len(items)), cfg.batch_size, "captions", unit="cap"):  # greedy, as above
+        answers += generate_captions(model, processor, items[part.start:part.stop],
+                                     inputs.caption_images[part.start:part.stop],
+                                     max_new_tokens=cfg.captions.max_new_tokens, batch_size=cfg.batch_size,
+                                     seed=cfg.seed)
     records = []
     for item, answer in zip(items, answers):
         record = chair_record(item["id"], answer, item["objects"], inputs.vocab)
@@ -284,6 +299,9 @@ def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[
               "stats": {"n_boot": cfg.stats.n_boot, "level": cfg.stats.level, "seed": cfg.stats.seed},
               "metrics": metrics}
     (out / METRICS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    trackers = Trackers(cfg.report_to, out, to_dict(cfg))
+    trackers.log({key: m["value"] for key, m in metrics.items() if m["value"] is not None}, step=0)
+    trackers.close()
     logger.info("wrote %d metrics to %s", len(metrics), out / METRICS_FILE)
     return result
 

@@ -30,6 +30,7 @@ from mmalign.data.chat import IMAGE_MARKER
 from mmalign.data.record_files import read_records, write_records
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.corrupt import corrupt_lab_records
+from mmalign.progress import track
 from mmalign.sampling.openai_client import ChatClient, EndpointConfig
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _fetch_missing(requests: dict[str, list[dict[str, str]]], cfg: LLMCorruption
     with ThreadPoolExecutor(max_workers=cfg.endpoint.max_workers) as pool:
         futures = [pool.submit(call, key) for key in requests]
         try:
-            for future in futures:
+            for future in track(futures, "corrupt (LLM requests)", unit="req"):
                 future.result()
         except Exception:
             pool.shutdown(cancel_futures=True)  # the replies received are cached; send no more

@@ -210,8 +210,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     for item in overrides or []:  # one at a time: ``model=/x`` then ``model.dtype=...`` both apply
         data = _merge(data, _expand(cls, parse_overrides([item])))
     # Start from the defaults so nested sections given partially keep their other defaults.
-    merged = _merge(to_dict(cls()), data) if _all_defaulted(cls) else data
-    return _build(cls, merged, "")
+    return _build(cls, _merge(_defaults(cls), data), "")
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of ``cls`` that has one (sections as dicts, from the parent's factory)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def _aliases(cls: type) -> dict[str, str]:
@@ -360,12 +373,26 @@ def format_fields(cls: type, width: int = 110) -> str:
         wrapped = textwrap.wrap(body, width - 8) or [""]
         lines.append(head)
         lines += [f"        {text}" for text in wrapped]
+    short = _shorthands(cls)
+    if short:
+        lines += ["", "shorthands (a value for the whole section):"]
+        lines += [f"  --{key} VALUE -> --{key}.{name} VALUE" for key, name in short.items()]
     aliases = _aliases(cls)
     if aliases:
-        lines.append("")
-        lines.append("other names (TRL's, same meaning):")
+        lines += ["", "other names (TRL's, same meaning):"]
         lines += [f"  --{alias} -> --{key}" for alias, key in aliases.items()]
     return "\n".join(lines)
+
+
+def _shorthands(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dotted section key -> the field its ``SHORTHAND`` sets, for every section of ``cls``."""
+    out = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            if getattr(tp, "SHORTHAND", None):
+                out[f"{prefix}{name}"] = tp.SHORTHAND
+            out |= _shorthands(tp, f"{prefix}{name}.")
+    return out
 
 
 def config_template(cls: type) -> str:

@@ -46,7 +46,10 @@ def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _tracker(name: str, out_dir: Path, resume_step: int) -> Any:
+    from accelerate import PartialState
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    PartialState()  # accelerate's trackers log through its logger, which needs the (per-process) state
 
     run_name = out_dir.resolve().name
     if name == "tensorboard":

@@ -70,10 +70,11 @@ class DemoConfig:
     ``dpo``, ``bdhs`` and ``eval`` are templates; the demo fills in model, data and output paths per run.
     """
 
-    out_dir: str = "runs/demo"
-    seeds: list[int] = field(default_factory=lambda: [0])
+    out_dir: str = "runs/demo"  # folder of the whole demo (lab, pairs, runs, evaluations, report)
+    seeds: list[int] = field(default_factory=lambda: [0])  # one DPO run per seed and method
+    # pair sources: external (exact lab corruption) and / or bdhs
     methods: list[str] = field(default_factory=lambda: ["external", "bdhs"])
-    base: str = "shipped"
+    base: str = "shipped"  # shipped (the packaged base), recipe (train it) or a model folder trained on this lab
     lab: LabConfig = field(default_factory=LabConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dpo: OfflineConfig = field(default_factory=_default_dpo)

@@ -31,13 +31,13 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 class LabModelConfig:
     """Sizes of the tiny LLaVA. ``image_size / patch_size`` squared is the image-token count."""
 
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    text_hidden: int = 128
-    text_layers: int = 2
-    heads: int = 4
+    image_size: int = 64  # image side in pixels
+    patch_size: int = 8  # vision patch side in pixels ((image_size / patch_size)^2 image tokens)
+    vision_hidden: int = 64  # hidden size of the vision tower
+    vision_layers: int = 2  # layers of the vision tower
+    text_hidden: int = 128  # hidden size of the language model
+    text_layers: int = 2  # layers of the language model
+    heads: int = 4  # attention heads (vision and language)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:

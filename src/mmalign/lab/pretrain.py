@@ -39,11 +39,11 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, schedule="constant", warmup_ratio=0.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lab_base", mixed_precision="bf16",
                                                              log_every=50))
-    batch_size: int = 32
-    steps: int = 1500
-    image_dropout: float = 0.0
-    max_length: int = 96
-    eval_batch_size: int = 64
+    batch_size: int = 32  # global SFT batch per optimizer step
+    steps: int = 1500  # SFT optimizer steps
+    image_dropout: float = 0.0  # share of SFT examples trained with the image hidden
+    max_length: int = 96  # most tokens of prompt + answer
+    eval_batch_size: int = 64  # batch size of the base model's evaluation
 
 
 def _cached(path: Path, cfg: Any) -> bool:

@@ -4,7 +4,6 @@ pairs, the CLI and the annotator evaluation."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from mmalign.cli.main import main
-from mmalign.cli.online import register_online
 from mmalign.config import load_config
 from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.annotators import AnnotatorEvalConfig, evaluate_annotator
@@ -98,11 +96,7 @@ def test_online_pairs_are_oracle_ranked_stored_and_exported(lab, tmp_path):
 
 
 def test_mixed_takes_offline_pairs_with_probability_p_through_cli(lab, tmp_path):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    register_online(sub)
-    ns = parser.parse_args(["mixed-dpo", *args(lab, tmp_path / "mixed", "mix_p=0.5", "run.seed=3")])
-    assert ns.func(ns) == 0
+    assert main(["train", "mixed-dpo", *args(lab, tmp_path / "mixed", "--mix_p", "0.5", "run.seed=3")]) == 0
     records = {r.id: r for r in read_records(lab["pairs"])}
     for step in range(1, STEPS + 1):
         for e in read_step(tmp_path / "mixed/pairs", step):

@@ -34,7 +34,8 @@ def test_one_rejected_answer_gives_trls_batch_means():
     assert m["rewards/rejected"] == pytest.approx(rejected.mean().item())
     assert m["rewards/margins"] == pytest.approx((chosen - rejected).mean().item())
     assert m["rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())  # 2 of 3
-    assert m["logps/chosen"] == pytest.approx(pc.mean().item()) and m["logps/rejected"] == pytest.approx(pr.mean().item())
+    assert m["logps/chosen"] == pytest.approx(pc.mean().item())
+    assert m["logps/rejected"] == pytest.approx(pr.mean().item())
     assert m["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(chosen - rejected).mean().item())
 
 

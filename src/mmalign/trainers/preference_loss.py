@@ -65,5 +65,6 @@ def preference_metrics(s: dict[str, float]) -> dict[str, float]:
     record, exactly TRL's batch means; ``rewards/accuracies`` counts margins > 0, as TRL does)."""
     n, r = s["n_pairs"], s["n_records"]
     return {"loss": s["loss"] / r, "rewards/chosen": s["chosen_reward"] / r,
-            "rewards/rejected": s["rejected_reward"] / n, "rewards/margins": s["margin"] / n, "rewards/accuracies": s["accuracy"] / n,
+            "rewards/rejected": s["rejected_reward"] / n, "rewards/margins": s["margin"] / n,
+            "rewards/accuracies": s["accuracy"] / n,
             "logps/chosen": s["chosen_logps"] / r, "logps/rejected": s["rejected_logps"] / n}

@@ -7,11 +7,11 @@ Both exit 0 when every record is valid and 1 when one is not (the first error is
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
-from mmalign.data.record_files import read_records, write_records
+from mmalign.data.record_files import image_root, read_records, write_records
+from mmalign.data.record_set import file_sha256
 from mmalign.data.schema import RecordError, check_records
 from mmalign.data.sources import CONVERTERS, convert_file
 from mmalign.progress import track
@@ -36,7 +36,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    data_root = Path(args.data_root) if args.data_root is not None else Path(args.input).parent
+    data_root = image_root(args.input, args.data_root)
     try:
         converted = track(convert_file(args.input, args.format), "convert (checking records)", unit="rec")
         records = check_records(converted, data_root=data_root, name=f"{args.input} ({args.format})",
@@ -46,7 +46,7 @@ def _convert(args: argparse.Namespace) -> int:
         return 1
     provenance = {"source": args.format, "converted_from": str(Path(args.input).resolve()),
                   "data_root": str(data_root.resolve()),
-                  "input_sha256": hashlib.sha256(Path(args.input).read_bytes()).hexdigest()}
+                  "input_sha256": file_sha256(args.input)}
     write_records(args.output, records, provenance=provenance)
     skipped = _count_lines(args.skip_invalid_to)
     print(f"{args.output}: {len(records)} record(s) written; {skipped} invalid")

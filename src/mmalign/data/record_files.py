@@ -23,7 +23,7 @@ from typing import Any
 from mmalign.data import io
 from mmalign.data.schema import FieldError, PreferenceRecord, RecordError, check_fields, record_dict, validate_records
 
-__all__ = ["read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path"]
+__all__ = ["read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path", "image_root"]
 
 _PROVENANCE_RESERVED = ("count", "created")
 
@@ -116,6 +116,12 @@ def record_to_json(record: PreferenceRecord) -> dict[str, Any]:
     return record_dict(record) | {"images": images}
 
 
+def image_root(path: str | Path, data_root: str | Path | None) -> Path:
+    """The folder the image paths of record file ``path`` resolve against: ``data_root`` when given (None or
+    "" = not given), else the file's own folder."""
+    return Path(data_root) if data_root not in (None, "") else Path(path).parent
+
+
 def read_records(path: str | Path, *, data_root: str | Path | None = None, min_rejected: int = 0,
                  skip_invalid_to: str | Path | None = None) -> list[PreferenceRecord]:
     """Read and validate a ``.jsonl`` or ``.parquet`` record file.
@@ -124,7 +130,7 @@ def read_records(path: str | Path, *, data_root: str | Path | None = None, min_r
     bad record, or with ``skip_invalid_to`` writes the bad ones there (file, line, id, field, reason).
     """
     path = io.local_path(path, "record file")
-    root = Path(data_root) if data_root is not None else path.parent
+    root = image_root(path, data_root)
     if path.suffix == ".jsonl":
         rows, decode = io.read_jsonl_lines(path), _decode_json_line
     elif path.suffix == ".parquet":

@@ -95,6 +95,7 @@ def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig
         "records": n, "written": n - len(dropped), "dropped": dropped,
         "accepted_at_iteration": accepted, "different_after_iteration": cumulative,
         "similar_after_last": 1.0 - len(different) / n,
+        "truncated": sum(r.truncated for r in results),
         "mean_similarity": sum(r.similarity for r in results) / n, "bdhs": settings(cfg),
     }
 
@@ -117,6 +118,10 @@ def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) 
                   "config": asdict(cfg.bdhs), "settings_hash": settings(cfg.bdhs)["settings_hash"]}
     write_records(cfg.output, out, provenance=provenance)
     summary = _summary(results, dropped, cfg.bdhs)
+    if summary["truncated"]:
+        logger.warning("BDHS: %d of %d answers stopped at their token budget (bdhs.max_answer_tokens=%d, "
+                       "bdhs.max_sentence_tokens=%d); they are marked meta.bdhs.truncated", summary["truncated"],
+                       len(results), cfg.bdhs.max_answer_tokens, cfg.bdhs.max_sentence_tokens)
     summary_path(cfg.output).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 

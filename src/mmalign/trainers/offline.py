@@ -154,7 +154,7 @@ def _collate(run: _Run, indices: list[int]) -> tuple[dict[str, Any], tuple[dict,
     if not cfg.povid.enabled:
         return _to_device(batch, device), None
     clean, noisy = povid_batches(run.processor, records, images, cfg.povid.noise_steps, cfg.run.seed,
-                                 cfg.data.max_length)
+                                 cfg.data.max_length, clip=cfg.povid.noise_clip)
     return _to_device(batch, device), (_to_device(clean, device), _to_device(noisy, device))
 
 

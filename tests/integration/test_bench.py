@@ -54,8 +54,8 @@ def stub_judge():
     server.shutdown()
 
 
-MMHAL = MMHalBenchConfig(questions=str(BENCH / "mmhal" / "response_template.json"), images=str(BENCH / "mmhal" / "images"),
-                         max_new_tokens=6)
+MMHAL = MMHalBenchConfig(questions=str(BENCH / "mmhal" / "response_template.json"),
+                         images=str(BENCH / "mmhal" / "images"), max_new_tokens=6)
 
 
 def _judge(url, model, **fields):
@@ -109,8 +109,8 @@ def test_mmhal_judged_through_an_endpoint(tiny, tmp_path, stub_judge, benchmark)
 
 def test_llava_bench_relative_score(tiny, tmp_path, stub_judge):
     url, requests = stub_judge
-    cfg = _cfg(tmp_path, "llava_bench", llava_bench=LlavaBenchConfig(folder=str(BENCH / "llava_bench"), max_new_tokens=6),
-               judge=_judge(url, "judge"))
+    bench = LlavaBenchConfig(folder=str(BENCH / "llava_bench"), max_new_tokens=6)
+    cfg = _cfg(tmp_path, "llava_bench", llava_bench=bench, judge=_judge(url, "judge"))
     result = run_benchmark(cfg, *tiny)
     assert result["metrics"]["llava_bench/all/relative_score"]["value"] == pytest.approx(50.0)
     assert {"llava_bench/conv/relative_score", "llava_bench/detail/relative_score"} <= set(result["metrics"])

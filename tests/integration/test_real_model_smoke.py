@@ -33,7 +33,7 @@ def test_convert_sample_train_evaluate(tiny_vlm_dir, tmp_path, family):
 
     out = tmp_path / "dpo"
     assert main(["train", "dpo", f"model.path={model_dir}", f"data.train={bdhs}", f"run.output_dir={out}",
-                 "batch_size=3", "max_steps=1", "lora.rank=4", "lora.alpha=8", "run.tensorboard=false",
+                 "batch_size=3", "max_steps=1", "lora.rank=4", "lora.alpha=8", "run.report_to=none",
                  "merge_weights=true"]) == 0
     merged = out / "merged"
     model = AutoModelForImageTextToText.from_pretrained(merged, local_files_only=True)

@@ -73,7 +73,8 @@ def test_rho_zero_reproduces_plain_generate(qwen):
                              pad_token_id=processor.tokenizer.pad_token_id)
     plain = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     rows = _rows(model, processor, IMAGES, [np.ones(n, bool) for n in counts])
-    assert generate_masked(model, processor, rows, max_new_tokens=10, temperature=0.0, stop_at_sentence_end=False) == plain
+    masked = generate_masked(model, processor, rows, max_new_tokens=10, temperature=0.0, stop_at_sentence_end=False)
+    assert masked == plain
 
 
 def _logits(model, processor, rows, positions):

@@ -97,4 +97,5 @@ def test_llava_bench_relative_score_by_hand():
                                     "unparsed_rate": 1 / 3})
     messages = llava_bench.judge_request(items[0], "A circle.", llava_bench.load_rules(llava_bench.DEFAULT_RULES))
     assert messages[1]["content"].startswith("[Context]\nA red circle on a light gray background.\n\n[Question]\n")
-    assert "[Assistant 1]\nIt is a red circle.\n\n[End of Assistant 1]\n\n[Assistant 2]\nA circle." in messages[1]["content"]
+    expected = "[Assistant 1]\nIt is a red circle.\n\n[End of Assistant 1]\n\n[Assistant 2]\nA circle."
+    assert expected in messages[1]["content"]

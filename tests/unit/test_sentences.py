@@ -9,7 +9,8 @@ from mmalign.sampling.sentences import closes_sentence, first_sentence, split_se
 
 @pytest.mark.parametrize("text, sentences", [
     ("The bar is 3.5 cm long. It is red.", ["The bar is 3.5 cm long.", "It is red."]),
-    ("Fruit, e.g. apples, i.e. red ones. Dr. Smith agrees.", ["Fruit, e.g. apples, i.e. red ones.", "Dr. Smith agrees."]),
+    ("Fruit, e.g. apples, i.e. red ones. Dr. Smith agrees.",
+     ["Fruit, e.g. apples, i.e. red ones.", "Dr. Smith agrees."]),
     ("It is in the U.S. and big. Mrs. Lee said so.", ["It is in the U.S. and big.", "Mrs. Lee said so."]),
     ("Cats, dogs, etc. are here. Birds, etc. Then fish.", ["Cats, dogs, etc. are here.", "Birds, etc.", "Then fish."]),
     ("Is it red? Yes! It is.", ["Is it red?", "Yes!", "It is."]),

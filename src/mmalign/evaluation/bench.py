@@ -44,12 +44,12 @@ class PopeBenchConfig:
     """Official ``coco_pope_<split>.json`` files and the COCO image folder; ``scorer``: "generate" (greedy answer,
     LLaVA's parsing: the papers' protocol) or "likelihood" (the likelier of ``candidates``)."""
 
-    files: list[str] = field(default_factory=list)
-    images: str = ""
-    scorer: Literal["generate", "likelihood"] = "generate"
-    suffix: str = POPE_SUFFIX
-    candidates: list[str] = field(default_factory=lambda: ["Yes", "No"])
-    max_new_tokens: int = 128
+    files: list[str] = field(default_factory=list)  # coco_pope_<split>.json files (the split is read from the name)
+    images: str = ""  # folder of the COCO images the files name (val2014)
+    scorer: Literal["generate", "likelihood"] = "generate"  # greedy answer + parsing, or the likelier candidate
+    suffix: str = POPE_SUFFIX  # text appended to each question
+    candidates: list[str] = field(default_factory=lambda: ["Yes", "No"])  # answers compared by the likelihood scorer
+    max_new_tokens: int = 128  # answer budget of the generate scorer (lmms-eval: 128)
 
 
 @dataclass
@@ -58,14 +58,14 @@ class ChairBenchConfig:
     "" to caption ``n_images`` images drawn (``seed``) from the instances file, found in ``images``, with
     ``prompt``. ``instances`` / ``captions``: COCO annotation files; ``synonyms``: the reference synonyms file."""
 
-    questions: str = ""
-    images: str = ""
-    n_images: int = 500
-    prompt: str = "Please describe this image in detail."
-    instances: str = ""
-    captions: str = ""
-    synonyms: str = ""
-    max_new_tokens: int = 512
+    questions: str = ""  # Object HalBench jsonl (images inside); "" = sample COCO images instead
+    images: str = ""  # COCO image folder (when sampling images)
+    n_images: int = 500  # images sampled from the instances file (when questions is "")
+    prompt: str = "Please describe this image in detail."  # prompt for sampled images
+    instances: str = ""  # COCO instances_*.json (ground-truth categories, image file names)
+    captions: str = ""  # COCO captions_*.json (objects named in the captions join the ground truth)
+    synonyms: str = ""  # the reference synonyms file: one line per class, class name first
+    max_new_tokens: int = 512  # answer budget
 
 
 @dataclass
@@ -74,10 +74,10 @@ class MMHalBenchConfig:
     with ``{image_content}``, ``{question}``, ``{gt_answer}``, ``{answer}`` ("" = the shipped one; the official
     prompt gives scores comparable with published ones)."""
 
-    questions: str = ""
-    images: str = ""
-    template: str = ""
-    max_new_tokens: int = 512
+    questions: str = ""  # response_template.json
+    images: str = ""  # folder of the images (file name = the end of image_src)
+    template: str = ""  # judge prompt file ("" = the shipped one)
+    max_new_tokens: int = 512  # answer budget
 
 
 @dataclass
@@ -85,28 +85,28 @@ class LlavaBenchConfig:
     """``folder``: questions.jsonl, context.jsonl, answers_gpt4.jsonl; ``images`` (default ``<folder>/images``);
     ``rules``: a ``rule.json`` ("" = the shipped one)."""
 
-    folder: str = ""
-    images: str = ""
-    rules: str = ""
-    max_new_tokens: int = 512
+    folder: str = ""  # holds questions.jsonl, context.jsonl, answers_gpt4.jsonl
+    images: str = ""  # image folder ("" = <folder>/images)
+    rules: str = ""  # rule.json for the judge ("" = the shipped one)
+    max_new_tokens: int = 512  # answer budget
 
 
 @dataclass
 class BenchConfig:
     """One benchmark on one model (``model``: local folder loaded in ``dtype``, unused when passed in-process)."""
 
-    benchmark: Literal["pope", "chair", "mmhal", "mmhal_v", "llava_bench"] = "pope"
-    model: str = ""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    out_dir: str = "runs/bench"
-    seed: int = 0
-    batch_size: int = 16
-    pope: PopeBenchConfig = field(default_factory=PopeBenchConfig)
-    chair: ChairBenchConfig = field(default_factory=ChairBenchConfig)
-    mmhal: MMHalBenchConfig = field(default_factory=MMHalBenchConfig)
-    llava_bench: LlavaBenchConfig = field(default_factory=LlavaBenchConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    stats: StatsConfig = field(default_factory=StatsConfig)
+    benchmark: Literal["pope", "chair", "mmhal", "mmhal_v", "llava_bench"] = "pope"  # which benchmark to run
+    model: str = ""  # local model folder
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # dtype the model is loaded in
+    out_dir: str = "runs/bench"  # where config, samples and metrics are written
+    seed: int = 0  # generation seed (answers are greedy) and image sampling of chair
+    batch_size: int = 16  # questions per generate call
+    pope: PopeBenchConfig = field(default_factory=PopeBenchConfig)  # POPE files and scorer
+    chair: ChairBenchConfig = field(default_factory=ChairBenchConfig)  # CHAIR / Object HalBench files
+    mmhal: MMHalBenchConfig = field(default_factory=MMHalBenchConfig)  # MMHal-Bench files
+    llava_bench: LlavaBenchConfig = field(default_factory=LlavaBenchConfig)  # LLaVA-Bench-in-the-Wild files
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # the LLM judge (mmhal, mmhal_v, llava_bench)
+    stats: StatsConfig = field(default_factory=StatsConfig)  # bootstrap settings
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -170,7 +170,8 @@ def _chair_items(cfg: ChairBenchConfig, seed: int) -> tuple[list[dict[str, Any]]
         return coco.load_object_halbench(cfg.questions), ""
     names = coco.coco_file_names(cfg.instances)
     chosen = np.random.default_rng(seed).permutation(sorted(names))[: cfg.n_images]
-    return [{"id": str(i), "image_id": int(i), "prompt": cfg.prompt, "image": names[int(i)]} for i in chosen], cfg.images
+    items = [{"id": str(i), "image_id": int(i), "prompt": cfg.prompt, "image": names[int(i)]} for i in chosen]
+    return items, cfg.images
 
 
 def _chair(model: Any, processor: Any, cfg: BenchConfig) -> tuple[list[dict], dict[str, Group]]:

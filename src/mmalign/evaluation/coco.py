@@ -156,7 +156,8 @@ def load_pope_files(paths: Sequence[str | Path], suffix: str) -> list[dict[str, 
             row = json.loads(line)
             missing = [k for k in ("question_id", "image", "text", "label") if k not in row]
             if missing or row["label"] not in ("yes", "no"):
-                raise ValueError(f"{path}:{lineno}: expected question_id, image, text and label yes|no, got {row!r:.120}")
+                raise ValueError(f"{path}:{lineno}: expected question_id, image, text and label yes|no, "
+                                 f"got {row!r:.120}")
             obj = _POPE_OBJECT.search(row["text"])
             items.append({"id": f"{match.group(1)}-{row['question_id']}", "split": match.group(1),
                           "image": row["image"], "question": row["text"] + suffix, "label": row["label"],

@@ -29,11 +29,11 @@ class JudgeConfig:
     """The judge model and its decoding: ``temperature`` (MMHal: 0, LLaVA-Bench: 0.2 in the reference scripts),
     ``max_tokens`` per reply, ``seed``; ``cache_dir``: reply cache ("" = ``<out_dir>/judge_cache``)."""
 
-    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
-    temperature: float = 0.0
-    max_tokens: int = 1024
-    seed: int = 0
-    cache_dir: str = ""
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # OpenAI-compatible endpoint of the judge
+    temperature: float = 0.0  # judge sampling temperature
+    max_tokens: int = 1024  # most tokens of one judge reply
+    seed: int = 0  # seed sent with each request
+    cache_dir: str = ""  # reply cache ("" = <out_dir>/judge_cache)
 
 
 def image_part(data: bytes) -> dict[str, Any]:

@@ -15,7 +15,8 @@ Family rules (what the plain forward's own mask creation does, reproduced per pa
 - Qwen2-VL / Qwen2.5-VL mRoPE: prefix positions from the model's own ``get_rope_index``; answer text positions
   continue from the prefix's largest position + 1 on all three axes, as ``get_rope_index`` does for text after
   an image.
-Families without shared-prefix rules in ``models.families``, non-causal text models and attention kernels that take no dense mask are refused.
+Families without shared-prefix rules in ``models.families``, non-causal text models and attention kernels that take
+no dense mask are refused.
 """
 
 from __future__ import annotations

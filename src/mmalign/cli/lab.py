@@ -21,7 +21,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+    from mmalign.recipes.pretrain import PretrainConfig, pretrain_base
 
     out = pretrain_base(load_config(PretrainConfig, args.config, args.overrides))
     logger.info("base model in %s (evaluation in %s)", out, out / "eval")

@@ -24,8 +24,7 @@ from mmalign.data.collate import collate_sft
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records
 from mmalign.data.schema import PreferenceRecord
-from mmalign.lab.model import LabModelConfig, build_lab_model
-from mmalign.models.loading import load_vlm, projector_param_names
+from mmalign.models.loading import load_vlm, projector_param_names, vision_param_names
 from mmalign.models.image_tokens import image_token_mask
 from mmalign.models.logprobs import answer_token_logps, model_inputs
 from mmalign.sampling.masked import hide_image_attention
@@ -37,12 +36,15 @@ from mmalign.trainers.common import (
 logger = logging.getLogger(__name__)
 
 
+# What a stage of a VLM recipe trains (LLaVA: projector alone to align, then projector + language model).
+PARTS = ("vision", "projector", "language")
+
+
 @dataclass
 class SFTModelConfig:
-    """A local model dir (``path``), or, when ``path`` is empty, a fresh lab model of size ``lab``."""
+    """The local model dir to fine-tune."""
 
     path: str = ""
-    lab: LabModelConfig = field(default_factory=LabModelConfig)
 
 
 @dataclass
@@ -70,21 +72,25 @@ class SFTConfig:
     batch_size: int = 32
     steps: int = 1000
     image_dropout: float = 0.0
+    trainable: list[str] = field(default_factory=lambda: list(PARTS))
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch_size and steps must be >= 1")
+        if not self.trainable or set(self.trainable) - set(PARTS):
+            raise ValueError(f"trainable: a non-empty subset of {list(PARTS)}, got {self.trainable}")
         if not 0.0 <= self.image_dropout <= 1.0:
             raise ValueError(f"image_dropout must be in [0, 1], got {self.image_dropout}")
         if self.batch_size % self.optim.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.optim.grad_accum}")
 
 
-def _model(cfg: SFTConfig):
-    if cfg.model.path:
-        model, processor = load_vlm(cfg.model.path)
-        return model.train(), processor
-    return build_lab_model(cfg.model.lab, seed=cfg.run.seed)
+def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
+    """``requires_grad`` on the parameters of the named ``PARTS``; everything else is frozen."""
+    vision, projector = set(vision_param_names(model)), set(projector_param_names(model))
+    for name, param in model.named_parameters():
+        part = "vision" if name in vision else "projector" if name in projector else "language"
+        param.requires_grad_(part in parts)
 
 
 class _Images:
@@ -135,11 +141,13 @@ def _micro_step(model, processor, accelerator, records, images, hidden: list[boo
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT and save model + processor + resolved config into ``cfg.run.output_dir``; returns that dir."""
-    if not cfg.data.train:
-        raise ValueError("data.train is required: the SFT records file")
+    if not cfg.data.train or not cfg.model.path:
+        raise ValueError("model.path and data.train are required: the model dir and the SFT records file")
     out = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
-    model, processor = _model(cfg)
+    model, processor = load_vlm(cfg.model.path)
+    model.train()
+    set_trainable(model, cfg.trainable)
     train_path = Path(cfg.data.train)
     records = read_records(train_path, data_root=cfg.data.data_root or None)
     images = _Images(Path(cfg.data.data_root) if cfg.data.data_root else train_path.parent)

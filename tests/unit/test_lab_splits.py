@@ -16,7 +16,7 @@ from mmalign.lab.world import Scene, SceneObject, all_objects
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    cfg = LabConfig(out_dir=str(tmp_path_factory.mktemp("lab")), sizes=SplitSizes(sft=300, pref=60, eval=80))
+    cfg = LabConfig(out_dir=str(tmp_path_factory.mktemp("lab")), sizes=SplitSizes(sft=300, pref=60, eval=80, vision=40))
     return cfg, build_lab(cfg)
 
 

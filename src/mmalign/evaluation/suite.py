@@ -48,10 +48,12 @@ SPLIT_ORDER = ("random", "popular", "adversarial")
 
 @dataclass
 class PopeConfig:
-    """POPE questions (empty ``file`` skips POPE) and how they are scored."""
+    """POPE questions (empty ``file`` skips POPE) and how they are scored: ``generate`` (greedy answers parsed as
+    LLaVA's script does: what papers report, and one prefill per question) or ``likelihood`` (the candidate
+    answer with the higher summed log-prob)."""
 
     file: str = "eval/pope.jsonl"
-    scorer: Literal["likelihood", "generate"] = "likelihood"
+    scorer: Literal["likelihood", "generate"] = "generate"
     candidates: list[str] = field(default_factory=lambda: ["Yes.", "No."])
     max_new_tokens: int = 16
 

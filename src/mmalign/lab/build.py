@@ -83,22 +83,24 @@ class LabConfig:
             raise ValueError(f"pref_questions_per_image must be >= 0, got {self.pref_questions_per_image}")
 
     def same_base_data(self, other: LabConfig) -> bool:
-        """True when both labs give a base model the same images and SFT records (``out_dir`` and the
-        preference questions, drawn from their own stream, aside)."""
-        keep = {"out_dir": self.out_dir, "pref_questions_per_image": self.pref_questions_per_image}
-        return dataclasses.replace(other, **keep) == self
+        """True when both labs give a base model the same training data (SFT, text and vision records): the
+        settings of the preference and evaluation splits, drawn after them, may differ."""
+        base = ("seed", "world", "p", "p_vision", "questions_per_image", "partner_question_rate",
+                "hard_negative_rate")
+        return (all(getattr(self, k) == getattr(other, k) for k in base)
+                and (self.sizes.sft, self.sizes.vision) == (other.sizes.sft, other.sizes.vision))
 
 
 def lab_scenes(cfg: LabConfig) -> dict[str, list[Scene]]:
     """The scenes of each split, all drawn from one seeded stream and never repeating an image."""
     rng, seen = random.Random(cfg.seed), set()
     world = cfg.world
+    # the base model's training splits first, so the preference and evaluation splits can be resized freely
     return {
         "sft": sample_scenes(rng, world, cfg.sizes.sft, cfg.p, world.trigger_rate, seen),
+        "vision": sample_scenes(rng, world, cfg.sizes.vision, cfg.p_vision, 0.0, seen),
         "pref": sample_scenes(rng, world, cfg.sizes.pref, cfg.p_pref, world.trigger_rate, seen),
         "eval": sample_scenes(rng, world, cfg.sizes.eval, cfg.p_eval, cfg.eval_trigger_rate, seen),
-        # drawn last, so the other splits do not depend on its size
-        "vision": sample_scenes(rng, world, cfg.sizes.vision, cfg.p_vision, 0.0, seen),
     }
 
 

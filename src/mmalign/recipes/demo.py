@@ -50,9 +50,9 @@ logger = logging.getLogger(__name__)
 METHODS = ("bdhs_noise", "bdhs", "online_bdhs", "external", "external_povid", "external_bdhs_noise",
            "external_bdhs", "external_online_bdhs")
 ONLINE = ("online_bdhs", "external_online_bdhs")
-# Offline BDHS files: (input: the preference prompts or the external pairs, image noise instead of masking)
-BDHS_FILES = {"bdhs": ("prompts", False), "bdhs_noise": ("prompts", True), "external_bdhs": ("external", False),
-              "external_bdhs_noise": ("external", True)}
+# Offline BDHS answers (on the preference prompts), with image noise instead of masking or not; the external
+# variants pair the same answers with the corrupted ones (BDHS draws depend on seed and record id only).
+BDHS_FILES = {"bdhs": False, "bdhs_noise": True}
 
 
 def _default_dpo() -> OfflineConfig:
@@ -61,7 +61,7 @@ def _default_dpo() -> OfflineConfig:
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "cosine", 0.1
     cfg.batch_size, cfg.epochs = 16, 2
     cfg.data.max_length = 384  # 256 image tokens, the prompt and the longest lab answer
-    cfg.run.log_every = 10
+    cfg.run = dataclasses.replace(cfg.run, log_every=10, mixed_precision="auto")  # replace resolves "auto"
     return cfg
 
 
@@ -149,11 +149,23 @@ def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed
         return external
     if method == "online_bdhs":
         return prompts
-    source, noise = BDHS_FILES[method]  # with external pairs: rejected = [BDHS answer, corrupted answer]
-    target = pairs_dir / f"{method}.jsonl"
-    _once(target, lambda: _bdhs_pairs(cfg, prompts if source == "prompts" else external, lab_dir, base, target,
-                                      seed, noise=noise))
+    own = method.removeprefix("external_")
+    answers = pairs_dir / f"{own}.jsonl"
+    _once(answers, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, answers, seed, noise=BDHS_FILES[own]))
+    if method == own:
+        return answers
+    target = pairs_dir / f"{method}.jsonl"  # rejected = [BDHS answer, corrupted answer] (Eq. 5)
+    _once(target, lambda: _with_external(answers, external, lab_dir, target))
     return target
+
+
+def _with_external(answers: Path, external: Path, lab_dir: Path, target: Path) -> None:
+    """Each BDHS record with the external rejected answer of the same record appended."""
+    corrupted = {r.id: r.rejected for r in read_records(external, data_root=lab_dir)}
+    records = [dataclasses.replace(r, rejected=r.rejected + corrupted[r.id])
+               for r in read_records(answers, data_root=lab_dir)]
+    write_records(target, records, provenance={"sampler": "bdhs+lab_corrupter", "bdhs": str(answers),
+                                               "external": str(external)})
 
 
 def _train_online(cfg: DemoConfig, lab_dir: Path, base: Path, prompts: Path, out: Path, seed: int) -> Path:

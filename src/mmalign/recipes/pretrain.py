@@ -68,7 +68,8 @@ class PretrainConfig:
     sft: Stage = field(default_factory=lambda: Stage(1500, 1e-3))
     image_dropout: float = 0.15
     warmup_ratio: float = 0.03
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lab_base", log_every=50))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lab_base", mixed_precision="auto",
+                                                             log_every=50))
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:

@@ -2,17 +2,33 @@
 
 Every recipe declares one top-level dataclass composed of small ones. ``load_config`` builds it from a
 YAML file (optional) and ``key.sub=value`` overrides (values parsed as YAML scalars, so ``lr=1e-5``,
-``lora.enabled=false`` and ``data.splits=[a,b]`` work). ``save_config`` writes the resolved config and
-its hash next to an output, so every artefact names the exact settings that made it.
+``lora.enabled=false`` and ``data.splits=[a,b]`` work); ``flags_to_overrides`` turns the command-line
+spelling ``--key.sub value`` / ``--key.sub=value`` into the same overrides. ``save_config`` writes the
+resolved config and its hash next to an output, so every artefact names the exact settings that made it.
+
+Two conveniences, declared by the dataclasses themselves as class variables:
+
+- ``SHORTHAND = "path"`` on a section: a single value given for the whole section sets that field, so
+  ``model=/models/llava`` means ``model.path=/models/llava`` (and ``data=pairs.jsonl`` ``data.train=...``);
+- ``ALIASES = {"learning_rate": "optim.lr", ...}`` on a config: other names for its keys (TRL's, where the
+  concept is the same); the resolved config always holds the canonical keys.
+
+Per-field documentation (``describe``, ``format_fields``, ``config_template``) comes from the comment at the
+end of a field's line, or the comment lines right above it, in the dataclass source.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import hashlib
-import re
+import inspect
+import io
 import json
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -59,6 +75,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
     if origin in (list, tuple):
+        if isinstance(value, (str, int, float)):  # one item given without brackets: ``report_to=wandb``
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (arg, *_) = typing.get_args(tp) or (Any,)
@@ -142,6 +160,31 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")
+
+
+def flags_to_overrides(tokens: list[str]) -> list[str]:
+    """Command-line tokens -> ``key=value`` overrides, in order: ``--a.b v`` and ``--a.b=v`` become ``a.b=v``;
+    a flag with no value (last, or followed by another flag or a ``key=value``) is ``true``; ``key=value``
+    and other tokens pass through. Dashes in a flag's name read as underscores (``--max-steps``)."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            out.append(token)
+            continue
+        name, sep, value = token[2:].partition("=")
+        if not name:
+            raise ConfigError(f"option {token!r} has no name")
+        name = name.replace("-", "_")
+        if not sep:
+            takes_next = i < len(tokens) and not tokens[i].startswith("--") and not _OVERRIDE.match(tokens[i])
+            value, i = (tokens[i], i + 1) if takes_next else ("true", i)
+        out.append(f"{name}={value}")
+    return out
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -163,11 +206,49 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         loaded = _load_yaml(Path(path).read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded or {}
-    data = _merge(data, parse_overrides(overrides or []))
+        data = _expand(cls, loaded or {})
+    for item in overrides or []:  # one at a time: ``model=/x`` then ``model.dtype=...`` both apply
+        data = _merge(data, _expand(cls, parse_overrides([item])))
     # Start from the defaults so nested sections given partially keep their other defaults.
-    merged = _merge(to_dict(cls()), data) if _all_defaulted(cls) else data
-    return _build(cls, merged, "")
+    return _build(cls, _merge(_defaults(cls), data), "")
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of ``cls`` that has one (sections as dicts, from the parent's factory)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _aliases(cls: type) -> dict[str, str]:
+    return dict(getattr(cls, "ALIASES", {}))
+
+
+def _expand(cls: type, tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``cls``'s aliases renamed and section shorthands (``model: /x``) spelt out, at every level;
+    unknown keys are kept for ``_build`` to report."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        piece: dict[str, Any] = {}
+        _set_dotted(piece, _aliases(cls).get(key, key), value)
+        out = _merge(out, piece)
+    fields = _field_types(cls)
+    for key, value in out.items():
+        section = fields.get(key)
+        if not dataclasses.is_dataclass(section):
+            continue
+        if isinstance(value, dict):
+            out[key] = _expand(section, value)
+        elif getattr(section, "SHORTHAND", None) and not isinstance(value, list):
+            out[key] = {section.SHORTHAND: value}
+    return out
 
 
 def _all_defaulted(cls: type) -> bool:
@@ -192,3 +273,142 @@ def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Pat
     header = f"# config_hash: {config_hash(cfg)}\n# recipe: {type(cfg).__module__}.{type(cfg).__name__}\n"
     path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+# --- documentation of a config class ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldDoc:
+    """One leaf field of a config: its dotted ``key``, type as text, default (``REQUIRED`` if none) and doc."""
+
+    key: str
+    type: str
+    default: Any
+    doc: str
+
+
+REQUIRED = "<required>"
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in ``cls``'s own source: the comment ending the field's line(s), else the
+    comment lines right above it (joined into one line)."""
+    lines, _ = inspect.getsourcelines(cls)
+    source = textwrap.dedent("".join(lines))
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    code_lines = source.splitlines()
+    out = {}
+    (node,) = ast.parse(source).body
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        trailing = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
+        above, n = [], stmt.lineno - 1
+        while n in comments and code_lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        out[stmt.target.id] = " ".join(trailing or above)
+    return out
+
+
+def _docs(cls: type) -> dict[str, str]:
+    """Comments of every field of ``cls``, inherited fields documented where they are declared."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and klass.__module__ != "builtins":
+            docs |= _comments(klass)
+    return docs
+
+
+def type_name(tp: Any) -> str:
+    """``float``, ``str | None``, ``list[float]``, ``'cosine' | 'linear'`` (a Literal's choices)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return "None" if tp is type(None) else "any" if tp is Any else tp.__name__
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[FieldDoc]:
+    """Every leaf field of config ``cls`` in declaration order, sections flattened to dotted keys; defaults
+    are those of ``cls()`` (a section's defaults come from its parent's factory), ``REQUIRED`` where none."""
+    if defaults is None and _all_defaulted(cls):
+        defaults = cls()
+    docs, hints, out = _docs(cls), _field_types(cls), []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = REQUIRED
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += describe(hints[f.name], f"{key}.", value)
+        else:
+            out.append(FieldDoc(key, type_name(hints[f.name]), value, docs.get(f.name, "")))
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
+
+
+def format_fields(cls: type, width: int = 110) -> str:
+    """Help text: one entry per field, ``--key TYPE`` then its doc and default, plus ``cls``'s aliases."""
+    lines = []
+    for d in describe(cls):
+        head = f"  --{d.key} {d.type}"
+        default = "required" if d.default is REQUIRED else f"default: {_yaml_value(d.default)}"
+        body = f"{d.doc} ({default})" if d.doc else f"({default})"
+        wrapped = textwrap.wrap(body, width - 8) or [""]
+        lines.append(head)
+        lines += [f"        {text}" for text in wrapped]
+    short = _shorthands(cls)
+    if short:
+        lines += ["", "shorthands (a value for the whole section):"]
+        lines += [f"  --{key} VALUE -> --{key}.{name} VALUE" for key, name in short.items()]
+    aliases = _aliases(cls)
+    if aliases:
+        lines += ["", "other names (TRL's, same meaning):"]
+        lines += [f"  --{alias} -> --{key}" for alias, key in aliases.items()]
+    return "\n".join(lines)
+
+
+def _shorthands(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dotted section key -> the field its ``SHORTHAND`` sets, for every section of ``cls``."""
+    out = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            if getattr(tp, "SHORTHAND", None):
+                out[f"{prefix}{name}"] = tp.SHORTHAND
+            out |= _shorthands(tp, f"{prefix}{name}.")
+    return out
+
+
+def config_template(cls: type) -> str:
+    """A commented YAML file of ``cls``'s defaults (loadable with ``--config`` when nothing is required)."""
+    lines = [f"# {cls.__module__}.{cls.__name__}: every field with its default; edit and pass with --config"]
+    section: list[str] = []
+    for d in describe(cls):
+        *parents, name = d.key.split(".")
+        common = 0
+        while common < min(len(parents), len(section)) and parents[common] == section[common]:
+            common += 1
+        for depth in range(common, len(parents)):
+            lines.append(f"{'  ' * depth}{parents[depth]}:")
+        section = parents
+        required = d.default is REQUIRED
+        value = "null" if required else _yaml_value(d.default)
+        note = "; ".join(part for part in ("required" if required else "", d.type, d.doc) if part)
+        lines.append(f"{'  ' * len(parents)}{name}: {value}  # {note}")
+    return "\n".join(lines) + "\n"

@@ -46,7 +46,7 @@ def fresh_model(tmp_path_factory):
 
 def _sft(lab_dir, model, out, steps, resume=False, extra=()):
     overrides = [f"model.path={model}", f"data.train={lab_dir / 'sft_train.jsonl'}", f"run.output_dir={out}",
-                 f"steps={steps}", "batch_size=8", "run.save_every=2", "run.tensorboard=false", "run.log_every=1",
+                 f"steps={steps}", "batch_size=8", "run.save_every=2", "run.report_to=none", "run.log_every=1",
                  "run.mixed_precision='no'", "optim.schedule=constant", "optim.warmup_ratio=0.0",
                  f"run.resume={str(resume).lower()}", *extra]
     return train_sft(load_config(SFTConfig, overrides=overrides))
@@ -107,7 +107,7 @@ def test_tagging_trains_the_vision_side_and_resumes_exactly(lab_dir, fresh_model
         return train_tagging(load_config(TaggingConfig, overrides=[
             f"model={fresh_model}", f"data.train={lab_dir / 'vision_train.jsonl'}",
             f"data.eval={lab_dir / 'pref_prompts.jsonl'}", f"run.output_dir={out}", f"steps={steps}",
-            "batch_size=8", "run.save_every=2", "run.tensorboard=false", "run.log_every=1",
+            "batch_size=8", "run.save_every=2", "run.report_to=none", "run.log_every=1",
             "run.mixed_precision='no'", "optim.warmup_ratio=0", "optim.schedule=constant",
             f"run.resume={str(resume).lower()}"]))
 
@@ -133,7 +133,7 @@ def test_pretrain_cli_runs_the_stages_evaluates_and_caches(tmp_path):
     stages += [f"{s}.batch_size=8" for s in ("language", "vision", "align", "sft")]
     args = ["lab", "pretrain", "--config", str(CONFIG), f"lab.out_dir={tmp_path / 'lab'}",
             f"run.output_dir={tmp_path / 'base'}", "lab.sizes.sft=16", "lab.sizes.pref=2", "lab.sizes.eval=4",
-            "lab.sizes.vision=16", *SMALL_WORLD, *stages, "run.save_every=0",
+            "lab.sizes.vision=16", *SMALL_WORLD, *stages, "run.save_every=0", "run.report_to=none",
             # one Accelerator config per process: the other in-process runs of the suite use fp32
             "run.mixed_precision='no'", *[f"model.{k}={v}" for k, v in MICRO.items()]]
     assert main(args) == 0

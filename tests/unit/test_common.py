@@ -48,11 +48,11 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_metrics_logger_drops_steps_after_the_resumed_checkpoint(tmp_path):
-    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    log = MetricsLogger(tmp_path, enabled=True, report_to=[])
     for step in range(1, 6):
         log.log(step, {"loss": float(step)})
     log.close()
-    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=3)
+    log = MetricsLogger(tmp_path, enabled=True, report_to=[], resume_step=3)
     log.log(4, {"loss": 40.0})
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 40.0

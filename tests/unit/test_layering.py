@@ -5,7 +5,8 @@ from pathlib import Path
 
 import mmalign
 
-ORDER = ["config", "data", "models", "lab", "sampling", "objectives", "trainers", "evaluation", "recipes",
+ORDER = ["config", "progress", "tracking", "data", "models", "lab", "sampling", "objectives", "trainers",
+         "evaluation", "recipes",
          "cli"]
 RANK = {name: i for i, name in enumerate(ORDER)}
 ROOT = Path(mmalign.__file__).parent

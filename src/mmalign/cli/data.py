@@ -14,6 +14,7 @@ from pathlib import Path
 from mmalign.data.record_files import read_records, write_records
 from mmalign.data.schema import RecordError, check_records
 from mmalign.data.sources import CONVERTERS, convert_file
+from mmalign.progress import track
 
 
 def _count_lines(path: str | None) -> int:
@@ -37,9 +38,9 @@ def _validate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root) if args.data_root is not None else Path(args.input).parent
     try:
-        records = check_records(convert_file(args.input, args.format), data_root=data_root,
-                                name=f"{args.input} ({args.format})", min_rejected=args.min_rejected,
-                                skip_invalid_to=args.skip_invalid_to)
+        converted = track(convert_file(args.input, args.format), "convert (checking records)", unit="rec")
+        records = check_records(converted, data_root=data_root, name=f"{args.input} ({args.format})",
+                                min_rejected=args.min_rejected, skip_invalid_to=args.skip_invalid_to)
     except RecordError as err:
         print(f"mmalign data convert: invalid source row or record: {err}", file=sys.stderr)
         return 1

@@ -25,5 +25,5 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="ShapesWorld demo: base model vs DPO on corrupted and BDHS pairs, with CIs (DemoConfig)")
-    add_config_args(parser)
+    add_config_args(parser, "mmalign.recipes.demo:DemoConfig")
     parser.set_defaults(func=_run)

@@ -75,5 +75,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "'annotator ...' of a pair annotator",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(parser)
+    add_config_args(parser, "mmalign.evaluation.suite:EvalConfig")
     parser.set_defaults(func=_run)

@@ -32,9 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("lab", help="build the ShapesWorld lab; pre-train its base model")
     sub = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     build = sub.add_parser("build", help="write images, SFT data, preference prompts and eval sets (LabConfig)")
-    add_config_args(build)
+    add_config_args(build, "mmalign.lab.build:LabConfig")
     build.set_defaults(func=_build)
     pretrain = sub.add_parser("pretrain", help="build the lab if needed, SFT the base model, evaluate it "
                                                "(PretrainConfig; cached when already done)")
-    add_config_args(pretrain)
+    add_config_args(pretrain, "mmalign.recipes.pretrain:PretrainConfig")
     pretrain.set_defaults(func=_pretrain)

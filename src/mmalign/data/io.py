@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,24 @@ PARQUET_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("meta", pa.string()),
 ])
+
+
+# "owner/name": how a Hugging Face Hub repository is named (no leading "/", ".", "~"; exactly one "/").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class NoHubAccess(Exception):
+    """A hub repository id given where mmalign needs a local path (models and data are never downloaded)."""
+
+
+def local_path(path: str | Path, what: str) -> Path:
+    """``path`` as a Path; a missing path spelt like a hub id (``llava-hf/llava-1.5-7b-hf``) raises NoHubAccess
+    naming ``what`` (e.g. "model"), so the user learns to download it rather than meeting "file not found"."""
+    if not Path(path).exists() and _HUB_ID.match(str(path)):
+        raise NoHubAccess(f"{what} {str(path)!r} is not a local path; it looks like a Hugging Face Hub id, and "
+                          f"mmalign has no hub access: download it first (e.g. `huggingface-cli download {path} "
+                          f"--local-dir DIR`) and give the local path")
+    return Path(path)
 
 
 def _tmp_path(path: Path) -> Path:

@@ -123,7 +123,7 @@ def read_records(path: str | Path, *, data_root: str | Path | None = None, min_r
     Image paths are relative to ``data_root`` (default: the file's folder). Raises RecordError on the first
     bad record, or with ``skip_invalid_to`` writes the bad ones there (file, line, id, field, reason).
     """
-    path = Path(path)
+    path = io.local_path(path, "record file")
     root = Path(data_root) if data_root is not None else path.parent
     if path.suffix == ".jsonl":
         rows, decode = io.read_jsonl_lines(path), _decode_json_line

@@ -294,7 +294,7 @@ CONVERTERS: dict[str, Callable[[dict, int], list[PreferenceRecord]]] = {
 
 def load_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(row number, row)`` of a ``.json`` (array), ``.jsonl`` or ``.parquet`` source file (1-based)."""
-    path = Path(path)
+    path = io.local_path(path, "source file")
     if path.suffix == ".parquet":
         yield from io.read_parquet_rows(path)
     elif path.suffix == ".jsonl":

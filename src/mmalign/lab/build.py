@@ -58,20 +58,21 @@ class LabConfig:
     yes/no answers POPE scores; they come from their own random stream and change no image or other record.
     """
 
-    out_dir: str = "runs/lab"
-    seed: int = 0
+    out_dir: str = "runs/lab"  # folder the lab is written to
+    seed: int = 0  # seed of the scenes, texts and questions
     world: WorldConfig = field(default_factory=WorldConfig)
     sizes: SplitSizes = field(default_factory=SplitSizes)
-    p: float = 0.9
-    p_pref: float = 0.5
-    p_eval: float = 0.3
-    eval_trigger_rate: float = 1.0
-    questions_per_image: int = 2
-    partner_question_rate: float = 0.3
+    p: float = 0.9  # P(partner | trigger) in the SFT data: the planted bias
+    p_pref: float = 0.5  # P(partner | trigger) on the preference-prompt images
+    p_eval: float = 0.3  # P(partner | trigger) on the evaluation images
+    eval_trigger_rate: float = 1.0  # share of evaluation images showing a trigger
+    questions_per_image: int = 2  # SFT yes/no questions per image
+    partner_question_rate: float = 0.3  # share of SFT questions asking about a partner
+    # share of SFT questions about an absent object that ask one sharing a colour or shape with a present one
     hard_negative_rate: float = 0.5
-    pope_per_image: int = 3
-    pref_questions_per_image: int = 0
-    p_vision: float = 0.1
+    pope_per_image: int = 3  # POPE questions per evaluation image
+    pref_questions_per_image: int = 0  # yes/no preference prompts per image after its caption prompt
+    p_vision: float = 0.1  # P(partner | trigger) on the vision pre-training images (no planted bias)
 
     def __post_init__(self) -> None:
         for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate", "p_vision"):

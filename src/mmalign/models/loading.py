@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from mmalign.data.io import local_path
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +48,7 @@ def load_vlm(
     Returns:
         the model in eval mode and its processor.
     """
-    path = Path(path)
+    path = local_path(path, "model")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json)")

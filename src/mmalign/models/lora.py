@@ -14,7 +14,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -30,11 +30,13 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class ModelConfig:
     """The policy: a local ``save_pretrained`` directory. The vision tower is frozen by default."""
 
-    path: str = ""
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    freeze_vision: bool = True
-    train_projector: bool = True
+    SHORTHAND: ClassVar[str] = "path"  # model=DIR sets model.path
+
+    path: str = ""  # local model folder (save_pretrained layout: config.json, weights, processor files)
+    dtype: str | None = None  # weights dtype: float32 / bfloat16 / float16 / auto (the checkpoint's); None: float32
+    trust_remote_code: bool = False  # allow model code shipped inside the folder
+    freeze_vision: bool = True  # keep the vision tower frozen (required under LoRA)
+    train_projector: bool = True  # train the vision-language projector (under LoRA as a saved full module)
 
 
 @dataclass
@@ -44,9 +46,10 @@ class LoraConfig:
     ``enabled: false`` is full fine-tuning. Dropout is off everywhere so policy and reference agree at step 0.
     """
 
-    enabled: bool = True
-    rank: int = 128
-    alpha: int = 256
+    enabled: bool = True  # LoRA adapters on the language model; false: full fine-tuning
+    rank: int = 128  # LoRA rank r
+    alpha: int = 256  # LoRA alpha (scale alpha / r)
+    # names of the linear layers that get adapters
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
     def __post_init__(self) -> None:

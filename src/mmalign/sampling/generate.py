@@ -27,12 +27,14 @@ class GenerationParams:
     """Decoding settings. ``temperature == 0`` means greedy; otherwise multinomial sampling with nucleus ``top_p``.
 
     ``stop_at_period``: each answer ends at its first ``'.'`` (kept), or at EOS / ``max_new_tokens``.
+    ``stop``: strings that end an answer where the first of them appears (not kept; OpenAI's ``stop``).
     """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     stop_at_period: bool = False
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -41,6 +43,8 @@ class GenerationParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
 
 def _generation_config(model: Any, params: GenerationParams) -> GenerationConfig:
@@ -52,7 +56,8 @@ def _generation_config(model: Any, params: GenerationParams) -> GenerationConfig
     config.temperature = params.temperature if config.do_sample else None
     config.top_p = params.top_p if config.do_sample else None
     config.top_k = None
-    config.stop_strings = "." if params.stop_at_period else None
+    stops = [*params.stop, *(["."] if params.stop_at_period else [])]
+    config.stop_strings = stops or None
     return config
 
 
@@ -63,9 +68,16 @@ def _check_lengths(prompts: list, images: list, continue_from: list[str] | None)
         raise ValueError(f"got {len(prompts)} prompts but {len(continue_from)} continue_from prefixes")
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to the first of the ``stop`` strings (excluded), and whether one was found."""
+    found = [text.index(s) for s in stop if s in text]
+    return (text[:min(found)], True) if found else (text, False)
+
+
 def _finish(text: str, params: GenerationParams, continuing: bool) -> str:
     if params.stop_at_period and "." in text:
         text = text[: text.index(".") + 1]
+    text = cut_at_stop(text, params.stop)[0]
     # A continuation keeps its leading space so that prefix + continuation is the full answer.
     return text.rstrip() if continuing else text.strip()
 
@@ -79,6 +91,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     continue_from: list[str] | None = None,
+    streamer: Any = None,
 ) -> list[str]:
     """Generate one answer per prompt.
 
@@ -92,10 +105,13 @@ def generate(
         batch_size: prompts per ``model.generate`` call.
         continue_from: optional assistant-prefix text per item; the answer returned is then only the
             continuation, such that ``continue_from[i] + answer[i]`` is the full answer.
+        streamer: a transformers streamer (``put`` gets the prompt ids, then each new token) for one prompt.
     Returns:
         decoded answers without prompt, prefix or special tokens.
     """
     _check_lengths(prompts, images, continue_from)
+    if streamer is not None and len(prompts) != 1:
+        raise ValueError(f"a streamer follows one prompt, got {len(prompts)}")
     config = _generation_config(model, params)
     tokenizer = processor.tokenizer
     answers: list[str] = []
@@ -107,7 +123,7 @@ def generate(
             prefixes = continue_from[start:stop] if continue_from is not None else None
             inputs = encode_prompts(processor, prompts[start:stop], images[start:stop], prefixes)
             inputs = inputs.to(model.device).to(dtype=model.dtype)
-            output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
+            output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer, streamer=streamer)
             new_tokens = output[:, inputs["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             answers += [_finish(t, params, continue_from is not None) for t in texts]

@@ -36,11 +36,11 @@ class RolloutConfig:
     ``batch_size``: sequences per ``generate`` call (does not change which settings are used).
     """
 
-    k: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 32
+    k: int = 4  # answers sampled per prompt
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    top_p: float = 1.0  # nucleus sampling threshold
+    max_new_tokens: int = 64  # most tokens per answer
+    batch_size: int = 32  # sequences per generate call (speed only)
 
     def __post_init__(self) -> None:
         if self.k < 2:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmalign.config import ConfigError, save_config
+from mmalign.config import ConfigError, save_config, to_dict
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import (
@@ -39,9 +39,10 @@ from mmalign.models.logprobs import (
 from mmalign.models.lora import prepare_policy, reference_model
 from mmalign.objectives.preference import mm_dpo_beta
 from mmalign.sampling.povid import povid_rejected_logps
+from mmalign.progress import progress
 from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, adapter_only_checkpoints, batch_indices, build_optimizer,
-    build_scheduler, latest_checkpoint, load_checkpoint, make_accelerator, process_slice, progress,
+    build_scheduler, latest_checkpoint, load_checkpoint, make_accelerator, process_slice,
     save_checkpoint, save_weights, steps_per_epoch, trainer_layout,
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
@@ -62,11 +63,12 @@ class LossConfig(PreferenceLossConfig):
     ``dynamic_beta``: beta per pair from ``meta[margin_key]`` (MM-DPO; ``beta_w``, ``beta_k``).
     """
 
+    # weight per rejected slot in the Apple Eq. 5 mean ([]: equal weights)
     rejected_weights: list[float] = field(default_factory=list)
-    dynamic_beta: bool = False
-    beta_w: float = 0.5
-    beta_k: float = 0.5
-    margin_key: str = "reward_margin"
+    dynamic_beta: bool = False  # MM-DPO: beta per pair from the reward margin in meta[margin_key]
+    beta_w: float = 0.5  # MM-DPO w: how far beta may grow above loss.beta
+    beta_k: float = 0.5  # MM-DPO k: how fast beta grows with the margin
+    margin_key: str = "reward_margin"  # meta key holding each record's reward-model margin (dynamic_beta)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,8 +86,9 @@ class OfflineConfig(PreferenceRecipeConfig):
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     povid: PovidConfig = field(default_factory=PovidConfig)
+    # compute reference log-probs once and cache them in this folder (None: live reference)
     ref_cache_dir: str | None = None
-    merge_weights: bool = False
+    merge_weights: bool = False  # under LoRA, also save merged whole weights in merged/
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -297,14 +300,16 @@ def train_offline(cfg: OfflineConfig) -> Path:
     run = _Run(cfg, accelerator, policy, unwrapped, frozen, processor, optimizer, scheduler, reference, records,
                micro)
     start = _resume(cfg, accelerator, fingerprint)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
-    bar = progress(total, start, accelerator.is_main_process, f"{cfg.loss.name} ({len(records)} pairs)")
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
+                            config=to_dict(cfg))
+    bar = progress(total, f"{cfg.loss.name} ({len(records)} pairs)", initial=start,
+                   enabled=accelerator.is_main_process, unit="step")
     for step in range(start + 1, total + 1):
         values = train_step(run, step)
         if step % cfg.run.log_every == 0 or step == total:
             metrics.log(step, values)
         bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}")
+        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
         if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
             save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, cfg.run.keep_checkpoints)
     bar.close()

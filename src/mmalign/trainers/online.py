@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -48,9 +48,10 @@ from mmalign.sampling.rollouts import (
     RolloutConfig, collect_online, entry_pair, offline_entry, read_step, rollout_seed, takes_offline, write_step,
 )
 from mmalign.sampling.similarity import SentenceSimilarity
+from mmalign.progress import progress
 from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint, save_weights, steps_per_epoch,
+    load_checkpoint, make_accelerator, process_slice, save_checkpoint, save_weights, steps_per_epoch,
     trainer_layout,
 )
 from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
@@ -65,9 +66,11 @@ class OnlineDataConfig:
     """Prompt records (``.jsonl``/``.parquet``). ``mixed`` needs >= 1 rejected answer per record (the offline
     pair); ``online_bdhs`` uses ``chosen`` as y+ and the first rejected answer, if any, as the external y-."""
 
-    prompts: str = ""
-    data_root: str | None = None
-    max_length: int = 2048
+    SHORTHAND: ClassVar[str] = "prompts"  # data=FILE sets data.prompts
+
+    prompts: str = ""  # prompt records (.jsonl / .parquet); mixed needs >= 1 rejected answer each
+    data_root: str | None = None  # folder image paths are relative to (None: the records file's folder)
+    max_length: int = 2048  # most tokens of prompt (image tokens included) + answer
 
 
 @dataclass
@@ -76,14 +79,15 @@ class OnlineConfig(PreferenceRecipeConfig):
     ``mix_p``: Eq. 4's p (probability of the offline pair); ``bdhs_gamma``: Eq. 5's gamma (weight of the
     external rejected answer)."""
 
+    # online (Online-DPO), mixed (Mixed-DPO, Eq. 4) or online_bdhs (Online-BDHS, Eq. 5)
     mode: Literal["online", "mixed", "online_bdhs"] = "online"
     data: OnlineDataConfig = field(default_factory=OnlineDataConfig)
     loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
-    mix_p: float = 0.5
-    bdhs_gamma: float = 0.5
+    mix_p: float = 0.5  # mixed: probability of the offline pair per example (Eq. 4's p)
+    bdhs_gamma: float = 0.5  # online_bdhs: weight of the external rejected answer (Eq. 5's gamma)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -315,8 +319,10 @@ def train_online(cfg: OnlineConfig) -> Path:
                out / "pairs")
     fp = fingerprint(cfg)
     start = _resume(cfg, accelerator, fp)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
-    bar = progress(total, start, accelerator.is_main_process, f"{cfg.mode} ({len(records)} prompts)")
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
+                            config=to_dict(cfg))
+    bar = progress(total, f"{cfg.mode} ({len(records)} prompts)", initial=start,
+                   enabled=accelerator.is_main_process, unit="step")
     for step in range(start + 1, total + 1):
         values = train_step(run, step)
         if step % cfg.run.log_every == 0 or step == total:

@@ -29,9 +29,9 @@ from mmalign.sampling.povid import NUM_DIFFUSION_STEPS, noised_image
 class PovidConfig:
     """The POVID slot: off by default; ``weight`` is its weight in the Eq. 5 mean beside ``loss.rejected_weights``."""
 
-    enabled: bool = False
-    noise_steps: int = 500
-    weight: float = 1.0
+    enabled: bool = False  # add POVID's answer under a noised image as one more rejected slot
+    noise_steps: int = 500  # diffusion noise steps of 1000 applied to the image (POVID Eq. 8/9)
+    weight: float = 1.0  # weight of the POVID slot in the Eq. 5 mean
 
     def __post_init__(self) -> None:
         if not 1 <= self.noise_steps < NUM_DIFFUSION_STEPS:

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -36,9 +36,12 @@ class DataConfig:
     processor) which are then skipped and counted; without it the first bad record is an error.
     """
 
-    train: str = ""
-    data_root: str | None = None
-    max_length: int = 2048
+    SHORTHAND: ClassVar[str] = "train"  # data=FILE sets data.train
+
+    train: str = ""  # preference records (.jsonl / .parquet), >= 1 rejected answer each
+    data_root: str | None = None  # folder image paths are relative to (None: the records file's folder)
+    max_length: int = 2048  # most tokens of prompt (image tokens included) + answer; longer records are errors
+    # JSONL file that receives bad records, which are then skipped (None: first bad one stops)
     skip_invalid_to: str | None = None
 
 

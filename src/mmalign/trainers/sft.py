@@ -15,10 +15,11 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from mmalign.config import save_config
+from mmalign.config import save_config, to_dict
 from mmalign.data.chat import answer_ids
 from mmalign.data.collate import collate_sft
 from mmalign.data.images import open_image
@@ -27,10 +28,11 @@ from mmalign.data.schema import PreferenceRecord
 from mmalign.models.loading import load_vlm, projector_param_names, vision_param_names
 from mmalign.models.image_tokens import image_token_mask
 from mmalign.models.logprobs import answer_token_logps, model_inputs
+from mmalign.progress import progress
 from mmalign.sampling.masked import hide_image_attention
 from mmalign.trainers.common import (
-    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint,
+    TRAINING_ALIASES, MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler,
+    latest_checkpoint, load_checkpoint, make_accelerator, process_slice, save_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,9 @@ PARTS = ("vision", "projector", "language")
 class SFTModelConfig:
     """The local model dir to fine-tune."""
 
-    path: str = ""
+    SHORTHAND: ClassVar[str] = "path"  # model=DIR sets model.path
+
+    path: str = ""  # local model folder to fine-tune
 
 
 @dataclass
@@ -52,9 +56,11 @@ class SFTDataConfig:
     """Records (``.jsonl`` / ``.parquet``; ``chosen`` is the target answer); images relative to ``data_root``
     (empty: the records file's folder)."""
 
-    train: str = ""
-    data_root: str = ""
-    max_length: int = 128
+    SHORTHAND: ClassVar[str] = "train"  # data=FILE sets data.train
+
+    train: str = ""  # records (.jsonl / .parquet); chosen is the target answer
+    data_root: str = ""  # folder image paths are relative to ("": the records file's folder)
+    max_length: int = 128  # most tokens of prompt (image tokens included) + answer
 
 
 @dataclass
@@ -65,13 +71,16 @@ class SFTConfig:
     and a VLM trained from scratch lacks: without it, BDHS masking yields degenerate text instead of the
     model's language bias (docs/lab.md)."""
 
+    ALIASES: ClassVar[dict[str, str]] = {**TRAINING_ALIASES, "max_steps": "steps"}
+
     model: SFTModelConfig = field(default_factory=SFTModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
-    batch_size: int = 32
-    steps: int = 1000
-    image_dropout: float = 0.0
+    batch_size: int = 32  # global batch per optimizer step: all processes x micro-batches
+    steps: int = 1000  # optimizer steps
+    image_dropout: float = 0.0  # share of examples trained with their image hidden (teaches the text-only prior)
+    # parts that train (vision, projector, language); the others are frozen
     trainable: list[str] = field(default_factory=lambda: list(PARTS))
 
     def __post_init__(self) -> None:
@@ -163,8 +172,9 @@ def train_sft(cfg: SFTConfig) -> Path:
         start = load_checkpoint(accelerator, ckpt)["step"]
         logger.info("resumed from %s at step %d", ckpt, start)
     save_config(cfg, out)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
-    bar = progress(cfg.steps, start, accelerator.is_main_process, "sft")
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
+                            config=to_dict(cfg))
+    bar = progress(cfg.steps, "sft", initial=start, enabled=accelerator.is_main_process, unit="step")
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()

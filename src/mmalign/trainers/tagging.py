@@ -31,14 +31,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mmalign.config import save_config
+from mmalign.config import save_config, to_dict
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm, projector_param_names, vision_param_names
+from mmalign.progress import progress
 from mmalign.trainers.common import (
-    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler, latest_checkpoint,
-    load_checkpoint, make_accelerator, process_slice, progress, save_checkpoint,
+    TRAINING_ALIASES, MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler,
+    latest_checkpoint, load_checkpoint, make_accelerator, process_slice, save_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -193,8 +194,9 @@ def train_tagging(cfg: TaggingConfig) -> Path:
         start = load_checkpoint(accelerator, ckpt)["step"]
         logger.info("resumed from %s at step %d", ckpt, start)
     save_config(cfg, out)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
-    bar = progress(cfg.steps, start, accelerator.is_main_process, "tagging")
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
+                            config=to_dict(cfg))
+    bar = progress(cfg.steps, "tagging", initial=start, enabled=accelerator.is_main_process, unit="step")
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         mine = process_slice(batch_indices(len(examples), cfg.batch_size, step, cfg.run.seed), accelerator)

@@ -60,14 +60,25 @@ def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
-def write_jsonl(path: str | Path, objects: Iterable[Any]) -> None:
-    """One compact JSON object per line, UTF-8; NaN/inf refused (JSON has no such numbers)."""
-    path = Path(path)
+def _replace_when_done(path: Path, write: Any) -> None:
+    """Run ``write(tmp)`` and rename ``tmp`` to ``path``; a failure leaves no file behind, not even the tmp one."""
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for obj in objects:
-            handle.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def write_jsonl(path: str | Path, objects: Iterable[Any]) -> None:
+    """One compact JSON object per line, UTF-8, written as ``objects`` are produced; NaN/inf refused."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for obj in objects:
+                handle.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+
+    _replace_when_done(Path(path), write)
 
 
 def read_parquet_rows(path: str | Path, batch_size: int = 256) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -79,8 +90,7 @@ def read_parquet_rows(path: str | Path, batch_size: int = 256) -> Iterator[tuple
             yield number, row
 
 
-def write_parquet(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Record dicts (images as ``str | bytes``) -> a Parquet file in ``PARQUET_SCHEMA``."""
+def _parquet_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {name: [] for name in PARQUET_SCHEMA.names}
     for row in rows:
         columns["id"].append(row["id"])
@@ -93,7 +103,21 @@ def write_parquet(path: str | Path, rows: list[dict[str, Any]]) -> None:
         columns["rejected"].append(row["rejected"])
         columns["source"].append(row["source"])
         columns["meta"].append(json.dumps(row["meta"], ensure_ascii=False, allow_nan=False))
-    path = Path(path)
-    tmp = _tmp_path(path)
-    pq.write_table(pa.table(columns, schema=PARQUET_SCHEMA), tmp)
-    tmp.replace(path)
+    return columns
+
+
+def write_parquet(path: str | Path, rows: Iterable[dict[str, Any]], batch_size: int = 256) -> None:
+    """Record dicts (images as ``str | bytes``) -> a Parquet file in ``PARQUET_SCHEMA``, written in row groups of
+    ``batch_size`` as the rows are produced (a converted set never has to fit in memory)."""
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, PARQUET_SCHEMA) as writer:
+            batch: list[dict[str, Any]] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) == batch_size:
+                    writer.write_table(pa.table(_parquet_columns(batch), schema=PARQUET_SCHEMA))
+                    batch = []
+            if batch:
+                writer.write_table(pa.table(_parquet_columns(batch), schema=PARQUET_SCHEMA))
+
+    _replace_when_done(Path(path), write)

@@ -46,9 +46,9 @@ BASE_DIR = Path(__file__).parent / "assets" / "base"
 class Stage:
     """Optimizer steps (0 skips the stage), peak learning rate (warmup then cosine decay), global batch."""
 
-    steps: int
-    lr: float
-    batch_size: int = 32
+    steps: int  # optimizer steps (0: skip the stage)
+    lr: float  # peak learning rate
+    batch_size: int = 32  # global batch per optimizer step
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
@@ -60,17 +60,19 @@ class PretrainConfig:
     """The lab (``lab.out_dir``), the model size, the four stages and the run (``run.output_dir`` gets the
     base). ``image_dropout`` applies to the ``sft`` stage."""
 
-    lab: LabConfig = field(default_factory=LabConfig)
-    model: LabModelConfig = field(default_factory=LabModelConfig)
+    lab: LabConfig = field(default_factory=LabConfig)  # the lab to build (cached) and train on
+    model: LabModelConfig = field(default_factory=LabModelConfig)  # sizes of the fresh tiny LLaVA
+    # stage 1: the language model on the captions as text
     language: Stage = field(default_factory=lambda: Stage(500, 1e-3, 64))
+    # stage 2: vision tower + projector tag objects on the vision pre-training images
     vision: Stage = field(default_factory=lambda: Stage(800, 2e-3))
-    align: Stage = field(default_factory=lambda: Stage(150, 1e-3))
-    sft: Stage = field(default_factory=lambda: Stage(1500, 1e-3))
-    image_dropout: float = 0.15
-    warmup_ratio: float = 0.03
+    align: Stage = field(default_factory=lambda: Stage(150, 1e-3))  # stage 3: the projector alone, on captions
+    sft: Stage = field(default_factory=lambda: Stage(1500, 1e-3))  # stage 4: projector + language model
+    image_dropout: float = 0.15  # sft: share of examples trained with the image hidden
+    warmup_ratio: float = 0.03  # every stage: warmup share before the cosine decay
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lab_base", mixed_precision="auto",
                                                              log_every=50))
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # batch size of the base's evaluation
 
     def __post_init__(self) -> None:
         if self.sft.steps < 1:

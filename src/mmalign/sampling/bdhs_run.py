@@ -9,7 +9,6 @@ records accepted at each iteration, the paper's Fig. 10), and removes the work f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,8 +18,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from mmalign.data.images import open_image
-from mmalign.data.record_files import read_records, write_records
+from mmalign.data.record_files import write_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm
 from mmalign.progress import in_batches
@@ -52,7 +51,7 @@ def summary_path(output: str | Path) -> Path:
 
 def _fingerprint(cfg: BDHSRunConfig) -> dict[str, Any]:
     """What decides the results: input content, model folder, dtype and sampler settings."""
-    return {"input_sha256": hashlib.sha256(Path(cfg.input).read_bytes()).hexdigest(),
+    return {"input_sha256": RecordSet.at(cfg.input, cfg.data_root).sha256(),
             "model": str(Path(cfg.model).resolve()), "dtype": cfg.dtype, "bdhs": settings(cfg.bdhs)}
 
 
@@ -69,9 +68,9 @@ def _sample_share(cfg: BDHSRunConfig, records: list[PreferenceRecord], accelerat
         return
     model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=accelerator.device)
     similarity = SentenceSimilarity(cfg.bdhs.embedder, accelerator.device)
-    root = cfg.data_root if cfg.data_root is not None else Path(cfg.input).parent
+    dataset = RecordSet.at(cfg.input, cfg.data_root)
     for batch in in_batches(mine, cfg.bdhs.batch_size, "BDHS", enabled=accelerator.is_main_process, unit="rec"):
-        images = [[open_image(ref, root) for ref in r.images] for r in batch]
+        images = [dataset.images(r) for r in batch]
         results = bdhs_sample(model, processor, batch, images, cfg.bdhs, similarity)
         writer.append(asdict(result) for result in results)
 
@@ -96,6 +95,7 @@ def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig
         "records": n, "written": n - len(dropped), "dropped": dropped,
         "accepted_at_iteration": accepted, "different_after_iteration": cumulative,
         "similar_after_last": 1.0 - len(different) / n,
+        "truncated": sum(r.truncated for r in results),
         "mean_similarity": sum(r.similarity for r in results) / n, "bdhs": settings(cfg),
     }
 
@@ -118,6 +118,10 @@ def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) 
                   "config": asdict(cfg.bdhs), "settings_hash": settings(cfg.bdhs)["settings_hash"]}
     write_records(cfg.output, out, provenance=provenance)
     summary = _summary(results, dropped, cfg.bdhs)
+    if summary["truncated"]:
+        logger.warning("BDHS: %d of %d answers stopped at their token budget (bdhs.max_answer_tokens=%d, "
+                       "bdhs.max_sentence_tokens=%d); they are marked meta.bdhs.truncated", summary["truncated"],
+                       len(results), cfg.bdhs.max_answer_tokens, cfg.bdhs.max_sentence_tokens)
     summary_path(cfg.output).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
@@ -128,7 +132,7 @@ def run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
     Returns the summary on the main process (None on the others).
     """
     accelerator = Accelerator()
-    records = read_records(cfg.input, data_root=cfg.data_root)
+    records = RecordSet.at(cfg.input, cfg.data_root).read()
     if not records:
         raise RecordError("no records to sample", file=str(cfg.input))
     work_dir = work_dir_for(cfg.output)

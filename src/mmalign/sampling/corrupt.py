@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 from mmalign.config import config_hash, to_dict
 from mmalign.data.chat import IMAGE_MARKER
-from mmalign.data.record_files import read_records, write_records
+from mmalign.data.record_files import write_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.progress import track
@@ -222,7 +223,7 @@ def run_corruption(cfg: CorruptConfig) -> dict[str, Any]:
     """Corrupt ``cfg.input`` into ``cfg.output`` (+ provenance sidecar); returns the summary."""
     if not cfg.input or not cfg.output:
         raise ValueError("input and output record files are required")
-    records = read_records(cfg.input, data_root=cfg.data_root or None)
+    records = RecordSet.at(cfg.input, cfg.data_root).read()
     if cfg.method == "lab":
         out = corrupt_lab_records(records, _bias_pairs(cfg.lab_dir), cfg.seed)
         summary: dict[str, Any] = {"records": len(records), "written": len(out)}

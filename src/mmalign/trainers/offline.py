@@ -46,7 +46,7 @@ from mmalign.trainers.common import (
     save_checkpoint, save_weights, steps_per_epoch, trainer_layout,
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
-from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_root, load_pairs, record_images
+from mmalign.trainers.preference_data import DataConfig, data_fingerprint, load_pairs, record_set
 from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
 logger = logging.getLogger(__name__)
@@ -110,10 +110,10 @@ def reference_fn(cfg: OfflineConfig, accelerator: Accelerator, policy: Any, froz
     fp = model_fingerprint(cfg.model.path, str(cfg.model.dtype), cfg.run.mixed_precision)
     keys = [[answer_cache_key(fp, image_hashes[i], r.prompt, a) for a in (r.chosen, *r.rejected)]
             for i, r in enumerate(records)]
-    root = data_root(cfg.data)
+    dataset = record_set(cfg.data)
 
     def compute(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = collate(processor, [records[i] for i in indices], [record_images(records[i], root) for i in indices],
+        batch = collate(processor, [records[i] for i in indices], [dataset.images(records[i]) for i in indices],
                         cfg.data.max_length)
         with accelerator.autocast():
             return live(_to_device(batch, accelerator.device), indices)
@@ -149,13 +149,12 @@ def _collate(run: _Run, indices: list[int]) -> tuple[dict[str, Any], tuple[dict,
     """The micro-batch in the configured layout, and the POVID (clean, noisy) batches when ``povid.enabled``."""
     cfg, device = run.cfg, run.accelerator.device
     records = [run.records[i] for i in indices]
-    root = data_root(cfg.data)
-    images = [record_images(r, root) for r in records]
+    images = [record_set(cfg.data).images(r) for r in records]
     batch = PREFERENCE_LAYOUTS[cfg.forward][0](run.processor, records, images, cfg.data.max_length)
     if not cfg.povid.enabled:
         return _to_device(batch, device), None
     clean, noisy = povid_batches(run.processor, records, images, cfg.povid.noise_steps, cfg.run.seed,
-                                 cfg.data.max_length)
+                                 cfg.data.max_length, clip=cfg.povid.noise_clip)
     return _to_device(batch, device), (_to_device(clean, device), _to_device(noisy, device))
 
 

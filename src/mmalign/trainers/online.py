@@ -36,8 +36,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from mmalign.config import ConfigError, config_hash, save_config, to_dict
-from mmalign.data.images import open_image
-from mmalign.data.record_files import read_records, record_to_json, write_records
+from mmalign.data.record_files import record_to_json, write_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import RefFn, live_reference
@@ -112,12 +112,8 @@ class _Run:
     pairs_dir: Path
 
 
-def _root(cfg: OnlineDataConfig) -> Path:
-    return Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.prompts).parent
-
-
-def _images(record: PreferenceRecord, root: Path) -> list[Any]:
-    return [open_image(ref, root) for ref in record.images]
+def _prompts(cfg: OnlineDataConfig) -> RecordSet:
+    return RecordSet.at(cfg.prompts, cfg.data_root)
 
 
 # --- rollout side: the pairs of one step -------------------------------------------------------------------
@@ -125,9 +121,9 @@ def _images(record: PreferenceRecord, root: Path) -> list[Any]:
 
 def _bdhs_entries(run: _Run, model: Any, records: list[PreferenceRecord], step: int) -> list[dict[str, Any]]:
     """Online-BDHS: y~- from the current policy (Alg. 1), external y- kept first for Eq. 5."""
-    root, cfg = _root(run.cfg.data), run.cfg
+    prompts, cfg = _prompts(run.cfg.data), run.cfg
     bdhs_cfg = dataclasses.replace(cfg.bdhs, seed=rollout_seed(cfg.run.seed, step, ["bdhs"]))
-    results = bdhs_sample(model, run.processor, records, [_images(r, root) for r in records], bdhs_cfg,
+    results = bdhs_sample(model, run.processor, records, [prompts.images(r) for r in records], bdhs_cfg,
                           run.similarity)
     entries = []
     for record, result in zip(records, results):
@@ -153,8 +149,8 @@ def collect_step(run: _Run, step: int) -> list[dict[str, Any]]:
     else:
         offline = [cfg.mode == "mixed" and takes_offline(cfg.run.seed, step, r.id, cfg.mix_p) for r in records]
         online = [r for r, off in zip(records, offline) if not off]
-        root = _root(cfg.data)
-        sampled = iter(collect_online(model, run.processor, online, [_images(r, root) for r in online],
+        prompts = _prompts(cfg.data)
+        sampled = iter(collect_online(model, run.processor, online, [prompts.images(r) for r in online],
                                       run.annotator, cfg.rollout, seed=cfg.run.seed + acc.process_index, step=step))
         entries = [offline_entry(r) if off else next(sampled) for r, off in zip(records, offline)]
     model.train()
@@ -181,7 +177,7 @@ def _chunk_loss(run: _Run, chunk: list[PreferenceRecord], scale: float) -> tuple
     """Scaled loss sum of R records and the sums of ``_STATS`` (float[len(_STATS)]); ``scale`` 0 = dummy chunk."""
     cfg, device = run.cfg, run.accelerator.device
     collate, forward = PREFERENCE_LAYOUTS[cfg.forward]
-    batch = collate(run.processor, chunk, [_images(r, _root(cfg.data)) for r in chunk], cfg.data.max_length)
+    batch = collate(run.processor, chunk, [_prompts(cfg.data).images(r) for r in chunk], cfg.data.max_length)
     batch = {k: v.to(device) for k, v in batch.items()}
     out = forward(run.policy, batch)
     ref_chosen, ref_rejected = run.reference(batch, [])
@@ -252,7 +248,7 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
 
 def _load_records(cfg: OnlineConfig) -> list[PreferenceRecord]:
     min_rejected = 1 if cfg.mode == "mixed" else 0
-    records = read_records(cfg.data.prompts, data_root=cfg.data.data_root, min_rejected=min_rejected)
+    records = _prompts(cfg.data).read(min_rejected=min_rejected)
     if not records:
         raise ConfigError(f"{cfg.data.prompts}: no prompt records")
     return records
@@ -260,7 +256,7 @@ def _load_records(cfg: OnlineConfig) -> list[PreferenceRecord]:
 
 def fingerprint(cfg: OnlineConfig) -> dict[str, Any]:
     """What the stored pairs depend on; a resume with other data, mode, rollouts or annotator is refused."""
-    file_digest = hashlib.sha256(Path(cfg.data.prompts).read_bytes()).hexdigest()
+    file_digest = _prompts(cfg.data).sha256()
     sampling = {"mode": cfg.mode, "rollout": to_dict(cfg.rollout), "annotator": to_dict(cfg.annotator),
                 "bdhs": to_dict(cfg.bdhs), "mix_p": cfg.mix_p, "batch_size": cfg.batch_size, "seed": cfg.run.seed}
     return {"prompts": cfg.data.prompts, "file_sha256": file_digest,

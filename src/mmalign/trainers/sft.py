@@ -22,8 +22,7 @@ import torch
 from mmalign.config import save_config, to_dict
 from mmalign.data.chat import answer_ids
 from mmalign.data.collate import collate_sft
-from mmalign.data.images import open_image
-from mmalign.data.record_files import read_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.loading import load_vlm, projector_param_names, vision_param_names
 from mmalign.models.image_tokens import image_token_mask
@@ -105,15 +104,15 @@ def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
 class _Images:
     """Decoded images of the records, each file opened once (a lab has one image per several records)."""
 
-    def __init__(self, root: Path):
-        self.root, self.cache = root, {}
+    def __init__(self, dataset: RecordSet):
+        self.dataset, self.cache = dataset, {}
 
     def __call__(self, record: PreferenceRecord) -> list:
         out = []
         for ref in record.images:
             key = ref if isinstance(ref, str) else hash(ref)
             if key not in self.cache:
-                self.cache[key] = open_image(ref, self.root)
+                self.cache[key] = self.dataset.open(ref)
             out.append(self.cache[key])
         return out
 
@@ -157,9 +156,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     model, processor = load_vlm(cfg.model.path)
     model.train()
     set_trainable(model, cfg.trainable)
-    train_path = Path(cfg.data.train)
-    records = read_records(train_path, data_root=cfg.data.data_root or None)
-    images = _Images(Path(cfg.data.data_root) if cfg.data.data_root else train_path.parent)
+    dataset = RecordSet.at(cfg.data.train, cfg.data.data_root)
+    records = dataset.read()
+    images = _Images(dataset)
     n_answer = torch.tensor([len(answer_ids(processor.tokenizer, r.chosen)) for r in records])
     optimizer = build_optimizer(model, cfg.optim, projector_param_names(model))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)

@@ -52,24 +52,24 @@ LABELS_FILE = "tagging_labels.json"
 class TaggingDataConfig:
     """Training (and optional held-out) records; images relative to ``data_root`` (empty: each file's folder)."""
 
-    train: str = ""
-    eval: str = ""
-    data_root: str = ""
-    labels_key: str = "objects"
+    train: str = ""  # records with one image each and a label list in meta
+    eval: str = ""  # held-out records scored at the end ("": none)
+    data_root: str = ""  # folder image paths are relative to ("": each records file's folder)
+    labels_key: str = "objects"  # the meta field holding a record's labels
 
 
 @dataclass
 class TaggingConfig:
     """``model``: a local VLM dir; ``train_projector``: train the projector with the tower (else tower only)."""
 
-    model: str = ""
+    model: str = ""  # local VLM folder
     data: TaggingDataConfig = field(default_factory=TaggingDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, warmup_ratio=0.05))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/tagging"))
-    batch_size: int = 32
-    steps: int = 1000
-    train_projector: bool = True
-    eval_batch_size: int = 64
+    batch_size: int = 32  # global batch of images per optimizer step
+    steps: int = 1000  # optimizer steps
+    train_projector: bool = True  # train the projector with the tower (else the tower alone)
+    eval_batch_size: int = 64  # batch size of the held-out scoring
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.eval_batch_size < 1:

@@ -29,7 +29,7 @@ from mmalign.data.io import write_jsonl
 from mmalign.data.record_files import write_records
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.splits import (
-    caption_text, object_frequencies, pope_questions, pope_stratum, sample_scenes, sft_examples,
+    caption_text, conversations, object_frequencies, pope_questions, pope_stratum, sample_scenes, sft_examples,
 )
 from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, question_prompt, synonyms
 from mmalign.lab.world import Scene, WorldConfig, render
@@ -67,6 +67,8 @@ class LabConfig:
     p_eval: float = 0.3  # P(partner | trigger) on the evaluation images
     eval_trigger_rate: float = 1.0  # share of evaluation images showing a trigger
     questions_per_image: int = 2  # SFT yes/no questions per image
+    # > 0: an image's SFT yes/no questions as multi-turn records of this many turns (0: one record each)
+    questions_per_turn_record: int = 0
     partner_question_rate: float = 0.3  # share of SFT questions asking about a partner
     # share of SFT questions about an absent object that ask one sharing a colour or shape with a present one
     hard_negative_rate: float = 0.5
@@ -80,14 +82,15 @@ class LabConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.sizes.sft, self.sizes.pref, self.sizes.eval, self.sizes.vision) < 1 or self.pope_per_image < 1:
             raise ValueError("split sizes and pope_per_image must be >= 1")
-        if self.pref_questions_per_image < 0:
-            raise ValueError(f"pref_questions_per_image must be >= 0, got {self.pref_questions_per_image}")
+        for name in ("pref_questions_per_image", "questions_per_turn_record"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def same_base_data(self, other: LabConfig) -> bool:
         """True when both labs give a base model the same training data (SFT, text and vision records): the
         settings of the preference and evaluation splits, drawn after them, may differ."""
-        base = ("seed", "world", "p", "p_vision", "questions_per_image", "partner_question_rate",
-                "hard_negative_rate")
+        base = ("seed", "world", "p", "p_vision", "questions_per_image", "questions_per_turn_record",
+                "partner_question_rate", "hard_negative_rate")
         return (all(getattr(self, k) == getattr(other, k) for k in base)
                 and (self.sizes.sft, self.sizes.vision) == (other.sizes.sft, other.sizes.vision))
 
@@ -119,17 +122,26 @@ def _write_images(out: Path, split: str, scenes: list[Scene], size: int) -> tupl
 
 
 def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
+    """Per image: the caption record (``sft-<i>-0``), then its yes/no questions, one record each
+    (``sft-<i>-<j>``) or, with ``questions_per_turn_record``, as conversations (``sft-<i>-m<j>``) that train
+    several answers per image encoding."""
     rng = random.Random(cfg.seed + 1)
     records = []
     for i, (scene, ref) in enumerate(zip(scenes, refs)):
         examples = sft_examples(scene, cfg.world, rng, cfg.questions_per_image, cfg.partner_question_rate,
                                  cfg.hard_negative_rate)
-        for j, (prompt, answer) in enumerate(examples):
-            task = "caption" if prompt == CAPTION_PROMPT else "yesno"
-            records.append(PreferenceRecord(
-                id=f"sft-{i:05d}-{j}", images=[ref], prompt=prompt, chosen=answer, rejected=[],
-                source="shapesworld", meta={"objects": scene.names, "task": task},
-            ))
+        meta = {"objects": scene.names, "task": "caption"}
+        records.append(PreferenceRecord(id=f"sft-{i:05d}-0", images=[ref], prompt=examples[0][0],
+                                        chosen=examples[0][1], rejected=[], source="shapesworld", meta=meta))
+        questions = examples[1:]
+        if cfg.questions_per_turn_record:
+            named = [(f"m{j}", prompt, answer) for j, (prompt, answer)
+                     in enumerate(conversations(questions, cfg.questions_per_turn_record))]
+        else:
+            named = [(str(j), prompt, answer) for j, (prompt, answer) in enumerate(questions, start=1)]
+        records += [PreferenceRecord(id=f"sft-{i:05d}-{name}", images=[ref], prompt=prompt, chosen=answer, rejected=[],
+                                     source="shapesworld", meta={**meta, "task": "yesno"})
+                    for name, prompt, answer in named]
     return records
 
 

@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from dataclasses import replace
 
-from mmalign.lab.texts import CAPTION_PROMPT, NO, YES, caption, caption_order, question_prompt
+from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, NO, YES, caption, caption_order, question_prompt
 from mmalign.lab.world import Scene, WorldConfig, all_objects, sample_scene
 
 
@@ -66,6 +66,27 @@ def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questio
             obj = rng.choice(hard if hard and rng.random() < hard_negative_rate else absent)
         examples.append((question_prompt(obj), YES if obj in names else NO))
     return examples
+
+
+def conversations(questions: list[tuple[str, str]], per_record: int) -> list[tuple[list[dict], str]]:
+    """One image's (prompt, answer) questions as conversations of ``per_record`` turns (the last may have
+    fewer): (chat messages, final answer), earlier answers as assistant turns, the image in the first turn.
+
+    Each prompt starts with the image mark; a conversation's first turn renders exactly as the single-turn
+    record of its question does.
+    """
+    out = []
+    for start in range(0, len(questions), per_record):
+        chunk = questions[start:start + per_record]
+        messages: list[dict] = []
+        for t, (prompt, answer) in enumerate(chunk):
+            image = [{"type": "image"}] if t == 0 else []
+            messages.append({"role": "user", "content": [*image, {"type": "text",
+                                                                   "text": prompt.removeprefix(IMAGE_MARK)}]})
+            if t < len(chunk) - 1:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        out.append((messages, chunk[-1][1]))
+    return out
 
 
 def object_frequencies(scenes: list[Scene]) -> Counter:

@@ -1,5 +1,9 @@
 """Supervised fine-tuning recipe: token-mean cross-entropy on answer tokens, explicit loop on accelerate.
 
+A record trains every assistant answer it holds: the earlier assistant turns of a message prompt and
+``chosen``, in one row (``collate_turns``; the conversation's images are encoded once), as TRL's
+assistant-only loss does.
+
 One optimizer step consumes the global batch ``batch_indices(n, batch_size, step, seed)``; each process
 takes its slice and splits it into ``optim.grad_accum`` micro-batches. The loss of a micro-batch is its
 summed answer-token negative log-likelihood divided by the number of answer tokens in the **whole global
@@ -20,8 +24,8 @@ from typing import ClassVar
 import torch
 
 from mmalign.config import save_config, to_dict
-from mmalign.data.chat import answer_ids
-from mmalign.data.collate import collate_sft
+from mmalign.data.chat import answer_ids, earlier_answers
+from mmalign.data.collate import collate_turns
 from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.loading import load_vlm, projector_param_names, vision_param_names
@@ -59,7 +63,7 @@ class SFTDataConfig:
 
     train: str = ""  # records (.jsonl / .parquet); chosen is the target answer
     data_root: str = ""  # folder image paths are relative to ("": the records file's folder)
-    max_length: int = 128  # most tokens of prompt (image tokens included) + answer
+    max_length: int = 128  # most tokens of a row: prompt (image tokens included) + every answer
 
 
 @dataclass
@@ -117,6 +121,11 @@ class _Images:
         return out
 
 
+def answer_tokens(tokenizer, record: PreferenceRecord) -> int:
+    """How many labelled tokens ``collate_turns`` gives the record: every answer's text + EOS."""
+    return sum(len(answer_ids(tokenizer, a)) for a in [*earlier_answers(record.prompt), record.chosen])
+
+
 def hidden_rows(seed: int, step: int, indices: list[int], rate: float) -> list[bool]:
     """Which examples of a micro-batch (record ``indices``) train with their image hidden at ``step``: a draw
     per (seed, step, record), so it does not depend on batch split, accumulation or process count."""
@@ -134,7 +143,7 @@ def _hide_images(model, batch: dict, hidden: list[bool]) -> dict:
 def _micro_step(model, processor, accelerator, records, images, hidden: list[bool],
                 scale: float, max_length: int) -> tuple[float, int]:
     """Forward/backward of one micro-batch; returns its summed answer NLL and answer-token count."""
-    batch = collate_sft(processor, records, [images(r) for r in records], max_length)
+    batch = collate_turns(processor, records, [images(r) for r in records], max_length)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     if any(hidden):
         batch = _hide_images(accelerator.unwrap_model(model), batch, hidden)
@@ -159,7 +168,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     dataset = RecordSet.at(cfg.data.train, cfg.data.data_root)
     records = dataset.read()
     images = _Images(dataset)
-    n_answer = torch.tensor([len(answer_ids(processor.tokenizer, r.chosen)) for r in records])
+    n_answer = torch.tensor([answer_tokens(processor.tokenizer, r) for r in records])
     optimizer = build_optimizer(model, cfg.optim, projector_param_names(model))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     # The schedule counts optimizer steps of the global batch, so it is stepped here once per step rather

@@ -103,7 +103,7 @@ def _with_template(processor, template):
     return processor
 
 
-# LLaVA-1.5's layout: past answers rendered as "ASSISTANT: <text> " (space, no EOS); generation prompt "ASSISTANT:"
+# past answers rendered as "ASSISTANT: <text> " (a space, no EOS) while the generation prompt is "ASSISTANT:"
 SPACED = ("<s>{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
           "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
           "{% else %}ASSISTANT: {{ m['content'] }} {% endif %}{% endfor %}"

@@ -78,7 +78,7 @@ def conversation_pieces(processor: Any, prompt: str | list[dict[str, Any]], n_im
     generation prompt. Where the template renders a past answer as exactly its text + EOS (every family of
     ``mmalign.models.tiny``), what it writes after that EOS (e.g. a newline) opens ``p_{k+1}``, so the row is
     token for token the template's rendering of the whole conversation; where it renders past answers its own
-    way (LLaVA-1.5 and the lab template put a space before them), the model's own answer stands in for that
+    way (the lab model's template puts a space before them), the model's own answer stands in for that
     rendering. A text prompt gives one piece: ``render_prompt``.
     """
     messages = to_messages(prompt, n_images)

@@ -56,8 +56,8 @@ class SFTModelConfig:
 
 @dataclass
 class SFTDataConfig:
-    """Records (``.jsonl`` / ``.parquet``; ``chosen`` is the target answer); images relative to ``data_root``
-    (empty: the records file's folder)."""
+    """Records (``.jsonl`` / ``.parquet``; ``chosen`` and every earlier assistant turn of a message prompt are
+    target answers); images relative to ``data_root`` (empty: the records file's folder)."""
 
     SHORTHAND: ClassVar[str] = "train"  # data=FILE sets data.train
 

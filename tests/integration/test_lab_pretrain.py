@@ -1,5 +1,5 @@
-"""End to end on a reduced lab: SFT of a saved model (trainable parts, exact resume), vision tagging, and the
-staged, cached CLI recipe."""
+"""End to end on a reduced lab: SFT of a saved model (trainable parts, exact resume, multi-turn records), vision
+tagging, and the staged, cached CLI recipe."""
 
 import json
 from pathlib import Path
@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 
 from mmalign.cli.main import main
 from mmalign.config import load_config
-from mmalign.data.collate import collate_sft
+from mmalign.data.collate import collate_sft, collate_turns
 from mmalign.data.record_files import read_records
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab
 from mmalign.lab.model import LabModelConfig, build_lab_model
 from mmalign.lab.world import WorldConfig
 from mmalign.models.loading import load_vlm
+from mmalign.models.logprobs import answer_token_logps
+from mmalign.trainers.common import batch_indices
 from mmalign.trainers.sft import SFTConfig, train_sft
 from mmalign.trainers.tagging import TaggingConfig, train_tagging
 
@@ -28,9 +30,12 @@ MICRO = {"image_size": 32, "vision_hidden": 32, "vision_layers": 1, "text_hidden
 SMALL_WORLD = ["lab.world.image_size=32", "lab.world.min_size=8", "lab.world.max_size=14"]
 
 
+WORLD = WorldConfig(image_size=32, min_size=8, max_size=14)
+
+
 @pytest.fixture(scope="module")
 def lab_dir(tmp_path_factory):
-    cfg = LabConfig(out_dir=str(tmp_path_factory.mktemp("lab")), world=WorldConfig(image_size=32, min_size=8, max_size=14),
+    cfg = LabConfig(out_dir=str(tmp_path_factory.mktemp("lab")), world=WORLD,
                     sizes=SplitSizes(sft=24, pref=4, eval=6, vision=24))
     return build_lab(cfg)
 
@@ -87,6 +92,32 @@ def test_image_dropout_changes_training_but_not_with_the_accumulation_split(lab_
     reference = _logits(model_one, processor, lab_dir)
     torch.testing.assert_close(_logits(model_four, processor, lab_dir), reference, rtol=1e-5, atol=1e-5)
     assert (_logits(model, processor, lab_dir) - reference).abs().max() > 1e-4
+
+
+def test_multi_turn_sft_loss_accumulation_and_resume(fresh_model, tmp_path):
+    """On a lab whose yes/no questions are 3-turn records: the logged loss is the token mean over every answer
+    of the global batch, 1 x 8 and 4 x 2 micro-batches train the same weights, a resumed run ends where an
+    uninterrupted one does."""
+    turns_dir = build_lab(LabConfig(out_dir=str(tmp_path / "lab"), world=WORLD, questions_per_image=3,
+                                    sizes=SplitSizes(sft=12, pref=1, eval=1, vision=1), questions_per_turn_record=3))
+    records = read_records(turns_dir / "sft_train.jsonl")
+    assert {len(r.prompt) for r in records if r.meta["task"] == "yesno"} == {5}  # three turns each
+    model, processor = load_vlm(fresh_model)
+    first = [records[i] for i in batch_indices(len(records), 8, 0, 0)]
+    images = [[Image.open(turns_dir / r.images[0]).convert("RGB")] for r in first]
+    with torch.no_grad():
+        token_logps, mask = answer_token_logps(model, collate_turns(processor, first, images))
+    one = _sft(turns_dir, fresh_model, tmp_path / "one", 2)
+    logged = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert logged == pytest.approx(float(-(token_logps * mask).sum() / mask.sum()), rel=1e-5)
+    four = _sft(turns_dir, fresh_model, tmp_path / "four", 2, extra=["optim.grad_accum=4"])
+    _sft(turns_dir, fresh_model, tmp_path / "split", 1, extra=["run.save_every=1"])
+    resumed = _sft(turns_dir, fresh_model, tmp_path / "split", 2, resume=True, extra=["run.save_every=1"])
+    assert _changed(fresh_model, one)
+    reference = load_file(str(one / "model.safetensors"))
+    for other in (four, resumed):
+        for name, value in load_file(str(other / "model.safetensors")).items():
+            torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
 
 
 def _changed(before: Path, after: Path) -> set[str]:

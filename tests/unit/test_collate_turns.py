@@ -115,7 +115,8 @@ def test_a_template_rendering_past_answers_its_own_way_gets_the_turn_by_turn_row
     follows as the template writes it."""
     _, processor = tiny_vlm("llava")
     processor = _with_template(processor, SPACED)
-    messages = [MESSAGES[0], MESSAGES[1], {"role": "user", "content": [{"type": "text", "text": MESSAGES[4]["content"]}]}]
+    last = {"role": "user", "content": [{"type": "text", "text": MESSAGES[4]["content"]}]}
+    messages = [MESSAGES[0], MESSAGES[1], last]
     record = PreferenceRecord("spaced", ["a.png"], messages, ANSWERS[-1], [])
     image = _images()[:1]
     row = collate_turns(processor, [record], [image])["input_ids"][0].tolist()
@@ -136,7 +137,8 @@ def test_a_template_that_rewrites_history_is_refused_with_the_record_id(tiny_vlm
 def test_too_long_conversations_are_refused_with_the_record_id(tiny_vlm):
     _, processor = tiny_vlm("llava")
     n = sum(len(answer_ids(processor.tokenizer, a)) for a in ANSWERS)
-    with pytest.raises(SequenceTooLong, match=f"record 'conv': prompt .* \\+ answers \\({n} tokens\\).*> max_length 40"):
+    expected = f"record 'conv': prompt .* \\+ answers \\({n} tokens\\).*> max_length 40"
+    with pytest.raises(SequenceTooLong, match=expected):
         collate_turns(processor, [_conversation()], [_images()], max_length=40)
 
 

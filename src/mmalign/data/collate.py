@@ -173,7 +173,7 @@ def collate_turns(processor: Any, records: Sequence[Any], images: Sequence[Seque
             raise ValueError(f"record {record.id!r}: {err}") from err
         texts.append(eos.join(pieces))
         turns.append([answer_ids(tokenizer, a) for a in [*earlier_answers(record.prompt), record.chosen]])
-        # which EOS of the row (counting from 0) stands in for each earlier answer
+        # how many EOS of the row come up to and including the one standing in for each earlier answer
         marks.append(list(itertools.accumulate(piece.count(eos) + 1 for piece in pieces[:-1])))
     encoded = _process(processor, texts, images)
     slots = []

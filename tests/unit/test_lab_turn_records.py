@@ -20,7 +20,7 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def labs(tmp_path_factory):
-    plain = LabConfig(out_dir=str(tmp_path_factory.mktemp("plain")), questions_per_image=5,
+    plain = LabConfig(out_dir=str(tmp_path_factory.mktemp("plain")), questions_per_image=5, questions_per_turn_record=0,
                       sizes=SplitSizes(sft=6, pref=2, eval=2, vision=2),
                       world=WorldConfig(image_size=32, min_size=8, max_size=14))
     turns = dataclasses.replace(plain, out_dir=str(tmp_path_factory.mktemp("turns")), questions_per_turn_record=2)

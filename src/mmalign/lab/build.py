@@ -66,12 +66,12 @@ class LabConfig:
     p_pref: float = 0.5  # P(partner | trigger) on the preference-prompt images
     p_eval: float = 0.3  # P(partner | trigger) on the evaluation images
     eval_trigger_rate: float = 1.0  # share of evaluation images showing a trigger
-    questions_per_image: int = 2  # SFT yes/no questions per image
+    questions_per_image: int = 8  # SFT yes/no questions per image
     # > 0: an image's SFT yes/no questions as multi-turn records of this many turns (0: one record each)
-    questions_per_turn_record: int = 0
+    questions_per_turn_record: int = 4
     partner_question_rate: float = 0.3  # share of SFT questions asking about a partner
     # share of SFT questions about an absent object that ask one sharing a colour or shape with a present one
-    hard_negative_rate: float = 0.5
+    hard_negative_rate: float = 1.0
     pope_per_image: int = 3  # POPE questions per evaluation image
     pref_questions_per_image: int = 0  # yes/no preference prompts per image after its caption prompt
     p_vision: float = 0.1  # P(partner | trigger) on the vision pre-training images (no planted bias)

@@ -21,7 +21,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+    from mmalign.recipes.pretrain import PretrainConfig, pretrain_base
 
     out = pretrain_base(load_config(PretrainConfig, args.config, args.overrides))
     logger.info("base model in %s (evaluation in %s)", out, out / "eval")
@@ -36,5 +36,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_build)
     pretrain = sub.add_parser("pretrain", help="build the lab if needed, SFT the base model, evaluate it "
                                                "(PretrainConfig; cached when already done)")
-    add_config_args(pretrain, "mmalign.lab.pretrain:PretrainConfig")
+    add_config_args(pretrain, "mmalign.recipes.pretrain:PretrainConfig")
     pretrain.set_defaults(func=_pretrain)

@@ -149,7 +149,7 @@ def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed
         _once(target, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, target, seed, noise=False))
     elif method == "bdhs_noise":
         _once(target, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, target, seed, noise=True))
-    elif method == "external_bdhs":  # rejected = [BDHS answer, corrupted answer] (Eq. 5)
+    elif method == "external_bdhs":  # rejected = [corrupted answer, BDHS answer] (Eq. 5)
         _once(target, lambda: _bdhs_pairs(cfg, external, lab_dir, base, target, seed, noise=False))
     return target
 

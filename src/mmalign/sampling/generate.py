@@ -10,6 +10,7 @@ prompt so the model continues a given partial answer; BDHS (arXiv 2502.01419, Eq
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,25 @@ def _finish(text: str, params: GenerationParams, continuing: bool) -> str:
     return text.rstrip() if continuing else text.strip()
 
 
+def _generated(model: Any, processor: Any, prompts: list, images: list[list[Image.Image]], params: GenerationParams,
+               seed: int, batch_size: int, continue_from: list[str] | None,
+               streamer: Any = None) -> Iterator[torch.Tensor]:
+    """The new tokens long[B, T_new] of each ``model.generate`` call, in order (seeded as ``generate`` says)."""
+    _check_lengths(prompts, images, continue_from)
+    config = _generation_config(model, params)
+    devices = [model.device] if model.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=model.device.type), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            stop = start + batch_size
+            prefixes = continue_from[start:stop] if continue_from is not None else None
+            inputs = encode_prompts(processor, prompts[start:stop], images[start:stop], prefixes)
+            inputs = inputs.to(model.device).to(dtype=model.dtype)
+            output = model.generate(**inputs, generation_config=config, tokenizer=processor.tokenizer,
+                                    streamer=streamer)
+            yield output[:, inputs["input_ids"].shape[1]:]
+
+
 def generate(
     model: Any,
     processor: Any,
@@ -109,23 +129,29 @@ def generate(
     Returns:
         decoded answers without prompt, prefix or special tokens.
     """
-    _check_lengths(prompts, images, continue_from)
     if streamer is not None and len(prompts) != 1:
         raise ValueError(f"a streamer follows one prompt, got {len(prompts)}")
-    config = _generation_config(model, params)
-    tokenizer = processor.tokenizer
     answers: list[str] = []
-    devices = [model.device] if model.device.type != "cpu" else []
-    with torch.random.fork_rng(devices=devices, device_type=model.device.type), torch.no_grad():
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            stop = start + batch_size
-            prefixes = continue_from[start:stop] if continue_from is not None else None
-            inputs = encode_prompts(processor, prompts[start:stop], images[start:stop], prefixes)
-            inputs = inputs.to(model.device).to(dtype=model.dtype)
-            output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer, streamer=streamer)
-            new_tokens = output[:, inputs["input_ids"].shape[1]:]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            answers += [_finish(t, params, continue_from is not None) for t in texts]
+    for new_tokens in _generated(model, processor, prompts, images, params, seed, batch_size, continue_from,
+                                 streamer):
+        texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        answers += [_finish(t, params, continue_from is not None) for t in texts]
     logger.debug("generated %d answers (seed %d, %s)", len(answers), seed, params)
+    return answers
+
+
+def generate_ids(model: Any, processor: Any, prompts: list[str | list[dict]], images: list[list[Image.Image]],
+                 params: GenerationParams, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
+    """The generated token ids of each answer, up to and including its first EOS (all of them when the token
+    budget ran out first): exactly what the policy sampled, for RL log-probs (re-tokenising decoded text need
+    not give the same tokens). Same sampling as ``generate`` with the same arguments."""
+    if params.stop_at_period:
+        raise ValueError("generate_ids returns whole answers; stop_at_period applies to text (use generate)")
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    answers = []
+    for new_tokens in _generated(model, processor, prompts, images, params, seed, batch_size, None):
+        for row in new_tokens.tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+            answers.append(row[:end])
     return answers

@@ -89,7 +89,8 @@ class TokenRollouts:
             if getattr(self, name).shape != (n, a):
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {(n, a)}")
         if self.group.shape != (n,) or self.scores.shape != (n,):
-            raise ValueError(f"group and scores must be [{n}], got {tuple(self.group.shape)}, {tuple(self.scores.shape)}")
+            raise ValueError(f"group and scores must be [{n}], got {tuple(self.group.shape)} and "
+                             f"{tuple(self.scores.shape)}")
 
     def rows(self, index: Tensor) -> TokenRollouts:
         """The rows ``index`` (long[M]) of every tensor, e.g. a PPO minibatch."""
@@ -99,7 +100,9 @@ class TokenRollouts:
 
 @dataclass
 class Experience:
-    """One step of an online trainer on one process: a ``Rollout`` per prompt, and for RL the token rows."""
+    """One step of an online trainer on one process: a ``Rollout`` per prompt, for RL the token rows, and the
+    wall-clock seconds of each sampling stage (e.g. generate, score, logps) for the time report."""
 
     rollouts: list[Rollout]
     tokens: TokenRollouts | None = None
+    seconds: dict[str, float] = field(default_factory=dict)

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from mmalign.data.collate import encode_prompts
+from mmalign.models.image_tokens import image_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,12 @@ def _finish(text: str, params: GenerationParams, continuing: bool) -> str:
 
 def _generated(model: Any, processor: Any, prompts: list, images: list[list[Image.Image]], params: GenerationParams,
                seed: int, batch_size: int, continue_from: list[str] | None,
-               streamer: Any = None) -> Iterator[torch.Tensor]:
-    """The new tokens long[B, T_new] of each ``model.generate`` call, in order (seeded as ``generate`` says)."""
+               suppress: list[int] | None = None, streamer: Any = None) -> Iterator[torch.Tensor]:
+    """The new tokens long[B, T_new] of each ``model.generate`` call, in order (seeded as ``generate`` says);
+    ``suppress``: token ids never sampled; ``streamer``: passed to ``model.generate``."""
     _check_lengths(prompts, images, continue_from)
     config = _generation_config(model, params)
+    config.suppress_tokens = suppress
     devices = [model.device] if model.device.type != "cpu" else []
     with torch.random.fork_rng(devices=devices, device_type=model.device.type), torch.no_grad():
         torch.manual_seed(seed)
@@ -133,7 +136,7 @@ def generate(
         raise ValueError(f"a streamer follows one prompt, got {len(prompts)}")
     answers: list[str] = []
     for new_tokens in _generated(model, processor, prompts, images, params, seed, batch_size, continue_from,
-                                 streamer):
+                                 streamer=streamer):
         texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         answers += [_finish(t, params, continue_from is not None) for t in texts]
     logger.debug("generated %d answers (seed %d, %s)", len(answers), seed, params)
@@ -144,13 +147,15 @@ def generate_ids(model: Any, processor: Any, prompts: list[str | list[dict]], im
                  params: GenerationParams, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
     """The generated token ids of each answer, up to and including its first EOS (all of them when the token
     budget ran out first): exactly what the policy sampled, for RL log-probs (re-tokenising decoded text need
-    not give the same tokens). Same sampling as ``generate`` with the same arguments."""
+    not give the same tokens). The image placeholder token is never sampled: fed back into the model it would
+    claim image features that do not exist (TRL issue #3847); otherwise the same sampling as ``generate``."""
     if params.stop_at_period:
         raise ValueError("generate_ids returns whole answers; stop_at_period applies to text (use generate)")
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     answers = []
-    for new_tokens in _generated(model, processor, prompts, images, params, seed, batch_size, None):
+    suppress = [image_token_id(model.config)]
+    for new_tokens in _generated(model, processor, prompts, images, params, seed, batch_size, None, suppress):
         for row in new_tokens.tolist():
             end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
             answers.append(row[:end])

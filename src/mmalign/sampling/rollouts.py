@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ class RolloutConfig:
         if self.k < 2:
             raise ValueError(f"rollout.k must be >= 2 (a pair needs two answers), got {self.k}")
         if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0 (greedy answers are all the same), got {self.temperature}")
+            raise ValueError(f"rollout.temperature must be > 0 (greedy answers are all the same), "
+                             f"got {self.temperature}")
         self.params()  # validates the rest
 
     def params(self) -> GenerationParams:
@@ -120,15 +122,19 @@ def sample_experience(policy: Any, frozen: Any | None, processor: Any, records: 
     """
     prompts, row_images = _repeat(records, images, cfg.k)
     call_seed = rollout_seed(seed, step, [r.id for r in records])
+    clock = [time.perf_counter()]
     ids = generate_ids(policy, processor, prompts, row_images, cfg.params(), seed=call_seed, batch_size=cfg.batch_size)
     texts = [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     groups = [RolloutGroup(r, imgs, texts[g * cfg.k:(g + 1) * cfg.k], salt=f"step{step}")
               for g, (r, imgs) in enumerate(zip(records, images))]
+    clock.append(time.perf_counter())
     scores = reward(groups)
+    clock.append(time.perf_counter())
     with torch.no_grad():
         policy_logps = _token_logps(policy, processor, records, images, ids, cfg, layout, device)
         with reference_model(policy, frozen) as ref:
             ref_logps = _token_logps(ref, processor, records, images, ids, cfg, layout, device)
+    clock.append(time.perf_counter())
     rows = [torch.tensor(a) for a in ids]
     width = max(len(a) for a in ids)
     tokens = TokenRollouts(
@@ -139,7 +145,8 @@ def sample_experience(policy: Any, frozen: Any | None, processor: Any, records: 
         scores=torch.tensor([s for row in scores for s in row], device=device),
     )
     rollouts = [Rollout(r.id, "rl", g.answers, verdict={"scores": s}) for r, g, s in zip(records, groups, scores)]
-    return Experience(rollouts, tokens)
+    seconds = {name: b - a for name, a, b in zip(("generate", "score", "logps"), clock, clock[1:])}
+    return Experience(rollouts, tokens, seconds)
 
 
 # --- the step store ----------------------------------------------------------------------------------------

@@ -110,3 +110,14 @@ def test_sample_experience_at_step_zero_has_policy_equal_to_reference(tiny_vlm):
     again, _ = rollout_logps(policy, processor, PROMPTS, IMAGES, answers, tokens.group.tolist(), "plain", "cpu")
     torch.testing.assert_close(again, tokens.policy_token_logps[:, : again.shape[1]], atol=1e-5, rtol=1e-5)
     assert (tokens.policy_token_logps[~tokens.answer_mask] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_k_copies_from_one_prefill_equal_the_repeated_prompts(tiny_vlm, family):
+    """llava / llava_next: each prompt prefilled once and decoded k times; qwen2_vl (mRoPE): each copy on its own."""
+    model, processor = tiny_vlm(family)
+    repeated_prompts, repeated_images = [p for p in PROMPTS for _ in range(3)], [i for i in IMAGES for _ in range(3)]
+    for params in (GenerationParams(max_new_tokens=8), GenerationParams(max_new_tokens=8, temperature=1.0)):
+        shared = generate_ids(model, processor, PROMPTS, IMAGES, params, seed=5, batch_size=6, copies=3)
+        plain = generate_ids(model, processor, repeated_prompts, repeated_images, params, seed=5, batch_size=6)
+        assert shared == plain and len(shared) == 6

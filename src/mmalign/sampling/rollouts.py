@@ -120,10 +120,10 @@ def sample_experience(policy: Any, frozen: Any | None, processor: Any, records: 
     policy with its adapter off, ``models.lora.reference_model``); ``layout``: a ``ROLLOUT_LAYOUTS`` name.
     Rollout g's answers are rows g * k .. g * k + k - 1 of ``Experience.tokens``.
     """
-    prompts, row_images = _repeat(records, images, cfg.k)
     call_seed = rollout_seed(seed, step, [r.id for r in records])
     clock = [time.perf_counter()]
-    ids = generate_ids(policy, processor, prompts, row_images, cfg.params(), seed=call_seed, batch_size=cfg.batch_size)
+    ids = generate_ids(policy, processor, [r.prompt for r in records], list(images), cfg.params(), seed=call_seed,
+                       batch_size=cfg.batch_size, copies=cfg.k)
     texts = [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     groups = [RolloutGroup(r, imgs, texts[g * cfg.k:(g + 1) * cfg.k], salt=f"step{step}")
               for g, (r, imgs) in enumerate(zip(records, images))]

@@ -10,12 +10,16 @@ model, and the same KL beta. Each variant runs in its own subprocess, interleave
 Variants:
 - ``trl``: ``GRPOTrainer.training_step`` (generation, reward, reference log-probs when beta > 0, loss with its
   k3 KL term, backward) + its optimizer's step; one generation per step (``steps_per_generation=1``);
-- ``mmalign``: ``sampling.rollouts.sample_experience`` (generation, reward, sampling-policy and reference
-  log-probs) + ``trainers.rloo.advantages`` + ``trainers.rloo.chunk_loss`` backward + AdamW step, with the
-  prompt KV cache (each image + prompt encoded once per group in every log-prob pass and in the update);
+- ``mmalign``: ``sampling.rollouts.sample_experience`` (generation, reward, reference log-probs, and the
+  sampling policy's with ``--kl-placement reward``) + ``trainers.rloo.advantages`` + ``trainers.rloo.chunk_loss``
+  backward + AdamW step, with the prompt KV cache (each image + prompt prefilled once per group for generation
+  and encoded once per group in every log-prob pass and in the update); the KL as TRL's GRPO by default (k3,
+  beta x per-token KL in the loss);
 - ``mmalign_plain``: the same with the plain layout (prompt and image repeated per answer), what TRL does.
-``--advantage`` rloo / grpo picks mmalign's advantage function (same cost). Time split: generation (the
-``generate`` calls), the rest of the rollout stage (reward, log-prob passes), and the update.
+``--advantage`` rloo / grpo picks mmalign's advantage function (same cost). Speed is reported per CPU-second
+of the (single-threaded) variant process -- on a machine shared with other jobs the wall clock measures the
+load as much as the code -- and per wall-second; the time split (generation = the ``generate`` calls, the rest
+of the rollout stage = reward and log-prob passes, and the update) is in CPU time.
 
     python benchmarks/bench_grpo.py --threads 1 --rounds 2 --out /tmp/bench_grpo.json
 """
@@ -68,7 +72,8 @@ def _fix_lengths(model: Any, length: int) -> list[int]:
 
 
 class Clock:
-    """Wall time of wrapped calls, summed per label."""
+    """CPU time of this process in wrapped calls, summed per label (CPU time: other jobs on a shared machine
+    slow the wall clock, not the work a single-threaded step does)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -77,11 +82,11 @@ class Clock:
         inner = getattr(owner, name)
 
         def timed(*a, **kw):
-            start = time.perf_counter()
+            start = time.process_time()
             try:
                 return inner(*a, **kw)
             finally:
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.process_time() - start
 
         setattr(owner, name, timed)
 
@@ -129,7 +134,7 @@ def _mmalign_setup(args, clock: Clock, layout: str):
     from mmalign.data.schema import PreferenceRecord
     from mmalign.sampling import rollouts as rollouts_module
     from mmalign.sampling.rollouts import RolloutConfig
-    from mmalign.trainers.rl_common import StepRollouts
+    from mmalign.trainers.rl_common import StepRollouts, sampling_logps_needed
     from mmalign.trainers.rloo import RLOOConfig, advantages, chunk_loss
 
     model, processor = build_model(args.image_tokens, args.hidden, args.layers)
@@ -140,19 +145,20 @@ def _mmalign_setup(args, clock: Clock, layout: str):
     records = [PreferenceRecord(f"p{i}", ["x.png"], f"<image>\n{PROMPT} ({i})", "x", []) for i in range(args.prompts)]
     cfg = RLOOConfig(advantage=args.advantage, forward=layout)
     cfg.rollout = RolloutConfig(k=args.k, temperature=1.0, max_new_tokens=args.length, batch_size=args.prompts * args.k)
-    cfg.kl.beta, cfg.reward.normalize = args.beta, False
+    cfg.kl.beta, cfg.kl.estimator, cfg.kl.placement, cfg.reward.normalize = args.beta, "k3", args.kl_placement, False
     clock.wrap(rollouts_module, "generate_ids", "generate")
 
     def reward(groups):
         return [_reward(g.answers) for g in groups]
 
     def step(i: int) -> None:
-        start = time.perf_counter()
-        experience = rollouts_module.sample_experience(policy, None, processor, records, images, cfg.rollout, reward, seed=i, step=i,
-                                       layout=layout, device="cpu")
+        start = time.process_time()
+        experience = rollouts_module.sample_experience(
+            policy, None, processor, records, images, cfg.rollout, reward, seed=i, step=i, layout=layout, device="cpu",
+            policy_logps=sampling_logps_needed(cfg))
         rollouts = StepRollouts(experience, records, images)
         _, _, adv = advantages(cfg, rollouts, None)
-        clock.seconds["rollout"] = clock.seconds.get("rollout", 0.0) + time.perf_counter() - start
+        clock.seconds["rollout"] = clock.seconds.get("rollout", 0.0) + time.process_time() - start
         loss, _ = chunk_loss(cfg, policy, processor, rollouts, adv, torch.arange(len(adv)), "cpu")
         (loss / len(adv)).backward()
         optimizer.step()
@@ -170,23 +176,25 @@ def run_variant(args) -> dict[str, Any]:
         args, clock, "plain" if args.variant == "mmalign_plain" else "prefix_cache")
     step(args.steps)  # warm-up
     clock.seconds.clear()
-    seconds = []
+    wall, cpu = [], []
     for i in range(args.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step(i)
-        seconds.append(time.perf_counter() - start)
-    total = sum(seconds)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    total = sum(cpu)
     rollout = clock.seconds.get("rollout", 0.0)
     generate = clock.seconds.get("generate", 0.0)
-    return {"variant": args.variant, "steps_per_s": args.steps / total, "best_step_s": min(seconds),
-            "generate_share": generate / total, "other_rollout_share": (rollout - generate) / total,
-            "update_share": (total - rollout) / total}
+    return {"variant": args.variant, "steps_per_s": args.steps / sum(wall), "steps_per_cpu_s": args.steps / total,
+            "best_step_s": min(wall), "generate_share": generate / total,
+            "other_rollout_share": (rollout - generate) / total, "update_share": (total - rollout) / total}
 
 
 def _variant_cmd(args, variant: str) -> list[str]:
     return [sys.executable, __file__, "--variant", variant, "--prompts", str(args.prompts), "--k", str(args.k),
             "--length", str(args.length), "--image-tokens", str(args.image_tokens), "--hidden", str(args.hidden),
             "--layers", str(args.layers), "--beta", str(args.beta), "--advantage", args.advantage,
+            "--kl-placement", args.kl_placement,
             "--steps", str(args.steps), "--threads", str(args.threads)]
 
 
@@ -205,16 +213,18 @@ def compare(args, variants: list[str]) -> dict[str, Any]:
     base = "trl" if "trl" in summary else variants[0]
     for s in summary.values():
         s[f"speed_vs_{base}"] = s["steps_per_s"] / summary[base]["steps_per_s"]
+        s[f"cpu_speed_vs_{base}"] = s["steps_per_cpu_s"] / summary[base]["steps_per_cpu_s"]
     return {"config": {k: v for k, v in vars(args).items() if k not in ("variant", "out")}, "results": summary}
 
 
 def markdown(report: dict[str, Any]) -> str:
     res = report["results"]
     base = "trl" if "trl" in res else next(iter(res))
-    rows = [f"| variant | steps/s | x {base} | generation | other rollout (reward, log-probs) | update |",
-            "|---" * 6 + "|"]
+    rows = [f"| variant | steps per CPU-s | x {base} | steps/s (wall) | x {base} | generation | other rollout "
+            "(reward, log-probs) | update |", "|---" * 8 + "|"]
     for name, s in res.items():
-        rows.append(f"| {name} | {s['steps_per_s']:.3f} | {s[f'speed_vs_{base}']:.2f} | {s['generate_share']:.0%} | "
+        rows.append(f"| {name} | {s['steps_per_cpu_s']:.3f} | {s[f'cpu_speed_vs_{base}']:.2f} | "
+                    f"{s['steps_per_s']:.3f} | {s[f'speed_vs_{base}']:.2f} | {s['generate_share']:.0%} | "
                     f"{s['other_rollout_share']:.0%} | {s['update_share']:.0%} |")
     return "\n".join(rows)
 
@@ -231,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--beta", type=float, default=0.4, help="KL beta (Apple's RLOO: 0.4; 0 = no reference pass)")
     parser.add_argument("--advantage", choices=("rloo", "grpo"), default="grpo")
+    parser.add_argument("--kl-placement", choices=("loss", "reward"), default="loss",
+                        help="mmalign's KL: in the loss as TRL's GRPO (k3, no sampling-policy pass when on-policy) or "
+                             "in the reward as TRL's RLOO (one more log-prob pass)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every variant")
     parser.add_argument("--threads", type=int, default=1)

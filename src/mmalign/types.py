@@ -66,8 +66,9 @@ class TokenRollouts:
 
     group long[N]: index (into ``Experience.rollouts``) of each row's prompt; answer_ids long[N, A]: the
     generated tokens, right-padded; answer_mask bool[N, A]: True up to and including the first EOS;
-    policy_token_logps / ref_token_logps float[N, A]: log-probs of each token under the policy that sampled it
-    and under the reference (0 off the mask); scores float[N]: the reward source's raw score of each answer.
+    ref_token_logps float[N, A]: log-probs of each token under the reference (0 off the mask); scores float[N]:
+    the reward source's raw score of each answer; policy_token_logps float[N, A]: log-probs under the policy
+    that sampled the tokens, None when the recipe needs none (an on-policy update with the KL in the loss).
     Filled by the trainer: rewards float[N] (normalised, penalised); advantages float[N] (RLOO, GRPO) or
     float[N, A] (PPO); values / returns float[N, A] (PPO critic at sampling time, GAE returns).
     """
@@ -75,9 +76,9 @@ class TokenRollouts:
     group: Tensor
     answer_ids: Tensor
     answer_mask: Tensor
-    policy_token_logps: Tensor
     ref_token_logps: Tensor
     scores: Tensor
+    policy_token_logps: Tensor | None = None
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     values: Tensor | None = None
@@ -86,7 +87,7 @@ class TokenRollouts:
     def __post_init__(self) -> None:
         n, a = self.answer_ids.shape
         for name in ("answer_mask", "policy_token_logps", "ref_token_logps"):
-            if getattr(self, name).shape != (n, a):
+            if getattr(self, name) is not None and getattr(self, name).shape != (n, a):
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {(n, a)}")
         if self.group.shape != (n,) or self.scores.shape != (n,):
             raise ValueError(f"group and scores must be [{n}], got {tuple(self.group.shape)} and "

@@ -112,12 +112,13 @@ def _token_logps(model: Any, processor: Any, records: Sequence[PreferenceRecord]
 
 def sample_experience(policy: Any, frozen: Any | None, processor: Any, records: Sequence[PreferenceRecord],
                       images: Sequence[list[Image.Image]], cfg: RolloutConfig, reward: RewardFn, *, seed: int,
-                      step: int, layout: str, device: Any) -> Experience:
+                      step: int, layout: str, device: Any, policy_logps: bool = True) -> Experience:
     """One RL step's rollouts: k sampled answers per record, scored by ``reward``, with the log-probs of each
     sampled token under the sampling policy and the reference (no gradients).
 
     ``policy``: the unwrapped policy (adapter on); ``frozen``: the reference copy, or None under LoRA (the
-    policy with its adapter off, ``models.lora.reference_model``); ``layout``: a ``ROLLOUT_LAYOUTS`` name.
+    policy with its adapter off, ``models.lora.reference_model``); ``layout``: a ``ROLLOUT_LAYOUTS`` name;
+    ``policy_logps=False`` skips the sampling policy's pass (an on-policy update recomputes them).
     Rollout g's answers are rows g * k .. g * k + k - 1 of ``Experience.tokens``.
     """
     call_seed = rollout_seed(seed, step, [r.id for r in records])
@@ -131,7 +132,7 @@ def sample_experience(policy: Any, frozen: Any | None, processor: Any, records: 
     scores = reward(groups)
     clock.append(time.perf_counter())
     with torch.no_grad():
-        policy_logps = _token_logps(policy, processor, records, images, ids, cfg, layout, device)
+        policy_lp = _token_logps(policy, processor, records, images, ids, cfg, layout, device) if policy_logps else None
         with reference_model(policy, frozen) as ref:
             ref_logps = _token_logps(ref, processor, records, images, ids, cfg, layout, device)
     clock.append(time.perf_counter())
@@ -141,8 +142,8 @@ def sample_experience(policy: Any, frozen: Any | None, processor: Any, records: 
         group=torch.arange(len(records)).repeat_interleave(cfg.k).to(device),
         answer_ids=right_pad(rows, width, processor.tokenizer.pad_token_id).to(device),
         answer_mask=right_pad([torch.ones_like(r) for r in rows], width, 0).bool().to(device),
-        policy_token_logps=policy_logps.float(), ref_token_logps=ref_logps.float(),
-        scores=torch.tensor([s for row in scores for s in row], device=device),
+        ref_token_logps=ref_logps.float(), scores=torch.tensor([s for row in scores for s in row], device=device),
+        policy_token_logps=None if policy_lp is None else policy_lp.float(),
     )
     rollouts = [Rollout(r.id, "rl", g.answers, verdict={"scores": s}) for r, g, s in zip(records, groups, scores)]
     seconds = {name: b - a for name, a, b in zip(("generate", "score", "logps"), clock, clock[1:])}

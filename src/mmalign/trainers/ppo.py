@@ -76,6 +76,11 @@ class PPOConfig(RLRecipeConfig):
 
     value: ValueConfig = field(default_factory=ValueConfig)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl.placement != "reward":
+            raise ValueError("PPO puts the KL in each token's reward: kl.placement must be reward")
+
 
 class ActorCritic(torch.nn.Module):
     """The policy and the critic as one module: ``forward`` returns both models' outputs on a minibatch."""

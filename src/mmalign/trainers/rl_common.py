@@ -60,11 +60,15 @@ class RLDataConfig:
 
 @dataclass
 class KLConfig:
-    """The KL penalty to the reference (Apple Eq. 2): ``beta`` (Apple RLOO 0.4) and the per-token estimator
-    (``objectives.policy_gradient.KL_ESTIMATORS``: k1 = log pi - log pi_ref as TRL, or k3)."""
+    """The KL penalty to the reference (Apple Eq. 2): ``beta`` (Apple RLOO 0.4), the per-token estimator
+    (``objectives.policy_gradient.KL_ESTIMATORS``: k1 = log pi - log pi_ref as TRL, or k3) and where it goes:
+    ``reward`` (the sampled answer's KL is subtracted from its reward: TRL RLOO; PPO's per-token rewards) or
+    ``loss`` (RLOO / GRPO: beta x the current policy's sequence KL is added to the loss, as the GRPO paper's
+    objective, DeepSeekMath Eq. 3)."""
 
     beta: float = 0.4
     estimator: Literal["k1", "k3"] = "k1"
+    placement: Literal["reward", "loss"] = "reward"
 
     def __post_init__(self) -> None:
         if self.beta < 0:
@@ -168,6 +172,12 @@ class StepRollouts:
         return self.experience.tokens
 
 
+def sampling_logps_needed(cfg: RLRecipeConfig) -> bool:
+    """Whether the update needs the sampling policy's log-probs: for a KL in the reward, or for ratios after the
+    policy has changed (several passes or minibatches); an on-policy update recomputes them."""
+    return cfg.kl.placement == "reward" or cfg.update_epochs > 1 or cfg.minibatches > 1
+
+
 def collect(cfg: RLRecipeConfig, accelerator: Accelerator, policy: Any, frozen: Any | None, processor: Any,
             records: list[PreferenceRecord], reward: RewardFn, step: int) -> StepRollouts:
     """Sample this process's share of step ``step`` from ``policy`` (unwrapped, adapter on, no gradients)."""
@@ -178,7 +188,7 @@ def collect(cfg: RLRecipeConfig, accelerator: Accelerator, policy: Any, frozen: 
     with accelerator.autocast():
         experience = sample_experience(policy, frozen, processor, mine, images, cfg.rollout, reward,
                                        seed=cfg.run.seed + accelerator.process_index, step=step, layout=cfg.forward,
-                                       device=accelerator.device)
+                                       device=accelerator.device, policy_logps=sampling_logps_needed(cfg))
     policy.train()
     return StepRollouts(experience, mine, images)
 
@@ -241,13 +251,15 @@ def update(cfg: RLRecipeConfig, accelerator: Accelerator, model: Any, optimizer:
         "grad_norm": sum(norms) / len(norms)}
 
 
-def rollout_metrics(accelerator: Accelerator, step: StepRollouts, shaped: torch.Tensor, kl: torch.Tensor,
+def rollout_metrics(accelerator: Accelerator, step: StepRollouts, shaped: torch.Tensor, kl: torch.Tensor | None,
                     monitor: OracleMonitor | None) -> tuple[dict[str, float], list[dict[str, list[float]]]]:
-    """Means over the step's rollouts (all processes): raw score, shaped reward, sequence KL, answer tokens, and
-    with a monitor the lab oracle's score and, over caption rollouts, hallucinated / missed objects. Also
-    returns the oracle's view of each of this process's rollouts (empty without a monitor)."""
+    """Means over the step's rollouts (all processes): raw score, shaped reward, sequence KL of the sampled
+    answers (when the sampling policy's log-probs were kept), answer tokens, and with a monitor the lab oracle's
+    score and, over caption rollouts, hallucinated / missed objects. Also returns the oracle's view of each of
+    this process's rollouts (empty without a monitor)."""
     tokens = step.tokens
-    values = [tokens.scores.sum(), shaped.sum(), kl.sum(), tokens.answer_mask.sum(), len(shaped)]
+    kl_sum = torch.zeros(()) if kl is None else kl.sum()
+    values = [tokens.scores.sum(), shaped.sum(), kl_sum, tokens.answer_mask.sum(), len(shaped)]
     oracle: list[dict[str, list[float]]] = []
     if monitor is not None:
         oracle = monitor([RolloutGroup(r, i, ro.answers) for r, i, ro in
@@ -257,7 +269,9 @@ def rollout_metrics(accelerator: Accelerator, step: StepRollouts, shaped: torch.
                    sum(sum(o["missed"]) for o in captions), sum(len(o["missed"]) for o in captions)]
     s = accelerator.reduce(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=accelerator.device)
                                         for v in values]), "sum").tolist()
-    out = {"reward/score": s[0] / s[4], "reward/shaped": s[1] / s[4], "kl": s[2] / s[4], "answer_tokens": s[3] / s[4]}
+    out = {"reward/score": s[0] / s[4], "reward/shaped": s[1] / s[4], "answer_tokens": s[3] / s[4]}
+    if kl is not None:
+        out["kl"] = s[2] / s[4]
     if monitor is not None:
         out["oracle/score"] = s[5] / s[4]
         if s[8]:
@@ -266,14 +280,16 @@ def rollout_metrics(accelerator: Accelerator, step: StepRollouts, shaped: torch.
 
 
 def save_rollouts(accelerator: Accelerator, step: StepRollouts, shaped: torch.Tensor, advantages: torch.Tensor,
-                  kl: torch.Tensor, oracle: list[dict[str, list[float]]], steps_dir: Path, step_number: int) -> None:
+                  kl: torch.Tensor | None, oracle: list[dict[str, list[float]]], steps_dir: Path, step_number: int) -> None:
     """Gather every process's rollouts with their shaped rewards, sequence advantages, KL and oracle view
     (``rollout_metrics``) into the step file."""
     k = len(step.experience.rollouts[0].answers)
     for g, rollout in enumerate(step.experience.rollouts):
         rows = slice(g * k, (g + 1) * k)
         rollout.rewards = shaped[rows].tolist()
-        rollout.verdict |= {"advantages": advantages[rows].tolist(), "kl": kl[rows].tolist()}
+        rollout.verdict["advantages"] = advantages[rows].tolist()
+        if kl is not None:
+            rollout.verdict["kl"] = kl[rows].tolist()
         if oracle:
             rollout.verdict["oracle"] = oracle[g]
     gathered = [r for part in gather_object([step.experience.rollouts]) for r in part]

@@ -9,7 +9,8 @@ difference between the two. Each step (``trainers.rl_common``):
    the reference;
 2. **reward**: the score standardised with alignment-set statistics, minus ``reward.length_penalty`` per
    token, minus ``kl.beta`` x the sequence KL to the reference (k1 or k3 summed over the answer's tokens), as
-   TRL's RLOO puts the KL in the reward;
+   TRL's RLOO puts the KL in the reward (``kl.placement=reward``; with ``loss`` the KL term goes into the loss
+   instead, as the GRPO paper, and an on-policy update needs no sampling-time policy pass);
 3. **advantages** within each prompt's k answers;
 4. **update**: ``update_epochs`` x ``minibatches`` optimizer steps on the clipped surrogate with
    sequence-level ratios ``exp(log pi(y) - log pi_old(y))`` (TRL RLOO); with one pass and one minibatch the
@@ -47,7 +48,7 @@ from mmalign.trainers.rl_common import (
 
 logger = logging.getLogger(__name__)
 
-_STATS = ("loss", "clip_fraction")
+_STATS = ("loss", "clip_fraction", "policy_kl")
 
 
 @dataclass
@@ -58,24 +59,34 @@ class RLOOConfig(RLRecipeConfig):
 
 
 def advantages(cfg: RLOOConfig, step: StepRollouts, stats: tuple[float, float] | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(shaped reward float[N] incl. the KL penalty, sequence KL float[N], advantages float[N]) of the step."""
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(shaped reward float[N], the sampled answers' sequence KL float[N] or None when their sampling log-probs
+    were not kept, advantages float[N]); with ``kl.placement=reward`` the shaped reward includes -beta x KL."""
     tokens = step.tokens
-    token_kl = KL_ESTIMATORS[cfg.kl.estimator](tokens.policy_token_logps, tokens.ref_token_logps)
-    kl = sequence_kl(token_kl, tokens.answer_mask)
-    shaped = shaped_scores(cfg, tokens, stats) - cfg.kl.beta * kl
+    shaped, kl = shaped_scores(cfg, tokens, stats), None
+    if tokens.policy_token_logps is not None:
+        token_kl = KL_ESTIMATORS[cfg.kl.estimator](tokens.policy_token_logps, tokens.ref_token_logps)
+        kl = sequence_kl(token_kl, tokens.answer_mask)
+    if cfg.kl.placement == "reward":
+        shaped = shaped - cfg.kl.beta * kl
     return shaped, kl, ADVANTAGES[cfg.advantage](shaped.view(-1, cfg.rollout.k)).view(-1)
 
 
 def chunk_loss(cfg: RLOOConfig, policy: Any, processor: Any, step: StepRollouts, adv: torch.Tensor,
                rows: torch.Tensor, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed clipped-surrogate loss of ``rows`` and the sums of ``_STATS`` (float[2])."""
+    """Summed loss of ``rows`` (clipped surrogate, + beta x the policy's sequence KL with ``kl.placement=loss``)
+    and the sums of ``_STATS`` (float[3]). Without sampling log-probs the update is on-policy: old = current."""
     prompts, images, answers, group = batch_inputs(step, rows)
     token_logps, mask = rollout_logps(policy, processor, prompts, images, answers, group, cfg.forward, device)
     logps = (token_logps * mask).sum(dim=-1)
-    old = (step.tokens.policy_token_logps[rows] * step.tokens.answer_mask[rows]).sum(dim=-1)
+    sampled = step.tokens.policy_token_logps
+    old = logps.detach() if sampled is None else (sampled[rows] * step.tokens.answer_mask[rows]).sum(dim=-1)
     losses, clipped = clipped_policy_loss(logps, old, adv[rows], cfg.clip)
-    return losses.sum(), torch.stack([losses.detach().sum(), clipped.float().sum()])
+    ref = step.tokens.ref_token_logps[rows][:, : mask.shape[1]]
+    kl = sequence_kl(KL_ESTIMATORS[cfg.kl.estimator](token_logps, ref), mask)
+    if cfg.kl.placement == "loss":
+        losses = losses + cfg.kl.beta * kl
+    return losses.sum(), torch.stack([losses.detach().sum(), clipped.float().sum(), kl.detach().sum()])
 
 
 def train_rloo(cfg: RLOOConfig) -> Path:

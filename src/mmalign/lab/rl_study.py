@@ -94,11 +94,11 @@ class _Job:
     out: Path
 
     def common(self, template: Any) -> Any:
-        """``template`` with the base model, the seed, the steps, the batch and the output folder."""
-        return dataclasses.replace(
-            template, model=dataclasses.replace(template.model, path=str(self.base)), max_steps=self.cfg.steps,
-            batch_size=self.cfg.batch_size, run=dataclasses.replace(template.run, output_dir=str(self.out),
-                                                                    seed=self.seed))
+        """``template`` with the base model, the seed, the steps, the batch and the output folder; every step is
+        logged (the reward-hacking check reads the curves)."""
+        run = dataclasses.replace(template.run, output_dir=str(self.out), seed=self.seed, log_every=1)
+        return dataclasses.replace(template, model=dataclasses.replace(template.model, path=str(self.base)),
+                                   max_steps=self.cfg.steps, batch_size=self.cfg.batch_size, run=run)
 
     def reward_source(self) -> AnnotatorConfig:
         if self.method.endswith("_rm"):
@@ -208,9 +208,9 @@ def run_rl_study(cfg: RLStudyConfig) -> dict[str, Any]:
     rl_runs = {k: v for k, v in trained.items() if not k.startswith(("dpo_", "online_dpo_"))}
     hacking = hacking_table(rl_runs)
     if rl_runs:
-        plot_reward_vs_oracle(rl_runs, report / "reward_vs_oracle.png")
-    (report / "reward_hacking.md").write_text(hacking)
-    (report / "summary.md").write_text(
+        plot_reward_vs_oracle(rl_runs, out / "report" / "reward_vs_oracle.png")
+    (out / "report" / "reward_hacking.md").write_text(hacking)
+    (out / "report" / "summary.md").write_text(
         "# RL study over seeds\n\nPer method: mean (min-max) over seeds, then the number of seeds whose paired "
         "bootstrap test against the base shows less hallucination (95% interval excluding 0).\n\n" + summary
         + "\n## Reward hacking check (first vs last 20% of steps)\n\n" + hacking)

@@ -53,7 +53,7 @@ def args(lab: dict[str, Path], out: Path, *overrides: str) -> list[str]:
             f"reward.source.synonyms={lab['synonyms']}", f"reward.oracle_synonyms={lab['synonyms']}", "lora.rank=4",
             "lora.alpha=8", "batch_size=4", f"max_steps={STEPS}", "rollout.k=4", "rollout.max_new_tokens=12",
             "optim.lr=2e-2", "optim.warmup_ratio=0", "optim.schedule=constant", "run.log_every=1",
-            "run.tensorboard=false", *overrides]
+            "run.report_to=none", *overrides]
 
 
 def train(recipe: str, lab: dict[str, Path], out: Path, *overrides: str) -> Path:

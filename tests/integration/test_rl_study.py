@@ -3,8 +3,6 @@ the RL runs feed the reward-hacking table and plot (an untrained reward model fo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -54,5 +54,5 @@ def register_rl(train_subparsers: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
         parser = train_subparsers.add_parser(name, help=text, description=__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_args(parser)
+        add_config_args(parser, "mmalign.trainers.ppo:PPOConfig" if name == "ppo" else "mmalign.trainers.rloo:RLOOConfig")
         parser.set_defaults(func=_train, rl_recipe=name)

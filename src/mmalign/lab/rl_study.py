@@ -56,14 +56,14 @@ class RLStudyConfig:
     questions and caption prompts only (a quick check). ``dpo``, ``online``, ``rloo`` (also GRPO) and ``ppo``
     are templates; the study fills in model, data, seed, steps and output paths per run."""
 
-    out_dir: str = "runs/rl_study"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = field(default_factory=lambda: ["dpo", "online_dpo", "rloo", "grpo", "ppo"])
-    base: str = "shipped"
-    reward_model: str = ""
-    steps: int = 60
-    batch_size: int = 16
-    eval_limit: int = 0
+    out_dir: str = "runs/rl_study"  # everything the study writes (lab, pairs, runs, evaluations, report)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed and method
+    methods: list[str] = field(default_factory=lambda: ["dpo", "online_dpo", "rloo", "grpo", "ppo"])  # of METHODS
+    base: str = "shipped"  # "shipped" (the packaged lab base) or a model folder trained on this lab
+    reward_model: str = ""  # scalar-head reward-model folder for the *_rm methods
+    steps: int = 60  # optimizer steps of every method
+    batch_size: int = 16  # prompts per step of every method
+    eval_limit: int = 0  # > 0: evaluate on the first N POPE questions and caption prompts only
     lab: LabConfig = field(default_factory=LabConfig)
     dpo: OfflineConfig = field(default_factory=OfflineConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)

@@ -35,9 +35,9 @@ class RewardConfig:
     every rollout is also scored by the lab oracle and logged as ``oracle/*`` (the reward-hacking check)."""
 
     source: AnnotatorConfig = field(default_factory=AnnotatorConfig)
-    normalize: bool = True
-    length_penalty: float = 0.0
-    oracle_synonyms: str = ""
+    normalize: bool = True  # standardise scores with the alignment set's mean and std (Apple Sec. 5.5)
+    length_penalty: float = 0.0  # subtracted from the reward per answer token
+    oracle_synonyms: str = ""  # lab CHAIR vocabulary: log the lab oracle beside any reward ("": off)
 
     def __post_init__(self) -> None:
         if self.source.error_rate > 0:

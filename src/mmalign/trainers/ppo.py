@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mmalign.config import ConfigError, save_config
+from mmalign.config import ConfigError, save_config, to_dict
 from mmalign.data.rollout_batches import collate_rollouts_plain
 from mmalign.models.heads import HEAD_FILE, ScalarHeadModel, load_reward_model
 from mmalign.models.loading import freeze_vision_tower, load_vlm
@@ -38,10 +38,11 @@ from mmalign.models.rollout_forward import ROLLOUT_LAYOUTS, token_values
 from mmalign.objectives.policy_gradient import (
     KL_ESTIMATORS, clipped_policy_loss, clipped_value_loss, gae, ppo_token_rewards, sequence_kl, whiten,
 )
+from mmalign.progress import progress
 from mmalign.sampling.rewards import OracleMonitor, build_reward
 from mmalign.trainers.common import (
-    MetricsLogger, adapter_only_checkpoints, build_optimizer, build_scheduler, make_accelerator, progress,
-    save_checkpoint, save_weights, steps_per_epoch,
+    MetricsLogger, adapter_only_checkpoints, build_optimizer, build_scheduler, make_accelerator, save_checkpoint,
+    save_weights, steps_per_epoch,
 )
 from mmalign.trainers.rl_common import (
     RLRecipeConfig, StepRollouts, batch_inputs, check_batch, collect, fingerprint, load_prompts, resume_step,
@@ -59,11 +60,11 @@ class ValueConfig:
     ``coef`` (weight of the value loss, TRL 0.1), ``clip`` (value clipping range, TRL 0.2), ``gamma``, ``lam``
     (GAE, TRL 1.0 and 0.95)."""
 
-    path: str = ""
-    coef: float = 0.1
-    clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
+    path: str = ""  # critic's initial weights ("": model.path; a reward-model folder also gives the head)
+    coef: float = 0.1  # weight of the value loss
+    clip: float = 0.2  # value clipping range around the sampling-time values
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
 
     def __post_init__(self) -> None:
         if self.coef < 0 or self.clip <= 0 or not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -187,8 +188,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
     stats = reward_stats(cfg, reward, records, accelerator, out)
     fp = fingerprint(cfg, {"value": dataclasses.asdict(cfg.value), "stats": stats})
     start = resume_step(cfg, accelerator, fp)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
-    bar = progress(total, start, accelerator.is_main_process, f"ppo ({len(records)} prompts)")
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
+                            config=to_dict(cfg))
+    bar = progress(total, f"ppo ({len(records)} prompts)", initial=start, enabled=accelerator.is_main_process, unit="step")
     for step in range(start + 1, total + 1):
         started = time.perf_counter()
         rollouts = collect(cfg, accelerator, unwrapped.policy, frozen, processor, records, reward, step)

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from accelerate import Accelerator
@@ -29,8 +29,7 @@ from accelerate.utils import gather_object
 from PIL import Image
 
 from mmalign.config import ConfigError, to_dict
-from mmalign.data.images import open_image
-from mmalign.data.record_files import read_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.sampling.annotators import RolloutGroup
 from mmalign.sampling.rewards import OracleMonitor, RewardConfig, RewardFn, alignment_scores
@@ -53,9 +52,11 @@ class RLDataConfig:
     prompt + answer (image tokens included) a rollout may reach; it decides which layout ``forward: auto``
     picks (a sliding window shorter than that rules out the prefix cache)."""
 
-    prompts: str = ""
-    data_root: str | None = None
-    max_length: int = 2048
+    SHORTHAND: ClassVar[str] = "prompts"  # data=FILE sets data.prompts
+
+    prompts: str = ""  # prompt records (.jsonl / .parquet); their answers only serve the reward statistics
+    data_root: str | None = None  # folder image paths are relative to (None: the records file's folder)
+    max_length: int = 2048  # longest prompt (image tokens included) + answer a rollout may reach
 
 
 @dataclass
@@ -66,9 +67,9 @@ class KLConfig:
     ``loss`` (RLOO / GRPO: beta x the current policy's sequence KL is added to the loss, as the GRPO paper's
     objective, DeepSeekMath Eq. 3)."""
 
-    beta: float = 0.4
-    estimator: Literal["k1", "k3"] = "k1"
-    placement: Literal["reward", "loss"] = "reward"
+    beta: float = 0.4  # weight of the KL to the reference (Apple's RLOO: 0.4; 0: no KL, no reference pass)
+    estimator: Literal["k1", "k3"] = "k1"  # per-token estimate: k1 = log pi - log pi_ref, k3 = e^-x + x - 1
+    placement: Literal["reward", "loss"] = "reward"  # reward: TRL RLOO / PPO; loss: the GRPO paper
 
     def __post_init__(self) -> None:
         if self.beta < 0:
@@ -86,9 +87,9 @@ class RLRecipeConfig(PreferenceRecipeConfig):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     kl: KLConfig = field(default_factory=KLConfig)
-    update_epochs: int = 1
-    minibatches: int = 1
-    clip: float = 0.2
+    update_epochs: int = 1  # passes over each step's rollouts (PPO epochs; GRPO's mu)
+    minibatches: int = 1  # optimizer steps per pass
+    clip: float = 0.2  # the ratio is clipped to 1 +- clip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,19 +117,15 @@ def check_batch(cfg: RLRecipeConfig, accelerator: Accelerator) -> int:
     return rows // parts
 
 
-def data_root(cfg: RLDataConfig) -> Path:
-    return Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.prompts).parent
+def prompt_set(cfg: RLDataConfig) -> RecordSet:
+    return RecordSet.at(cfg.prompts, cfg.data_root)
 
 
 def load_prompts(cfg: RLDataConfig) -> list[PreferenceRecord]:
-    records = read_records(cfg.prompts, data_root=cfg.data_root)
+    records = prompt_set(cfg).read()
     if not records:
         raise ConfigError(f"{cfg.prompts}: no prompt records")
     return records
-
-
-def record_images(record: PreferenceRecord, root: Path) -> list[Image.Image]:
-    return [open_image(ref, root) for ref in record.images]
 
 
 def reward_stats(cfg: RLRecipeConfig, reward: RewardFn, records: list[PreferenceRecord], accelerator: Accelerator,
@@ -139,9 +136,8 @@ def reward_stats(cfg: RLRecipeConfig, reward: RewardFn, records: list[Preference
         return None
     path = out / "reward_stats.json"
     if not path.is_file():
-        root = data_root(cfg.data)
         mine = records[accelerator.process_index::accelerator.num_processes]
-        scores = [s for part in gather_object([alignment_scores(reward, mine, lambda r: record_images(r, root))])
+        scores = [s for part in gather_object([alignment_scores(reward, mine, prompt_set(cfg.data).images)])
                   for s in part]
         values = torch.tensor(scores, dtype=torch.float64)
         stats = {"mean": float(values.mean()), "std": float(values.std()), "n": len(scores)}
@@ -183,7 +179,7 @@ def collect(cfg: RLRecipeConfig, accelerator: Accelerator, policy: Any, frozen: 
     """Sample this process's share of step ``step`` from ``policy`` (unwrapped, adapter on, no gradients)."""
     indices = process_slice(batch_indices(len(records), cfg.batch_size, step - 1, cfg.run.seed), accelerator)
     mine = [records[i] for i in indices]
-    images = [record_images(r, data_root(cfg.data)) for r in mine]
+    images = [prompt_set(cfg.data).images(r) for r in mine]
     policy.eval()
     with accelerator.autocast():
         experience = sample_experience(policy, frozen, processor, mine, images, cfg.rollout, reward,
@@ -302,7 +298,7 @@ def fingerprint(cfg: RLRecipeConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """What the rollouts depend on besides the weights; a resume with other prompts or sampling is refused."""
     sampling = {"rollout": to_dict(cfg.rollout), "reward": to_dict(cfg.reward), "kl": to_dict(cfg.kl),
                 "batch_size": cfg.batch_size, "seed": cfg.run.seed, **extra}
-    return {"prompts": cfg.data.prompts, "file_sha256": hashlib.sha256(Path(cfg.data.prompts).read_bytes()).hexdigest(),
+    return {"prompts": cfg.data.prompts, "file_sha256": prompt_set(cfg.data).sha256(),
             "sampling_sha256": hashlib.sha256(json.dumps(sampling, sort_keys=True).encode()).hexdigest()}
 
 

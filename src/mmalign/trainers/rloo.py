@@ -32,14 +32,15 @@ from typing import Any, Literal
 
 import torch
 
-from mmalign.config import ConfigError, save_config
+from mmalign.config import ConfigError, save_config, to_dict
 from mmalign.models.lora import prepare_policy
 from mmalign.models.rollout_forward import rollout_logps
 from mmalign.objectives.policy_gradient import ADVANTAGES, KL_ESTIMATORS, clipped_policy_loss, sequence_kl
+from mmalign.progress import progress
 from mmalign.sampling.rewards import OracleMonitor, build_reward
 from mmalign.trainers.common import (
-    MetricsLogger, adapter_only_checkpoints, build_optimizer, build_scheduler, make_accelerator, progress,
-    save_checkpoint, save_weights, steps_per_epoch,
+    MetricsLogger, adapter_only_checkpoints, build_optimizer, build_scheduler, make_accelerator, save_checkpoint,
+    save_weights, steps_per_epoch,
 )
 from mmalign.trainers.rl_common import (
     RLRecipeConfig, StepRollouts, batch_inputs, check_batch, collect, fingerprint, load_prompts, resume_step,
@@ -55,7 +56,7 @@ _STATS = ("loss", "clip_fraction", "policy_kl")
 class RLOOConfig(RLRecipeConfig):
     """``RLRecipeConfig`` plus ``advantage``: ``rloo`` (leave-one-out baseline) or ``grpo`` (group-normalised)."""
 
-    advantage: Literal["rloo", "grpo"] = "rloo"
+    advantage: Literal["rloo", "grpo"] = "rloo"  # rloo: leave-one-out baseline; grpo: group-normalised
 
 
 def advantages(cfg: RLOOConfig, step: StepRollouts, stats: tuple[float, float] | None
@@ -116,8 +117,9 @@ def train_rloo(cfg: RLOOConfig) -> Path:
     stats = reward_stats(cfg, reward, records, accelerator, out)
     fp = fingerprint(cfg, {"advantage": cfg.advantage, "stats": stats})
     start = resume_step(cfg, accelerator, fp)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
-    bar = progress(total, start, accelerator.is_main_process, f"{cfg.advantage} ({len(records)} prompts)")
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
+                            config=to_dict(cfg))
+    bar = progress(total, f"{cfg.advantage} ({len(records)} prompts)", initial=start, enabled=accelerator.is_main_process, unit="step")
     for step in range(start + 1, total + 1):
         started = time.perf_counter()
         rollouts = collect(cfg, accelerator, unwrapped, frozen, processor, records, reward, step)

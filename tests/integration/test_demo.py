@@ -30,12 +30,12 @@ def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     result = run_demo(cfg)
     assert list(result["runs"]) == ["base", "external_s0", "external_bdhs_s0", "external_povid_s0",
                                     "external_online_bdhs_s0"]
-    # external pairs: one corrupted rejected; external + BDHS: the BDHS answer first, the corruption kept (Eq. 5)
+    # external pairs: one corrupted rejected; external + BDHS: the corruption first, the BDHS answer last (Eq. 5)
     external = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external.jsonl").read_text().splitlines()]
     both = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external_bdhs.jsonl").read_text().splitlines()]
     assert len(external) == 16 and all(len(r["rejected"]) == 1 for r in external)
     by_id = {r["id"]: r for r in external}
-    assert all(len(r["rejected"]) == 2 and r["rejected"][1] == by_id[r["id"]]["rejected"][0] for r in both)
+    assert all(len(r["rejected"]) == 2 and r["rejected"][0] == by_id[r["id"]]["rejected"][0] for r in both)
     trained = yaml.safe_load((tmp_path / "seed_0/dpo_external_bdhs/config.yaml").read_text())
     assert trained["loss"]["rejected_weights"] == [0.5, 0.5] and trained["data"]["data_root"] == str(tmp_path / "lab")
     assert not trained["povid"]["enabled"]

@@ -1,4 +1,4 @@
-"""``mmalign lab build`` and ``mmalign lab pretrain``: the ShapesWorld lab and its base model."""
+"""``mmalign lab build``, ``pretrain`` and ``rl-study``: the ShapesWorld lab, its base model and the RL study."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rl_study(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.recipes.rl_study import RLStudyConfig, run_rl_study
+
+    result = run_rl_study(load_config(RLStudyConfig, args.config, args.overrides))
+    print(result["summary"])
+    print(result["hacking"])
+    logger.info("report: %s", result["report"])
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("lab", help="build the ShapesWorld lab; pre-train its base model")
     sub = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
@@ -38,3 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                "(PretrainConfig; cached when already done)")
     add_config_args(pretrain, "mmalign.recipes.pretrain:PretrainConfig")
     pretrain.set_defaults(func=_pretrain)
+    rl_study = sub.add_parser("rl-study", help="RLOO / GRPO / PPO vs offline DPO and Online-DPO in the lab "
+                                               "(RLStudyConfig; stages already done are skipped)")
+    add_config_args(rl_study, "mmalign.recipes.rl_study:RLStudyConfig")
+    rl_study.set_defaults(func=_rl_study)

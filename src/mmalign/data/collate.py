@@ -65,7 +65,7 @@ def _process(processor: Any, texts: Sequence[str], images: Sequence[Sequence[Ima
     )
 
 
-def _append_answers(
+def append_answers(
     encoded: dict[str, torch.Tensor],
     answers: Sequence[list[int]],
     pad_id: int,
@@ -146,7 +146,7 @@ def collate_sft(processor: Any, records: Sequence[Any], images: Sequence[Sequenc
     encoded = encode_prompts(processor, [r.prompt for r in records], images)
     tokenizer = processor.tokenizer
     answers = [answer_ids(tokenizer, r.chosen) for r in records]
-    return _append_answers(encoded, answers, tokenizer.pad_token_id, max_length, [r.id for r in records])
+    return append_answers(encoded, answers, tokenizer.pad_token_id, max_length, [r.id for r in records])
 
 
 def collate_turns(processor: Any, records: Sequence[Any], images: Sequence[Sequence[Image.Image]],
@@ -207,7 +207,7 @@ def collate_preference(processor: Any, records: Sequence[Any], images: Sequence[
             row_record.append(r_idx)
             row_answer.append(a_idx)
     encoded = encode_prompts(processor, prompts, row_images)
-    out = _append_answers(encoded, answers, tokenizer.pad_token_id, max_length, row_ids)
+    out = append_answers(encoded, answers, tokenizer.pad_token_id, max_length, row_ids)
     out["row_record"] = torch.tensor(row_record)
     out["row_answer"] = torch.tensor(row_answer)
     return out

@@ -41,10 +41,10 @@ logger = logging.getLogger(__name__)
 class SplitSizes:
     """Images per split."""
 
-    sft: int = 6000
-    pref: int = 1000
-    eval: int = 500
-    vision: int = 10000
+    sft: int = 6000  # SFT images (a caption and yes/no questions each)
+    pref: int = 1000  # preference-prompt images
+    eval: int = 500  # held-out evaluation images (POPE and captions)
+    vision: int = 10000  # vision pre-training images (no planted bias)
 
 
 @dataclass

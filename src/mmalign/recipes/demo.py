@@ -156,15 +156,16 @@ def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed
     _once(answers, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, answers, seed, noise=BDHS_FILES[own]))
     if method == own:
         return answers
-    target = pairs_dir / f"{method}.jsonl"  # rejected = [BDHS answer, corrupted answer] (Eq. 5)
+    target = pairs_dir / f"{method}.jsonl"  # rejected = [corrupted answer, BDHS answer] (Eq. 5 order)
     _once(target, lambda: _with_external(answers, external, lab_dir, target))
     return target
 
 
 def _with_external(answers: Path, external: Path, lab_dir: Path, target: Path) -> None:
-    """Each BDHS record with the external rejected answer of the same record appended."""
+    """Each BDHS record with the external rejected answer of the same record put first (the BDHS answer last, as
+    ``sampling.bdhs.bdhs_record`` orders them and Online-BDHS does)."""
     corrupted = {r.id: r.rejected for r in read_records(external, data_root=lab_dir)}
-    records = [dataclasses.replace(r, rejected=r.rejected + corrupted[r.id])
+    records = [dataclasses.replace(r, rejected=corrupted[r.id] + r.rejected)
                for r in read_records(answers, data_root=lab_dir)]
     write_records(target, records, provenance={"sampler": "bdhs+lab_corrupter", "bdhs": str(answers),
                                                "external": str(external)})

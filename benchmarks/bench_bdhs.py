@@ -72,7 +72,7 @@ def naive(model, processor, records, images, cfg, similarity) -> list[BDHSResult
             texts = []
             for row in generation_rows(record, iteration_images(imgs, plan, cfg), plan):
                 texts += generate_masked(model, processor, [row], temperature=cfg.temperature,
-                                         stop_at_period=not unguided,
+                                         stop_at_sentence_end=not unguided,
                                          max_new_tokens=cfg.max_answer_tokens if unguided else cfg.max_sentence_tokens)
             answer = assemble_answer(plan, texts)
             phi = float(similarity([answer], [record.chosen])[0])

@@ -87,12 +87,12 @@ def dpo(model: Path, pairs: Path, lab: Path, out: Path, steps: int, save_every: 
     cfg = load_config(OfflineConfig, None, [
         f"model.path={model}", f"data.train={pairs}", f"data.data_root={lab}", f"run.output_dir={out}",
         "run.mixed_precision=bf16", f"max_steps={steps}", "batch_size=8", "lora.rank=16", "lora.alpha=32",
-        "optim.lr=5e-4", "optim.warmup_ratio=0.1", "run.log_every=1", "run.tensorboard=false",
+        "optim.lr=5e-4", "optim.warmup_ratio=0.1", "run.log_every=1", "run.report_to=none",
         f"run.save_every={save_every}", "merge_weights=true", "data.max_length=512"])
     train_offline(cfg)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"steps": len(log), "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
-            "reward_accuracy_last": log[-1]["rewards/accuracy"], "checkpoints": len(checkpoints(out)),
+            "reward_accuracy_last": log[-1]["rewards/accuracies"], "checkpoints": len(checkpoints(out)),
             "ok": all(math.isfinite(m["loss"]) for m in log) and len(log) == steps}
 
 
@@ -111,7 +111,7 @@ def bdhs(base: Path, lab: Path, out: Path) -> dict[str, Any]:
 
     summary = run_bdhs(BDHSRunConfig(input=str(lab / "pref_prompts.jsonl"), output=str(out / "bdhs.jsonl"),
                                      model=str(base), data_root=str(lab), dtype="bfloat16",
-                                     bdhs=BDHSConfig(rho=0.5, n_iter=3, batch_size=16)))
+                                     bdhs=BDHSConfig(rho=0.5, n_iter=3, batch_size=16, max_answer_tokens=64)))
     return {"records": summary["records"], "written": summary["written"],
             "accepted_at_iteration": summary["accepted_at_iteration"],
             "mean_similarity": round(summary["mean_similarity"], 4), "ok": summary["written"] > 0}
@@ -130,7 +130,7 @@ def evaluation(model: Path, lab: Path, out: Path) -> dict[str, Any]:
 def environment(cuda: bool) -> dict[str, Any]:
     import transformers
 
-    from mmalign.lab.pretrain import BASE_DIR
+    from mmalign.recipes.pretrain import BASE_DIR
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "host": platform.node(), "cpu_threads": torch.get_num_threads(), "lab_base": str(BASE_DIR)}
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pref", type=int, default=32, help="preference prompts (lab images)")
     parser.add_argument("--eval", type=int, default=16, help="evaluation images")
     args = parser.parse_args(argv)
-    from mmalign.lab.pretrain import BASE_DIR
+    from mmalign.recipes.pretrain import BASE_DIR
 
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     if cuda and not torch.cuda.is_available():

@@ -2,8 +2,18 @@
 
 Every recipe declares one top-level dataclass composed of small ones. ``load_config`` builds it from a
 YAML file (optional) and ``key.sub=value`` overrides (values parsed as YAML scalars, so ``lr=1e-5``,
-``lora.enabled=false`` and ``data.splits=[a,b]`` work). ``save_config`` writes the resolved config and
-its hash next to an output, so every artefact names the exact settings that made it.
+``lora.enabled=false`` and ``data.splits=[a,b]`` work); ``flags_to_overrides`` turns the command-line
+spelling ``--key.sub value`` / ``--key.sub=value`` into the same overrides. ``save_config`` writes the
+resolved config and its hash next to an output, so every artefact names the exact settings that made it.
+
+Two conveniences, declared by the dataclasses themselves as class variables:
+
+- ``SHORTHAND = "path"`` on a section: a single value given for the whole section sets that field, so
+  ``model=/models/llava`` means ``model.path=/models/llava`` (and ``data=pairs.jsonl`` ``data.train=...``);
+- ``ALIASES = {"learning_rate": "optim.lr", ...}`` on a config: other names for its keys (TRL's, where the
+  concept is the same); the resolved config always holds the canonical keys.
+
+Per-field documentation (``describe``, ``format_fields``, ``config_template``) lives in ``mmalign.config_docs``.
 
 Loading is strict: a missing or unreadable file, YAML that does not parse (the error names file, line and
 column), a key given twice in one mapping, a value of the wrong type and a float that is NaN or infinite are
@@ -16,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import re
-import json
 import types
 import typing
 from pathlib import Path
@@ -96,6 +106,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
     if origin in (list, tuple):
+        if isinstance(value, (str, int, float)):  # one item given without brackets: ``report_to=wandb``
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (arg, *_) = typing.get_args(tp) or (Any,)
@@ -181,6 +193,31 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")
+
+
+def flags_to_overrides(tokens: list[str]) -> list[str]:
+    """Command-line tokens -> ``key=value`` overrides, in order: ``--a.b v`` and ``--a.b=v`` become ``a.b=v``;
+    a flag with no value (last, or followed by another flag or a ``key=value``) is ``true``; ``key=value``
+    and other tokens pass through. Dashes in a flag's name read as underscores (``--max-steps``)."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            out.append(token)
+            continue
+        name, sep, value = token[2:].partition("=")
+        if not name:
+            raise ConfigError(f"option {token!r} has no name")
+        name = name.replace("-", "_")
+        if not sep:
+            takes_next = i < len(tokens) and not tokens[i].startswith("--") and not _OVERRIDE.match(tokens[i])
+            value, i = (tokens[i], i + 1) if takes_next else ("true", i)
+        out.append(f"{name}={value}")
+    return out
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -202,18 +239,49 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         loaded = _read_config_file(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded or {}
-    data = _merge(data, parse_overrides(overrides or []))
+        data = _expand(cls, loaded or {})
+    for item in overrides or []:  # one at a time: ``model=/x`` then ``model.dtype=...`` both apply
+        data = _merge(data, _expand(cls, parse_overrides([item])))
     # Start from the defaults so nested sections given partially keep their other defaults.
-    merged = _merge(to_dict(cls()), data) if _all_defaulted(cls) else data
-    return _build(cls, merged, "")
+    return _build(cls, _merge(_defaults(cls), data), "")
 
 
-def _all_defaulted(cls: type) -> bool:
-    return all(
-        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        for f in dataclasses.fields(cls)
-    )
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of ``cls`` that has one (sections as dicts, from the parent's factory)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _aliases(cls: type) -> dict[str, str]:
+    return dict(getattr(cls, "ALIASES", {}))
+
+
+def _expand(cls: type, tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``cls``'s aliases renamed and section shorthands (``model: /x``) spelt out, at every level;
+    unknown keys are kept for ``_build`` to report."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        piece: dict[str, Any] = {}
+        _set_dotted(piece, _aliases(cls).get(key, key), value)
+        out = _merge(out, piece)
+    fields = _field_types(cls)
+    for key, value in out.items():
+        section = fields.get(key)
+        if not dataclasses.is_dataclass(section):
+            continue
+        if isinstance(value, dict):
+            out[key] = _expand(section, value)
+        elif getattr(section, "SHORTHAND", None) and not isinstance(value, list):
+            out[key] = {section.SHORTHAND: value}
+    return out
 
 
 def config_hash(cfg: Any) -> str:

@@ -47,10 +47,10 @@ def test_every_layout_trains_like_plain(family, trainable_dir, pairs, tmp_path, 
         assert f"forward: {runs}\n" in (out / "config.yaml").read_text()  # the resolved layout is recorded
         for a, b in zip(metrics(plain), metrics(out), strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), layout
-            assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-5), layout
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5), layout
         assert_same_weights(plain / "adapter/adapter_model.safetensors", out / "adapter/adapter_model.safetensors",
                             atol=1e-5)
-    assert metrics(plain)[-1]["rewards/margin"] != pytest.approx(0.0, abs=1e-4)  # the runs did move
+    assert metrics(plain)[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-4)  # the runs did move
 
 
 def test_default_layout_on_gemma3_is_the_packed_one(trainable_dir, pairs, tmp_path, calls, caplog):  # noqa: F811

@@ -87,8 +87,8 @@ def test_two_cpu_processes_equal_one_process(tiny_vlm_dir, pairs, tmp_path):
     assert {p.name for p in final.glob("rng_*.json")} == {"rng_0.json", "rng_1.json"}
     for a, b in zip(metrics(one), metrics(two), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-6)
-    assert metrics(two)[-1]["rewards/margin"] != 0.0
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
+    assert metrics(two)[-1]["rewards/margins"] != 0.0
     assert_same_weights(one / "adapter/adapter_model.safetensors", two / "adapter/adapter_model.safetensors",
                         atol=1e-5)
     assert json.loads((two / "data_fingerprint.json").read_text()) == json.loads(

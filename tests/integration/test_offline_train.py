@@ -54,7 +54,7 @@ def cli_args(model_dir: Path, data: Path, out: Path, *overrides: str) -> list[st
     """The test runs' settings as ``key=value`` overrides (later ones win)."""
     return [f"model.path={model_dir}", f"data.train={data}", f"run.output_dir={out}", "batch_size=8",
             "lora.rank=4", "lora.alpha=8", "optim.lr=5e-3", "optim.projector_lr=1e-3", "optim.warmup_ratio=0",
-            "run.log_every=1", "run.tensorboard=false", "max_steps=2", *overrides]
+            "run.log_every=1", "run.report_to=none", "max_steps=2", *overrides]
 
 
 def config(model_dir: Path, data: Path, out: Path, *overrides: str) -> OfflineConfig:
@@ -126,8 +126,8 @@ def test_two_steps_per_family_and_reload(family, trainable_dir, tiny_vlm, pairs,
     assert [m["step"] for m in logged] == [1, 2]
     # step 1 starts at the reference: DPO loss log 2, rewards 0; the SFT term is the chosen NLL
     assert logged[0]["loss"] == pytest.approx(math.log(2) + 0.5 * logged[0]["sft_nll"], abs=1e-5)
-    assert logged[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
-    assert logged[1]["rewards/margin"] != 0.0
+    assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert logged[1]["rewards/margins"] != 0.0
     base, processor = load_vlm(model_dir)
     merged, _ = load_vlm(out / "merged")
     adapted = PeftModel.from_pretrained(load_vlm(model_dir)[0], out / "adapter").eval()

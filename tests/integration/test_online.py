@@ -4,7 +4,6 @@ pairs, the CLI and the annotator evaluation."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -18,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from mmalign.cli.main import main
-from mmalign.cli.online import register_online
 from mmalign.config import load_config
 from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.annotators import AnnotatorEvalConfig, evaluate_annotator
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
+from mmalign.lab.world import WorldConfig
 from mmalign.lab.model import LabModelConfig, build_lab_model
 from mmalign.sampling.annotators import AnnotatorConfig, LabOracle, read_synonyms
 from mmalign.sampling.rollouts import read_step, takes_offline
@@ -39,10 +38,12 @@ STEPS = 4
 def lab(tmp_path_factory) -> dict[str, Path]:
     """A 16-prompt lab with exactly corrupted pairs and a small random lab LLaVA."""
     root = tmp_path_factory.mktemp("online_lab")
-    lab_dir = build_lab(LabConfig(out_dir=str(root / "lab"), sizes=SplitSizes(sft=4, pref=16, eval=4)))
+    lab_dir = build_lab(LabConfig(out_dir=str(root / "lab"), sizes=SplitSizes(sft=4, pref=16, eval=4, vision=4),
+                                  world=WorldConfig(image_size=32, min_size=8, max_size=14)))
     bias = json.loads((lab_dir / "bias.json").read_text())["pairs"]
     write_records(lab_dir / "pairs.jsonl", corrupt_lab_records(read_records(lab_dir / "pref_prompts.jsonl"), bias, 0))
-    model, processor = build_lab_model(LabModelConfig(vision_hidden=32, text_hidden=64, text_layers=2, heads=2))
+    model, processor = build_lab_model(LabModelConfig(image_size=32, vision_hidden=32, text_hidden=64, text_layers=2,
+                                                      heads=2))
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     return {"lab": lab_dir, "model": root / "model", "pairs": lab_dir / "pairs.jsonl"}
@@ -52,7 +53,7 @@ def args(lab: dict[str, Path], out: Path, *overrides: str) -> list[str]:
     return [f"model.path={lab['model']}", f"data.prompts={lab['pairs']}", f"run.output_dir={out}",
             f"annotator.synonyms={lab['lab'] / 'vocab/synonyms.txt'}", "lora.rank=4", "lora.alpha=8", "batch_size=4",
             f"max_steps={STEPS}", "rollout.k=3", "rollout.max_new_tokens=10", "optim.lr=5e-3", "optim.warmup_ratio=0",
-            "optim.schedule=constant", "run.log_every=1", "run.tensorboard=false", *overrides]
+            "optim.schedule=constant", "run.log_every=1", "run.report_to=none", *overrides]
 
 
 def run(lab: dict[str, Path], out: Path, *overrides: str) -> Path:
@@ -97,11 +98,7 @@ def test_online_pairs_are_oracle_ranked_stored_and_exported(lab, tmp_path):
 
 
 def test_mixed_takes_offline_pairs_with_probability_p_through_cli(lab, tmp_path):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    register_online(sub)
-    ns = parser.parse_args(["mixed-dpo", *args(lab, tmp_path / "mixed", "mix_p=0.5", "run.seed=3")])
-    assert ns.func(ns) == 0
+    assert main(["train", "mixed-dpo", *args(lab, tmp_path / "mixed", "--mix_p", "0.5", "run.seed=3")]) == 0
     records = {r.id: r for r in read_records(lab["pairs"])}
     for step in range(1, STEPS + 1):
         for e in read_step(tmp_path / "mixed/pairs", step):

@@ -1,7 +1,7 @@
 """``mmalign serve`` end to end: a tiny LLaVA saved to disk, loaded with ``load_vlm``, served on 127.0.0.1 and
-called with the project's own API client (and the LLM corrupter), plus the CLI in a subprocess."""
+called with the project's own API client (and the LLM corrupter), plus the CLI in a subprocess. The OpenAI
+features (streaming, n, stop, logprobs, response_format, API key) and the HTTP limits: test_serve_openai.py."""
 
-import argparse
 import base64
 import io
 import json
@@ -22,7 +22,8 @@ from mmalign.models.tiny import build_tiny_vlm
 from mmalign.sampling.corrupt import LLMCorruptionConfig, ResponseCache, corrupt_records
 from mmalign.sampling.generate import GenerationParams, generate
 from mmalign.sampling.openai_client import ChatClient, ChatError, EndpointConfig
-from mmalign.sampling.server import ChatService, make_server
+from mmalign.sampling.chat_service import ChatService
+from mmalign.sampling.server import make_server
 
 pytestmark = pytest.mark.integration
 
@@ -101,8 +102,16 @@ def test_sampling_is_seeded(served):
 
 @pytest.mark.parametrize("body, status, text", [
     ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
-    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "non-streamed"),
-    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "stop": ["."]}, 400, "'stop'"),
+    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "'tools'"),
+    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+     400, "up to 4"),
+    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "n <= 8"),
+    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400,
+     "max_tokens <= 4096"),
+    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "stream": True, "logprobs": True},
+     400, "cannot be combined"),
+    ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_schema"}}, 400, "not supported"),
     ({"model": "tiny-llava", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]}, 400, "only inline images"),
     ({"model": "tiny-llava", "messages": [{"role": "user", "content": [
@@ -142,19 +151,14 @@ def test_llm_corrupter_against_the_served_model_uses_its_cache(served, tmp_path)
     assert [r.rejected for r in again] == [r.rejected for r in out]
 
 
-SERVE_HARNESS = (
-    "import argparse, sys; from mmalign.cli import serve; p = argparse.ArgumentParser(); "
-    "serve.register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-)
-
-
 def test_serve_cli_in_a_subprocess(model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_HARNESS, "serve", "--model", str(model_dir), "--port",
-                             str(port), "--name", "cli-llava", "default_max_tokens=5"],
+    # both spellings of the same fields: --key value and key=value
+    proc = subprocess.Popen([sys.executable, "-m", "mmalign.cli.main", "serve", "--model", str(model_dir),
+                             "--port", str(port), "name=cli-llava", "--default_max_tokens=5"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/v1"
@@ -179,23 +183,27 @@ def test_serve_cli_in_a_subprocess(model_dir):
 
 
 def test_serve_cli_refuses_a_missing_model_clearly(model_dir, capsys):
-    from mmalign.cli import serve
+    from mmalign.cli.main import main
 
-    parser = argparse.ArgumentParser()
-    serve.register(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--model", str(model_dir / "nowhere"), "--port", "0"])
-    assert args.func(args) == 2
+    assert main(["serve", "--model", str(model_dir / "nowhere"), "--port", "0"]) == 2
     assert "not a model directory (no config.json)" in capsys.readouterr().err
 
 
-def test_register_corrupt_parses_into_the_runner(tmp_path):
-    from mmalign.cli.corrupt import register_corrupt
+def test_serve_cli_refuses_a_hub_id_and_a_missing_key_variable(model_dir, capsys, monkeypatch):
+    from mmalign.cli.main import main
 
-    parser = argparse.ArgumentParser()
-    register_corrupt(parser.add_subparsers())
-    args = parser.parse_args(["corrupt", "method=lab", f"input={tmp_path / 'missing.jsonl'}",
-                              f"output={tmp_path / 'o.jsonl'}", f"lab_dir={tmp_path}"])
-    assert args.func(args) == 2  # a clear error for the missing input, not a traceback
+    assert main(["serve", "--model", "llava-hf/llava-1.5-7b-hf"]) == 2
+    assert "no hub access" in capsys.readouterr().err
+    monkeypatch.delenv("MMALIGN_TEST_KEY", raising=False)
+    assert main(["serve", "--model", str(model_dir), "--api_key_env", "MMALIGN_TEST_KEY"]) == 2
+    assert "MMALIGN_TEST_KEY is not set" in capsys.readouterr().err
+
+
+def test_sample_corrupt_reports_a_missing_input(tmp_path):
+    from mmalign.cli.main import main
+
+    assert main(["sample", "corrupt", "method=lab", f"input={tmp_path / 'missing.jsonl'}",
+                 f"output={tmp_path / 'o.jsonl'}", f"lab_dir={tmp_path}"]) == 2  # a clear error, not a traceback
 
 
 @pytest.mark.parametrize("family", ["llava_next", "idefics3", "gemma3"])

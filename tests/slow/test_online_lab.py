@@ -19,7 +19,7 @@ from mmalign.config import load_config
 from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.suite import EvalConfig, PopeConfig, evaluate
 from mmalign.lab.corrupt import corrupt_lab_records
-from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+from mmalign.recipes.pretrain import PretrainConfig, pretrain_base
 from mmalign.trainers.online import OnlineConfig, train_online
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def _train_and_eval(lab: dict[str, Path], config: str, out: Path, *overrides: st
     cfg = load_config(OnlineConfig, ROOT / "configs" / config, [
         f"model.path={lab['base']}", f"data.prompts={lab['pairs']}", f"data.data_root={lab['lab']}",
         f"annotator.synonyms={lab['lab'] / 'vocab/synonyms.txt'}", f"run.output_dir={out}", f"max_steps={STEPS}",
-        "optim.lr=1e-3", "run.save_every=0", "run.tensorboard=false", *overrides])
+        "optim.lr=1e-3", "run.save_every=0", "run.report_to=none", *overrides])
     trained = train_online(cfg)
     return _caption_metrics(lab, trained / "merged", out / "eval")
 

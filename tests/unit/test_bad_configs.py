@@ -166,7 +166,7 @@ def test_runtime_config_errors_exit_2(kind, tiny_vlm_dir, data, tmp_path, capsys
             "DATA": str(data / "pairs.jsonl")}
     overrides = [next((o.replace(k, v) for k, v in fill.items() if k in o), o) for o in overrides]
     argv = ["train", "dpo", f"model.path={tiny_vlm_dir('llava')}", f"data.train={data / 'pairs.jsonl'}",
-            f"run.output_dir={tmp_path / 'out'}", "batch_size=2", "max_steps=1", "run.tensorboard=false", *overrides]
+            f"run.output_dir={tmp_path / 'out'}", "batch_size=2", "max_steps=1", "run.report_to=none", *overrides]
     assert main(argv) == 2
     err = capsys.readouterr().err
     reports = [line for line in err.splitlines() if line.startswith("mmalign ")]  # progress bars aside

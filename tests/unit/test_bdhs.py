@@ -20,6 +20,7 @@ from mmalign.sampling.bdhs_run import BDHSRunConfig
 from mmalign.sampling.guidance import YES_NO, record_rng, split_sentences, swap_yes_no
 from mmalign.sampling.masked import MaskedRow, generate_masked, image_token_counts
 from mmalign.sampling.povid import noised_image
+from mmalign.sampling.sentences import first_sentence, sentence_ends
 
 REFERENCES = [
     "There is a red circle and a blue square. Yes it is.",
@@ -45,8 +46,9 @@ def fake_similarity(texts, references):
     return np.array([0.99 if hashlib.sha256(t.encode()).digest()[0] % 2 else 0.5 for t in texts])
 
 
-def _naive_generate(model, processor, prompt, images, keep, prefix, max_new_tokens, stop_at_period):
-    """One row alone: prompt + prefix tokens, image tokens hidden, positions 0..T-1, greedy generate."""
+def _naive_generate(model, processor, prompt, images, keep, prefix, max_new_tokens, stop_at_sentence_end):
+    """One row alone: prompt + prefix tokens, image tokens hidden, positions 0..T-1, greedy generate; returns the
+    continuation and whether it ran out of tokens (no EOS, and no sentence end when stopping at one)."""
     text = render_prompt(processor, prompt, len(images))
     inputs = dict(processor(text=[text], images=[images], return_tensors="pt"))
     prefix_ids = processor.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
@@ -63,7 +65,10 @@ def _naive_generate(model, processor, prompt, images, keep, prefix, max_new_toke
     full = tok.decode(prefix_ids + out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     assert full.startswith(head)
     cont = full[len(head):]
-    return cont[: cont.index(".") + 1] if stop_at_period and "." in cont else cont
+    new_ids = out[0, ids.shape[1]:].tolist()
+    ended = model.generation_config.eos_token_id in new_ids or (
+        stop_at_sentence_end and bool(sentence_ends(cont, at_start=False)))
+    return (first_sentence(cont) if stop_at_sentence_end else cont), not ended
 
 
 def naive_bdhs(model, processor, record, images, cfg, similarity):
@@ -77,10 +82,11 @@ def naive_bdhs(model, processor, record, images, cfg, similarity):
             if cfg.noise_steps else images
         if cfg.n_iter > 1 and i == cfg.n_iter:
             rng.integers(2**63)
-            answer = _naive_generate(model, processor, record.prompt, imgs, keep, "", cfg.max_answer_tokens,
-                                     False).strip()
-            return BDHSResult(record.id, answer, i, float(similarity([answer], [record.chosen])[0]), True)
-        y_neg, context = "", ""
+            answer, truncated = _naive_generate(model, processor, record.prompt, imgs, keep, "",
+                                                cfg.max_answer_tokens, False)
+            answer = answer.strip()
+            return BDHSResult(record.id, answer, i, float(similarity([answer], [record.chosen])[0]), True, truncated)
+        y_neg, context, truncated = "", "", False
         for sentence, sep in split_sentences(record.chosen):
             s = sentence
             swapped = bool(YES_NO.match(s)) and rng.random() >= 0.5
@@ -94,14 +100,15 @@ def naive_bdhs(model, processor, record, images, cfg, similarity):
             else:
                 pre, generate = (s, False) if swapped else ("", True)
             rng.integers(2**63)
-            cont = _naive_generate(model, processor, record.prompt, imgs, keep, context + pre,
-                                   cfg.max_sentence_tokens, True) if generate else ""
+            cont, cut = _naive_generate(model, processor, record.prompt, imgs, keep, context + pre,
+                                        cfg.max_sentence_tokens, True) if generate else ("", False)
+            truncated = truncated or cut
             y_neg += pre + cont + sep
             context += sentence + sep
         y_neg = y_neg.strip()
         phi = float(similarity([y_neg], [record.chosen])[0])
         if phi < cfg.similarity_threshold or i == cfg.n_iter:
-            return BDHSResult(record.id, y_neg, i, phi, False)
+            return BDHSResult(record.id, y_neg, i, phi, False, truncated)
     raise AssertionError("unreachable: the last iteration always returns")
 
 
@@ -136,19 +143,22 @@ def test_sampled_rows_do_not_depend_on_their_batch(tiny_vlm):
     counts = image_token_counts(model, processor, [r.prompt for r in records], images)
     rows = [MaskedRow(r.prompt, im, "There is", np.ones(n, bool), 100 + i)
             for i, (r, im, n) in enumerate(zip(records, images, counts))]
-    kwargs = dict(max_new_tokens=8, temperature=1.0, stop_at_period=False)
+    kwargs = dict(max_new_tokens=8, temperature=1.0, stop_at_sentence_end=False)
     together = generate_masked(model, processor, rows, **kwargs)
     alone = [generate_masked(model, processor, [row], **kwargs)[0] for row in rows]
     assert together == alone
-    greedy = generate_masked(model, processor, rows, max_new_tokens=8, temperature=0.0, stop_at_period=False)
+    greedy = generate_masked(model, processor, rows, max_new_tokens=8, temperature=0.0, stop_at_sentence_end=False)
     assert greedy != together
 
 
-def test_bdhs_record_prepends_the_answer_and_keeps_existing_rejected():
+def test_bdhs_record_keeps_existing_rejected_and_appends_the_answer():
     records, _ = _records()
     result = BDHSResult("rec-3", "No, there is a blue star.", 2, 0.81, False)
     out = bdhs_record(records[3], result, BDHSConfig())
-    assert out.rejected == ["No, there is a blue star.", "There is nothing."]
+    assert out.rejected == ["There is nothing.", "No, there is a blue star."]  # Eq. 5 order: external, then policy
+    assert (out.id, out.source) == (records[3].id, records[3].source)
+    online = bdhs_record(records[3], result, BDHSConfig(), record_id="rec-3@7", source="online_bdhs")
+    assert (online.id, online.source, online.rejected) == ("rec-3@7", "online_bdhs", out.rejected)
     assert out.chosen == records[3].chosen and out.images == records[3].images
     assert out.meta["bdhs"]["iteration"] == 2 and out.meta["bdhs"]["similarity"] == 0.81
     assert out.meta["bdhs"]["rho"] == 0.99 and "batch_size" not in out.meta["bdhs"]
@@ -166,3 +176,18 @@ def test_records_without_images_are_refused(tiny_vlm):
 def test_shipped_configs_load(name, rho, noise_steps):
     cfg = load_config(BDHSRunConfig, Path(__file__).parents[2] / "configs" / name, ["model=elsewhere"])
     assert (cfg.bdhs.rho, cfg.bdhs.noise_steps, cfg.bdhs.n_iter, cfg.model) == (rho, noise_steps, 5, "elsewhere")
+
+
+def test_unguided_ablation_and_truncation_are_reported(tiny_vlm):
+    model, processor = tiny_vlm("llava")
+    records, images = _records()
+    # Table 15 "masking without guidance": every iteration generates the whole answer under the mask.
+    cfg = BDHSConfig(n_iter=3, guided=False, max_answer_tokens=2, seed=4)
+    results = bdhs_sample(model, processor, records, images, cfg, fake_similarity)
+    assert all(r.unguided for r in results)
+    # With a budget of 2 tokens the random tiny model never reaches EOS: each answer is flagged, not cut silently.
+    assert all(r.truncated for r in results)
+    roomy = bdhs_sample(model, processor, records, images, BDHSConfig(n_iter=1, guided=False, max_answer_tokens=12,
+                                                                      seed=4), fake_similarity)
+    assert [r.answer[: len(c.answer)] for r, c in zip(roomy, results) if c.iteration == 1] == [
+        c.answer for c in results if c.iteration == 1]  # the budget only cut the same greedy answer short

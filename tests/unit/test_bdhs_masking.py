@@ -37,7 +37,7 @@ def test_rho_zero_reproduces_plain_generate_token_for_token(tiny_vlm, family):
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     plain = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     masked = generate_masked(model, processor, _rows(model, processor, IMAGES, True), max_new_tokens=12,
-                             temperature=0.0, stop_at_period=False)
+                             temperature=0.0, stop_at_sentence_end=False)
     assert masked == plain
     assert all(len(t) > 0 for t in masked)
 
@@ -62,7 +62,7 @@ def test_masking_every_image_token_makes_output_independent_of_the_image(tiny_vl
     assert (visible[0] - visible[1]).abs().max() > 1e-3  # the image matters when visible
     torch.testing.assert_close(hidden[0], hidden[1], rtol=0, atol=1e-6)
     texts = [generate_masked(model, processor, _rows(model, processor, imgs, False, "There is"), max_new_tokens=8,
-                             temperature=0.0, stop_at_period=False) for imgs in (IMAGES, OTHER_IMAGES)]
+                             temperature=0.0, stop_at_sentence_end=False) for imgs in (IMAGES, OTHER_IMAGES)]
     assert texts[0] == texts[1]
 
 
@@ -94,7 +94,7 @@ def test_partial_mask_keeps_unmasked_positions(tiny_vlm, family):
     keeps = [np.random.default_rng(i).random(n) >= 0.5 for i, n in enumerate(counts)]
     assert all(0 < k.sum() < len(k) for k in keeps)
     rows = [MaskedRow(p, imgs, "", k, 0) for p, imgs, k in zip(PROMPTS, IMAGES, keeps)]
-    fast = generate_masked(model, processor, rows, max_new_tokens=8, temperature=0.0, stop_at_period=False)
+    fast = generate_masked(model, processor, rows, max_new_tokens=8, temperature=0.0, stop_at_sentence_end=False)
     naive = [_naive_masked_greedy(model, processor, p, imgs, k, 8) for p, imgs, k in zip(PROMPTS, IMAGES, keeps)]
     assert fast == naive
     # Positions derived from the holed mask (what generate does without explicit ids) change the answer.
@@ -123,7 +123,7 @@ def test_hide_image_tokens_zeroes_exactly_the_hidden_image_positions(tiny_vlm):
 def test_prefix_is_continued_and_period_stops(tiny_vlm):
     model, processor = tiny_vlm("llava")
     rows = _rows(model, processor, IMAGES, True, prefix="There is a red")
-    free = generate_masked(model, processor, rows, max_new_tokens=12, temperature=0.0, stop_at_period=False)
+    free = generate_masked(model, processor, rows, max_new_tokens=12, temperature=0.0, stop_at_sentence_end=False)
     inputs, lengths = encode_rows(processor, rows)
     prefix_ids = processor.tokenizer("There is a red", add_special_tokens=False)["input_ids"]
     assert lengths == [len(prefix_ids)] * 2
@@ -135,6 +135,6 @@ def test_prefix_is_continued_and_period_stops(tiny_vlm):
     with torch.no_grad():
         head = model.get_output_embeddings().weight
         head[[best, dot]] = head[[dot, best]]
-    stopped = generate_masked(model, processor, rows[:1], max_new_tokens=12, temperature=0.0, stop_at_period=True)
+    stopped = generate_masked(model, processor, rows[:1], max_new_tokens=12, temperature=0.0, stop_at_sentence_end=True)
     assert stopped == ["."]
     assert len(free[0]) > 1

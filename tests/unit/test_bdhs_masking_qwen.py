@@ -73,7 +73,8 @@ def test_rho_zero_reproduces_plain_generate(qwen):
                              pad_token_id=processor.tokenizer.pad_token_id)
     plain = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     rows = _rows(model, processor, IMAGES, [np.ones(n, bool) for n in counts])
-    assert generate_masked(model, processor, rows, max_new_tokens=10, temperature=0.0, stop_at_period=False) == plain
+    masked = generate_masked(model, processor, rows, max_new_tokens=10, temperature=0.0, stop_at_sentence_end=False)
+    assert masked == plain
 
 
 def _logits(model, processor, rows, positions):
@@ -101,7 +102,7 @@ def test_partial_mask_uses_the_unmasked_mrope_positions_and_full_mask_drops_the_
     assert used.shape == (4, 2, inputs["input_ids"].shape[1])
     assert torch.equal(used[1:], rope_index(inputs))
     # The answer the generation path gives equals one forward with those positions; it is not the image-free one.
-    first = generate_masked(model, processor, rows, max_new_tokens=1, temperature=0.0, stop_at_period=False)
+    first = generate_masked(model, processor, rows, max_new_tokens=1, temperature=0.0, stop_at_sentence_end=False)
     logits = _logits(model, processor, rows, rope_index)
     tokens = [processor.tokenizer.decode([int(t)]) for t in logits.argmax(-1)]
     assert first == tokens

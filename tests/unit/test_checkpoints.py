@@ -161,12 +161,12 @@ def test_metrics_log_with_a_torn_last_line_resumes_and_a_damaged_middle_line_is_
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
     with caplog.at_level(logging.WARNING):
-        MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=3).log(4, {"loss": 4.0})
+        MetricsLogger(tmp_path, enabled=True, report_to=[], resume_step=3).log(4, {"loss": 4.0})
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
     assert "torn last line" in caplog.text
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl, line 2: damaged metrics line"):
-        MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=2)
+        MetricsLogger(tmp_path, enabled=True, report_to=[], resume_step=2)
 
 
 def test_non_finite_loss_or_gradient_stops_the_step(tmp_path):

@@ -45,11 +45,38 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_metrics_logger_drops_steps_after_the_resumed_checkpoint(tmp_path):
-    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    log = MetricsLogger(tmp_path, enabled=True, report_to=[])
     for step in range(1, 6):
         log.log(step, {"loss": float(step)})
     log.close()
-    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=3)
+    log = MetricsLogger(tmp_path, enabled=True, report_to=[], resume_step=3)
     log.log(4, {"loss": 40.0})
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 40.0
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import mmalign.trainers.common as common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    assert RunConfig(mixed_precision="auto").mixed_precision == "no"  # emulated bf16 runs slower than fp32
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    assert RunConfig(mixed_precision="auto").mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert RunConfig(mixed_precision="auto").mixed_precision == "no"
+    assert RunConfig().mixed_precision == "no" and RunConfig(mixed_precision="bf16").mixed_precision == "bf16"
+
+
+def test_cpu_bf16_flag_is_read_from_cpuinfo(monkeypatch, tmp_path):
+    import mmalign.trainers.common as common
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse avx2 avx512f\n")
+    monkeypatch.setattr(common, "CPUINFO", info)
+    assert not common.cpu_has_native_bf16()
+    info.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert common.cpu_has_native_bf16()
+    monkeypatch.setattr(common, "CPUINFO", tmp_path / "missing")
+    assert not common.cpu_has_native_bf16()

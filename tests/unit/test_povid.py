@@ -107,3 +107,19 @@ def test_gradient_flows_through_the_clean_forward_only_and_tokens_must_match(tin
     shifted = dict(noisy) | {"labels": torch.roll(noisy["labels"], 1, dims=1)}
     with pytest.raises(ValueError, match="same tokens and labels"):
         povid_rejected_logps(model, clean, shifted)
+
+
+def test_noised_image_wraps_out_of_range_pixels_as_povid_code_does():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    wrapped = np.asarray(noised_image(image, 500, seed=3))
+    clipped = np.asarray(noised_image(image, 500, seed=3, clip=True))
+    # POVID: ToTensor -> Eq. 9 -> ToPILImage, whose float path is (x * 255).byte().
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    noisy = add_diffusion_noise(pixels, 500, torch.Generator().manual_seed(3)).permute(1, 2, 0)
+    assert np.array_equal(wrapped, (noisy * 255.0).byte().numpy())
+    assert np.array_equal(clipped, (noisy.clamp(0, 1) * 255.0).round().byte().numpy())
+    # A pixel wraps where 255 x truncates outside 0..255; exactly there the two modes differ by more than rounding.
+    wraps = ((noisy * 255.0 <= -1.0) | (noisy * 255.0 >= 256.0)).numpy()
+    assert 0.2 < wraps.mean() < 0.5  # a uniform random image at N = 500
+    assert np.array_equal(np.abs(wrapped.astype(int) - clipped.astype(int)) > 1, wraps)

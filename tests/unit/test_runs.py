@@ -16,7 +16,10 @@ from mmalign.config import ConfigError, load_config
 from mmalign.runs import LOCK_FILE, BrokenLaunch, FolderInUse, check_backend, check_world_size, claim_folder
 from mmalign.trainers.offline import OfflineConfig, train_offline
 from mmalign.trainers.online import OnlineConfig, train_online
+from mmalign.trainers.ppo import PPOConfig, train_ppo
+from mmalign.trainers.rloo import RLOOConfig, train_rloo
 from mmalign.trainers.sft import SFTConfig, train_sft
+from mmalign.trainers.tagging import TaggingConfig, train_tagging
 
 
 def _holder(folder):
@@ -32,7 +35,10 @@ def _holder(folder):
 @pytest.mark.parametrize("recipe, cls, keys", [
     (train_offline, OfflineConfig, ["model.path=m", "data.train=d.jsonl"]),
     (train_online, OnlineConfig, ["model.path=m", "data.prompts=d.jsonl"]),
-    (train_sft, SFTConfig, ["data.train=d.jsonl"]),
+    (train_sft, SFTConfig, ["model.path=m", "data.train=d.jsonl"]),
+    (train_tagging, TaggingConfig, ["model=m", "data.train=d.jsonl"]),
+    (train_rloo, RLOOConfig, ["model.path=m", "data.prompts=d.jsonl"]),
+    (train_ppo, PPOConfig, ["model.path=m", "data.prompts=d.jsonl"]),
 ])
 def test_every_trainer_refuses_a_folder_held_by_a_live_run(tmp_path, recipe, cls, keys):
     holder = _holder(tmp_path)

@@ -11,6 +11,7 @@ from mmalign.data.collate import collate_preference
 from mmalign.data.packing import collate_prefix_cache, collate_shared_prefix
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.logprobs import model_inputs
+from mmalign.models.tiny import FAMILIES
 from mmalign.models.prefix_cache import prefix_cache_forward
 from mmalign.models.shared_prefix import block_attention_mask, family_rules, shared_prefix_forward
 
@@ -24,7 +25,6 @@ RECORDS = [
 ]
 # Non-square second image: LLaVA-NeXT picks a 2x1 AnyRes grid, Idefics3 splits it into tiles.
 IMAGES = [[Image.new("RGB", (32, 32), (200, 30, 30))], [Image.new("RGB", (64, 32), (20, 20, 220))]]
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3"]
 
 
 def _naive_plain(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmalign.data.record_files import read_records, write_records
 from mmalign.data.schema import PreferenceRecord, RecordError
-from mmalign.data.sources import convert_file
+from mmalign.data.source_files import convert_file
 
 ASSETS = Path(__file__).parents[1] / "assets" / "data"
 USER_IMAGE = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it red?"}]}
@@ -21,7 +21,7 @@ def test_trl_text_conversational_and_implicit_prompt():
     records = convert_file(ASSETS / "trl.jsonl", "trl")
     assert records == [
         PreferenceRecord("t0", ["images/red.png"], "<image>\nWhat color is the square?", "Red.", ["Blue."], "trl"),
-        PreferenceRecord("trl-2", ["images/blue.png"],
+        PreferenceRecord("trl-trl-2", ["images/blue.png"],
                          [{"role": "user", "content": [{"type": "image"},
                                                        {"type": "text", "text": "Describe the image."}]}],
                          "A blue square.", ["A red circle."], "trl"),
@@ -42,7 +42,7 @@ def test_trl_parquet_with_embedded_image_bytes(tmp_path):
                       "chosen": ["Green."], "rejected": ["Pink."]})
     pq.write_table(table, tmp_path / "trl.parquet")
     (record,) = convert_file(tmp_path / "trl.parquet", "trl")
-    assert record == PreferenceRecord("trl-1", [buf.getvalue()], "Color?", "Green.", ["Pink."], "trl")
+    assert record == PreferenceRecord("trl-trl-1", [buf.getvalue()], "Color?", "Green.", ["Pink."], "trl")
 
 
 def test_povid():

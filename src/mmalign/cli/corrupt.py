@@ -22,7 +22,7 @@ from mmalign.sampling.openai_client import ChatError
 def register_corrupt(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("corrupt", help="corrupt chosen answers into rejected ones (LLM endpoint or lab)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    add_config_args(parser, "mmalign.sampling.corrupt:CorruptConfig")
     parser.set_defaults(func=run)
 
 

@@ -8,14 +8,16 @@ written). A listing or output file that is the input file itself is refused befo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
-from mmalign.data.io import same_file
-from mmalign.data.record_files import read_records, write_records
-from mmalign.data.schema import RecordError, check_records
-from mmalign.data.sources import CONVERTERS, convert_file
+from mmalign.data.io import same_file, write_jsonl
+from mmalign.data.record_files import image_root, read_records, write_records
+from mmalign.data.record_set import file_sha256
+from mmalign.data.schema import RecordError
+from mmalign.data.source_files import convert_inputs
+from mmalign.data.sources import CONVERTERS
+from mmalign.progress import track
 
 BAD_INPUT = 2  # the exit code of every mmalign command given bad input (mmalign.cli.main)
 
@@ -38,33 +40,39 @@ def _validate(args: argparse.Namespace) -> int:
     return BAD_INPUT if skipped else 0
 
 
-def _refuse_overwriting_input(args: argparse.Namespace) -> None:
-    for name in ("output", "skip_invalid_to"):
-        target = getattr(args, name)
-        if target is not None and same_file(target, args.input):
-            raise RecordError(f"--{name.replace('_', '-')} {target!r} is the input file itself; refusing to "
-                              "overwrite the data", file=args.input)
-    if args.skip_invalid_to is not None and same_file(args.skip_invalid_to, args.output):
-        raise RecordError(f"--skip-invalid-to and the output are one file ({args.output!r})", file=args.input)
+def _refuse_overwriting_input(inputs: list[str], output: str, skip_invalid_to: str | None) -> None:
+    for flag, target in (("the output", output), ("--skip-invalid-to", skip_invalid_to)):
+        for source in inputs:
+            if target is not None and same_file(target, source):
+                raise RecordError(f"{flag} {target!r} is the input file itself; refusing to overwrite the data",
+                                  file=source)
+    if skip_invalid_to is not None and same_file(skip_invalid_to, output):
+        raise RecordError(f"--skip-invalid-to and the output are one file ({output!r})", file=inputs[0])
 
 
 def _convert(args: argparse.Namespace) -> int:
-    data_root = Path(args.data_root) if args.data_root is not None else Path(args.input).parent
+    *inputs, output = args.paths
+    if not inputs:
+        print("mmalign data convert: give at least one input and the output file", file=sys.stderr)
+        return 2
+    data_root = image_root(inputs[0], args.data_root)
+    errors: list[RecordError] = []
+    provenance = {"source": args.format, "converted_from": [str(Path(p).resolve()) for p in inputs],
+                  "data_root": str(data_root.resolve()),
+                  "input_sha256": [file_sha256(p) if Path(p).is_file() else None for p in inputs]}
     try:
-        _refuse_overwriting_input(args)
-        records = check_records(convert_file(args.input, args.format), data_root=data_root,
-                                name=f"{args.input} ({args.format})", min_rejected=args.min_rejected,
-                                skip_invalid_to=args.skip_invalid_to)
+        _refuse_overwriting_input(inputs, output, args.skip_invalid_to)
+        records = track(convert_inputs(inputs, args.format, data_root=data_root, min_rejected=args.min_rejected,
+                                       on_invalid=errors.append if args.skip_invalid_to else None),
+                        "convert", unit="rec")
+        written = write_records(output, records, provenance=provenance)
     except RecordError as err:
         print(f"mmalign data convert: invalid source row or record: {err}", file=sys.stderr)
         return BAD_INPUT
-    provenance = {"source": args.format, "converted_from": str(Path(args.input).resolve()),
-                  "data_root": str(data_root.resolve()),
-                  "input_sha256": hashlib.sha256(Path(args.input).read_bytes()).hexdigest()}
-    write_records(args.output, records, provenance=provenance)
-    skipped = _count_lines(args.skip_invalid_to)
-    print(f"{args.output}: {len(records)} record(s) written; {skipped} invalid")
-    return BAD_INPUT if skipped else 0
+    if args.skip_invalid_to:
+        write_jsonl(args.skip_invalid_to, [e.as_dict() for e in errors])
+    print(f"{output}: {written} record(s) written; {len(errors)} invalid")
+    return BAD_INPUT if errors else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,9 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     convert = sub.add_parser("convert", help="convert a published layout to records")
     convert.add_argument("--format", required=True, choices=sorted(CONVERTERS), help="source layout")
-    convert.add_argument("input", help="source file (.json, .jsonl or .parquet)")
-    convert.add_argument("output", help="record file to write (.jsonl or .parquet)")
-    convert.add_argument("--data-root", help="the source's image folder (default: the input file's folder)")
+    convert.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
+                         help="source files (.json, .jsonl, .parquet) or datasets save_to_disk folders, e.g. every "
+                              "shard of a set, then the record file to write (.jsonl or .parquet)")
+    convert.add_argument("--data-root", help="the source's image folder (default: the first input's folder)")
     convert.add_argument("--skip-invalid-to", help="write invalid records here and keep the rest")
     convert.add_argument("--min-rejected", type=int, default=0, help="fewest rejected answers per record")
     convert.set_defaults(func=_convert)

@@ -1,9 +1,11 @@
 """``mmalign eval``: evaluate one model; ``mmalign eval compare DIR...``: compare evaluated runs;
-``mmalign eval annotator ...``: evaluate a pair annotator (``mmalign.cli.online.run_annotator_eval``).
+``mmalign eval annotator ...``: evaluate a pair annotator (``mmalign.cli.online.run_annotator_eval``);
+``mmalign eval bench benchmark=...``: a paper benchmark from its official files (``mmalign.evaluation.bench``).
 
     mmalign eval --config x.yaml model=runs/lab/model lab_dir=runs/lab out_dir=runs/eval pope.scorer=likelihood
     mmalign eval compare runs/eval_base runs/eval_dpo out_dir=runs/report n_boot=2000
     mmalign eval annotator data=held_out_pairs.jsonl annotator.kind=lab_oracle
+    mmalign eval bench benchmark=pope model=runs/dpo/merged pope.files=[coco_pope_adversarial.json] pope.images=val2014
 
 The first writes metrics.json and per-sample JSONL into ``out_dir`` (fields of ``EvalConfig``); the second
 writes a report folder (markdown table with paired tests against the first dir, PNG plots); its
@@ -47,6 +49,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from mmalign.evaluation.bench import BenchConfig, run_benchmark
+
+    cfg = load_config(BenchConfig, args.config, args.overrides[1:])
+    result = run_benchmark(cfg)
+    print_metrics(result["metrics"])
+    print(f"metrics and per-question records written to {cfg.out_dir}")
+    return 0
+
+
 def _annotator(args: argparse.Namespace) -> int:
     from mmalign.cli.online import run_annotator_eval
 
@@ -54,7 +66,7 @@ def _annotator(args: argparse.Namespace) -> int:
 
 
 # ``mmalign eval ACTION ...``: a first positional argument naming an action; anything else evaluates a model.
-ACTIONS = {"compare": _compare, "annotator": _annotator}
+ACTIONS = {"compare": _compare, "annotator": _annotator, "bench": _bench}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -72,8 +84,9 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="POPE / CHAIR / co-occurrence evaluation of a model; 'compare DIR...' of evaluated runs; "
-                     "'annotator ...' of a pair annotator",
+                     "'annotator ...' of a pair annotator; 'bench benchmark=pope|chair|mmhal|mmhal_v|llava_bench ...' "
+                     "from the official files",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(parser)
+    add_config_args(parser, "mmalign.evaluation.suite:EvalConfig")
     parser.set_defaults(func=_run)

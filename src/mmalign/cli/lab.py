@@ -1,4 +1,4 @@
-"""``mmalign lab build`` and ``mmalign lab pretrain``: the ShapesWorld lab and its base model."""
+"""``mmalign lab build``, ``pretrain`` and ``rl-study``: the ShapesWorld lab, its base model and the RL study."""
 
 from __future__ import annotations
 
@@ -21,10 +21,21 @@ def _build(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+    from mmalign.recipes.pretrain import PretrainConfig, pretrain_base
 
     out = pretrain_base(load_config(PretrainConfig, args.config, args.overrides))
     logger.info("base model in %s (evaluation in %s)", out, out / "eval")
+    return 0
+
+
+def _rl_study(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.recipes.rl_study import RLStudyConfig, run_rl_study
+
+    result = run_rl_study(load_config(RLStudyConfig, args.config, args.overrides))
+    print(result["summary"])
+    print(result["hacking"])
+    logger.info("report: %s", result["report"])
     return 0
 
 
@@ -32,9 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("lab", help="build the ShapesWorld lab; pre-train its base model")
     sub = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     build = sub.add_parser("build", help="write images, SFT data, preference prompts and eval sets (LabConfig)")
-    add_config_args(build)
+    add_config_args(build, "mmalign.lab.build:LabConfig")
     build.set_defaults(func=_build)
     pretrain = sub.add_parser("pretrain", help="build the lab if needed, SFT the base model, evaluate it "
                                                "(PretrainConfig; cached when already done)")
-    add_config_args(pretrain)
+    add_config_args(pretrain, "mmalign.recipes.pretrain:PretrainConfig")
     pretrain.set_defaults(func=_pretrain)
+    rl_study = sub.add_parser("rl-study", help="RLOO / GRPO / PPO vs offline DPO and Online-DPO in the lab "
+                                               "(RLStudyConfig; stages already done are skipped)")
+    add_config_args(rl_study, "mmalign.recipes.rl_study:RLStudyConfig")
+    rl_study.set_defaults(func=_rl_study)

@@ -65,6 +65,6 @@ def register_online(train_subparsers: argparse._SubParsersAction) -> None:
     for name, text in helps.items():
         parser = train_subparsers.add_parser(name, help=text, description=__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_args(parser)
+        add_config_args(parser, "mmalign.trainers.online:OnlineConfig")
         parser.set_defaults(func=_train, online_recipe=name)
 

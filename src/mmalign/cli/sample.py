@@ -39,6 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sample", help="make rejected answers (BDHS, corruption)")
     sub = parser.add_subparsers(dest="sample_command", required=True, metavar="SAMPLER")
     bdhs = sub.add_parser("bdhs", help="Bias-Driven Hallucination Sampling (Algorithm 1) with a local policy")
-    add_config_args(bdhs)
+    add_config_args(bdhs, "mmalign.sampling.bdhs_run:BDHSRunConfig")
     bdhs.set_defaults(func=_bdhs)
     register_corrupt(sub)

@@ -1,12 +1,13 @@
-"""``mmalign train dpo --config configs/lab_dpo.yaml key.sub=value ...``: offline preference optimisation.
+"""``mmalign train dpo --config configs/lab_dpo.yaml key.sub=value ...``: offline preference optimisation;
+``mmalign train sft model=DIR data=records.jsonl``: supervised fine-tuning (``mmalign.trainers.sft.SFTConfig``).
 
-The config is ``mmalign.trainers.offline.OfflineConfig`` (sections model, lora, data, loss, povid, optim, run);
+The DPO config is ``mmalign.trainers.offline.OfflineConfig`` (sections model, lora, data, loss, povid, optim, run);
 ``loss.name`` picks dpo / ipo / slic; ``forward`` the batch layout (auto, the default: prefix_cache where exact
 for the model, else shared_prefix; both encode image and prompt once per pair; plain repeats them);
 ``povid.enabled=true`` adds POVID's noised-image answer as one more rejected answer (weight ``povid.weight`` in
 the Eq. 5 mean, ``povid.noise_steps`` of 1000). Run under ``accelerate launch --config_file configs/accelerate/...``
 for several processes. Bad records raise an error naming file, record id and field, or are skipped and
-listed with ``data.skip_invalid_to=FILE``.
+listed with ``data.skip_invalid_to=FILE``. ``--resume`` continues from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -15,34 +16,45 @@ import argparse
 import logging
 import sys
 
-from mmalign.cli.main import add_config_args
+from mmalign.cli.main import add_config_args, config_class
 from mmalign.cli.online import register_online
+from mmalign.cli.rl import register_rl
 
 logger = logging.getLogger(__name__)
 
 
-def _train_dpo(args: argparse.Namespace) -> int:
+# recipe -> (config dataclass, train function, help); each trains with ``train_fn(load_config(cls, ...))``.
+RECIPES = {
+    "dpo": ("mmalign.trainers.offline:OfflineConfig", "mmalign.trainers.offline:train_offline",
+            "offline DPO / IPO / SLiC with MM-DPO beta and K rejected per chosen"),
+    "sft": ("mmalign.trainers.sft:SFTConfig", "mmalign.trainers.sft:train_sft",
+            "supervised fine-tuning on your records (chosen = the target answer)"),
+}
+
+
+def _train(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
     from mmalign.data.collate import SequenceTooLong
-    from mmalign.data.schema import RecordError
-    from mmalign.trainers.offline import OfflineConfig, train_offline
 
-    cfg = load_config(OfflineConfig, args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])])
+    config, train_fn = (config_class(spec) for spec in RECIPES[args.recipe][:2])
+    cfg = load_config(config, args.config, args.overrides)
     try:
-        out = train_offline(cfg)
-    except (RecordError, SequenceTooLong) as err:
-        print(f"mmalign train dpo: bad input: {err}", file=sys.stderr)
+        out = train_fn(cfg)
+    except SequenceTooLong as err:
+        print(f"mmalign train {args.recipe}: bad input: {err}", file=sys.stderr)
         return 2
     logger.info("wrote %s", out)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a policy (dpo; online-dpo, mixed-dpo, online-bdhs)")
+    parser = subparsers.add_parser("train", help=f"train a policy ({', '.join(RECIPES)}; online-dpo, mixed-dpo, "
+                                                 "online-bdhs; rloo, grpo, ppo)")
     sub = parser.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
-    dpo = sub.add_parser("dpo", help="offline DPO / IPO / SLiC with MM-DPO beta and K rejected per chosen",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(dpo)
-    dpo.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
-    dpo.set_defaults(func=_train_dpo)
+    for name, (config, _, text) in RECIPES.items():
+        recipe = sub.add_parser(name, help=text, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_args(recipe, config)
+        recipe.set_defaults(func=_train, recipe=name)
     register_online(sub)
+    register_rl(sub)

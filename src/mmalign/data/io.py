@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,24 @@ PARQUET_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("meta", pa.string()),
 ])
+
+
+# "owner/name": how a Hugging Face Hub repository is named (no leading "/", ".", "~"; exactly one "/").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class NoHubAccess(Exception):
+    """A hub repository id given where mmalign needs a local path (models and data are never downloaded)."""
+
+
+def local_path(path: str | Path, what: str) -> Path:
+    """``path`` as a Path; a missing path spelt like a hub id (``llava-hf/llava-1.5-7b-hf``) raises NoHubAccess
+    naming ``what`` (e.g. "model"), so the user learns to download it rather than meeting "file not found"."""
+    if not Path(path).exists() and _HUB_ID.match(str(path)):
+        raise NoHubAccess(f"{what} {str(path)!r} is not a local path; it looks like a Hugging Face Hub id, and "
+                          f"mmalign has no hub access: download it first (e.g. `huggingface-cli download {path} "
+                          f"--local-dir DIR`) and give the local path")
+    return Path(path)
 
 
 def _tmp_path(path: Path) -> Path:
@@ -66,14 +85,25 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def write_jsonl(path: str | Path, objects: Iterable[Any]) -> None:
-    """One compact JSON object per line, UTF-8; NaN/inf refused (JSON has no such numbers)."""
-    path = Path(path)
+def _replace_when_done(path: Path, write: Any) -> None:
+    """Run ``write(tmp)`` and rename ``tmp`` to ``path``; a failure leaves no file behind, not even the tmp one."""
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for obj in objects:
-            handle.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def write_jsonl(path: str | Path, objects: Iterable[Any]) -> None:
+    """One compact JSON object per line, UTF-8, written as ``objects`` are produced; NaN/inf refused."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for obj in objects:
+                handle.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+
+    _replace_when_done(Path(path), write)
 
 
 def read_parquet_rows(path: str | Path, batch_size: int = 256) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -85,8 +115,7 @@ def read_parquet_rows(path: str | Path, batch_size: int = 256) -> Iterator[tuple
             yield number, row
 
 
-def write_parquet(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Record dicts (images as ``str | bytes``) -> a Parquet file in ``PARQUET_SCHEMA``."""
+def _parquet_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {name: [] for name in PARQUET_SCHEMA.names}
     for row in rows:
         columns["id"].append(row["id"])
@@ -99,7 +128,21 @@ def write_parquet(path: str | Path, rows: list[dict[str, Any]]) -> None:
         columns["rejected"].append(row["rejected"])
         columns["source"].append(row["source"])
         columns["meta"].append(json.dumps(row["meta"], ensure_ascii=False, allow_nan=False))
-    path = Path(path)
-    tmp = _tmp_path(path)
-    pq.write_table(pa.table(columns, schema=PARQUET_SCHEMA), tmp)
-    tmp.replace(path)
+    return columns
+
+
+def write_parquet(path: str | Path, rows: Iterable[dict[str, Any]], batch_size: int = 256) -> None:
+    """Record dicts (images as ``str | bytes``) -> a Parquet file in ``PARQUET_SCHEMA``, written in row groups of
+    ``batch_size`` as the rows are produced (a converted set never has to fit in memory)."""
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, PARQUET_SCHEMA) as writer:
+            batch: list[dict[str, Any]] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) == batch_size:
+                    writer.write_table(pa.table(_parquet_columns(batch), schema=PARQUET_SCHEMA))
+                    batch = []
+            if batch:
+                writer.write_table(pa.table(_parquet_columns(batch), schema=PARQUET_SCHEMA))
+
+    _replace_when_done(Path(path), write)

@@ -23,7 +23,7 @@ from typing import Any
 from mmalign.data import io
 from mmalign.data.schema import FieldError, PreferenceRecord, RecordError, check_fields, record_dict, validate_records
 
-__all__ = ["read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path"]
+__all__ = ["read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path", "image_root"]
 
 _PROVENANCE_RESERVED = ("count", "created")
 
@@ -118,8 +118,15 @@ def records_from_dataset(ds: Any, *, data_root: str | Path, min_rejected: int = 
     """Validate a ``datasets.Dataset`` whose columns are the record keys into records.
 
     Rows are read from the Arrow storage, so ``datasets.Image`` columns arrive as encoded bytes (never
-    decoded and re-encoded). ``name`` stands in for the file name in errors; "line" is the row number.
+    decoded and re-encoded). A dataset loaded from an mmalign Parquet file (``load_dataset("parquet", ...)``)
+    has ``meta`` as a string column: its ``prompt`` and ``meta`` are then JSON text, decoded as the Parquet
+    reader decodes them. ``name`` stands in for the file name in errors; "line" is the row number.
     """
+    from datasets import Value
+
+    meta = ds.features.get("meta")
+    json_text = isinstance(meta, Value) and meta.dtype in ("string", "large_string")
+    decode = _decode_parquet_row if json_text else _decode_dataset_row
     def rows() -> Iterable[tuple[int, dict[str, Any]]]:
         number = 0
         for table in ds.with_format("arrow").iter(batch_size=256):
@@ -127,7 +134,7 @@ def records_from_dataset(ds: Any, *, data_root: str | Path, min_rejected: int = 
                 number += 1
                 yield number, row
 
-    return validate_records(rows(), _decode_dataset_row, file=name, data_root=data_root,
+    return validate_records(rows(), decode, file=name, data_root=data_root,
                             min_rejected=min_rejected, skip_invalid_to=skip_invalid_to)
 
 
@@ -137,6 +144,12 @@ def record_to_json(record: PreferenceRecord) -> dict[str, Any]:
     return record_dict(record) | {"images": images}
 
 
+def image_root(path: str | Path, data_root: str | Path | None) -> Path:
+    """The folder the image paths of record file ``path`` resolve against: ``data_root`` when given (None or
+    "" = not given), else the file's own folder."""
+    return Path(data_root) if data_root not in (None, "") else Path(path).parent
+
+
 def read_records(path: str | Path, *, data_root: str | Path | None = None, min_rejected: int = 0,
                  skip_invalid_to: str | Path | None = None) -> list[PreferenceRecord]:
     """Read and validate a ``.jsonl`` or ``.parquet`` record file.
@@ -144,8 +157,8 @@ def read_records(path: str | Path, *, data_root: str | Path | None = None, min_r
     Image paths are relative to ``data_root`` (default: the file's folder). Raises RecordError on the first
     bad record, or with ``skip_invalid_to`` writes the bad ones there (file, line, id, field, reason).
     """
-    path = Path(path)
-    root = Path(data_root) if data_root is not None else path.parent
+    path = io.local_path(path, "record file")
+    root = image_root(path, data_root)
     if path.suffix not in (".jsonl", ".parquet"):
         raise RecordError(f"unknown record file type {path.suffix!r}; expected .jsonl or .parquet", file=str(path))
     if not path.is_file():
@@ -171,40 +184,45 @@ def _parquet_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         raise RecordError(f"not a readable Parquet file: {err}", file=str(path)) from err
 
 
-def write_records(path: str | Path, records: Iterable[PreferenceRecord], provenance: dict | None = None) -> None:
-    """Write records as ``.jsonl`` or ``.parquet`` after checking their fields.
+def write_records(path: str | Path, records: Iterable[PreferenceRecord], provenance: dict | None = None) -> int:
+    """Write records as ``.jsonl`` or ``.parquet``, checking their fields, as they come (streamed); returns the
+    number written.
 
     With ``provenance`` (e.g. ``{"sampler": "bdhs", "seed": 0, "model": ..., "config_hash": ...}``) a
-    sidecar ``<file>.provenance.json`` is written with ``count`` and ``created`` (UTC) added.
+    sidecar ``<file>.provenance.json`` is written with ``count`` and ``created`` (UTC) added. A bad record
+    raises RecordError and leaves no file behind.
     """
     path = Path(path)
-    records = list(records)
     if path.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"{path}: unknown record file type {path.suffix!r}; expected .jsonl or .parquet")
     if provenance is not None and any(k in provenance for k in _PROVENANCE_RESERVED):
         raise ValueError(f"provenance keys {list(_PROVENANCE_RESERVED)} are filled in by write_records")
-    seen: set[str] = set()
-    for line, record in enumerate(records, start=1):
-        try:
-            check_fields(record_dict(record))
-            if record.id in seen:
-                raise FieldError("id", "duplicate id")
-        except FieldError as err:
-            raise RecordError(err.reason, file=str(path), line=line, record_id=str(record.id), field=err.field) from err
-        seen.add(record.id)
-    sidecar = None
     if provenance is not None:
-        # Serialised before the records are written, so a provenance that is not JSON fails with no file left.
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        sidecar = json.dumps(dict(provenance) | {"count": len(records), "created": created}, indent=2,
-                             allow_nan=False)
+        json.dumps(provenance, allow_nan=False)  # a provenance that is not JSON fails before any file is written
+    seen: set[str] = set()
+
+    def checked() -> Iterable[PreferenceRecord]:
+        for line, record in enumerate(records, start=1):
+            try:
+                check_fields(record_dict(record))
+                if record.id in seen:
+                    raise FieldError("id", "duplicate id")
+            except FieldError as err:
+                raise RecordError(err.reason, file=str(path), line=line, record_id=str(record.id),
+                                  field=err.field) from err
+            seen.add(record.id)
+            yield record
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
-        io.write_jsonl(path, [record_to_json(r) for r in records])
+        io.write_jsonl(path, (record_to_json(r) for r in checked()))
     else:
-        io.write_parquet(path, [record_dict(r) for r in records])
-    if sidecar is not None:
+        io.write_parquet(path, (record_dict(r) for r in checked()))
+    if provenance is not None:
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        sidecar = json.dumps(dict(provenance) | {"count": len(seen), "created": created}, indent=2, allow_nan=False)
         provenance_path(path).write_text(sidecar + "\n")
+    return len(seen)
 
 
 def provenance_path(path: str | Path) -> Path:

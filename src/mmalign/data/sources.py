@@ -1,24 +1,26 @@
 """Adapters from published preference / SFT layouts to ``PreferenceRecord``s, one small function each.
 
-Each converter takes one source row (a dict as read from the source's JSON / JSONL / Parquet file, images
-as paths, bytes or ``{"bytes", "path"}`` structs) and returns the records it yields. Image paths stay
-relative to the source's image folder, which becomes the data root. Field names follow the code that
-reads each source (cited per function). A row missing a field raises ``RecordError`` naming file, row and
-field via ``convert_file``; records are validated again when written or read.
+Each converter takes one source row (a dict as read from the source's JSON / JSONL / Parquet file or a
+``datasets`` row; images as paths, bytes, ``{"bytes", "path"}`` structs or decoded PIL images) and a row key
+(``<input name>-<row number>``, for rows without an id), and returns the records it yields. Image paths stay
+relative to the source's image folder, which becomes the data root. Field names follow the code that reads
+each source (cited per function). A row missing a field raises ``FieldError``; ``mmalign.data.source_files``
+streams files through the converters and names file, row and field in its errors.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from mmalign.data import io
+from PIL import Image
+
 from mmalign.data.chat import IMAGE_MARKER
-from mmalign.data.schema import FieldError, PreferenceRecord, RecordError
+from mmalign.data.schema import FieldError, PreferenceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,12 @@ def _get(row: dict, key: str, kind: type | tuple[type, ...], where: str | None =
 
 
 def _image_ref(ref: Any, where: str) -> str | bytes:
-    """A source image (path, bytes, or ``{"bytes", "path"}`` struct) -> record image reference."""
+    """A source image (path, bytes, ``{"bytes", "path"}`` struct, or a PIL image as ``datasets`` decodes one)
+    -> record image reference; a PIL image is stored as lossless PNG bytes."""
+    if isinstance(ref, Image.Image):
+        buf = io.BytesIO()
+        ref.save(buf, format="PNG")
+        return buf.getvalue()
     if isinstance(ref, dict) and set(ref) <= {"bytes", "path"}:
         ref = ref.get("bytes") or ref.get("path")
     if not isinstance(ref, (str, bytes)) or not ref:
@@ -120,7 +127,7 @@ def _clean_messages(messages: list) -> list[dict]:
     ]
 
 
-def from_trl(row: dict, index: int) -> list[PreferenceRecord]:
+def from_trl(row: dict, key: str) -> list[PreferenceRecord]:
     """TRL vision preference row: ``images`` (or ``image``), ``prompt``, ``chosen``, ``rejected``.
 
     Prompt as text or conversational messages; chosen/rejected as text or assistant messages. Without a
@@ -146,11 +153,11 @@ def from_trl(row: dict, index: int) -> list[PreferenceRecord]:
     chosen_text = chosen if isinstance(chosen, str) else _message_text(chosen[-1] if chosen else None, "chosen")
     rejected_text = rejected if isinstance(rejected, str) else _message_text(
         rejected[-1] if rejected else None, "rejected")
-    return [PreferenceRecord(_row_id(row, "id", f"trl-{index}"), images, prompt, chosen_text, [rejected_text],
+    return [PreferenceRecord(_row_id(row, "id", f"trl-{key}"), images, prompt, chosen_text, [rejected_text],
                              "trl")]
 
 
-def from_povid(row: dict, index: int) -> list[PreferenceRecord]:
+def from_povid(row: dict, key: str) -> list[PreferenceRecord]:
     """POVID preference row: ``image``, ``conversations`` (human, gpt = chosen), ``rejected_conversations``.
 
     Source: YiyangZhou/POVID ``llava/train/train_dpo.py`` (``LazySupervisedDataset.__getitem__``).
@@ -161,12 +168,12 @@ def from_povid(row: dict, index: int) -> list[PreferenceRecord]:
     if turns[:-1] != rejected_turns[:-1]:
         raise FieldError("rejected_conversations", "the question differs from the one in conversations")
     prompt = _llava_turns_to_prompt(turns[:-1], len(images), "conversations")
-    return [PreferenceRecord(_row_id(row, "id", f"povid-{index}"), images, prompt,
+    return [PreferenceRecord(_row_id(row, "id", f"povid-{key}"), images, prompt,
                              _single_answer(turns, "conversations"),
                              [_single_answer(rejected_turns, "rejected_conversations")], "povid")]
 
 
-def from_rlhf_v(row: dict, index: int) -> list[PreferenceRecord]:
+def from_rlhf_v(row: dict, key: str) -> list[PreferenceRecord]:
     """RLHF-V row (``openbmb/RLHF-V-Dataset``): ``image``, ``text`` = JSON {question, chosen, rejected}.
 
     ``origin_dataset``, ``origin_split``, ``idx`` and ``image_path`` go to meta.
@@ -179,7 +186,7 @@ def from_rlhf_v(row: dict, index: int) -> list[PreferenceRecord]:
     for key in ("question", "chosen", "rejected"):
         _get(text, key, str, where=f"text.{key}")
     meta = {k: row[k] for k in ("origin_dataset", "origin_split", "idx", "image_path") if row.get(k) is not None}
-    return [PreferenceRecord(_row_id(row, "idx", f"rlhf_v-{index}"), [_image_ref(row.get("image"), "image")],
+    return [PreferenceRecord(_row_id(row, "idx", f"rlhf_v-{key}"), [_image_ref(row.get("image"), "image")],
                              text["question"], text["chosen"], [text["rejected"]], "rlhf_v", meta)]
 
 
@@ -214,8 +221,12 @@ def _mean_rating(annotations: Any, where: str) -> float | None:
     return sum(ratings) / len(ratings)
 
 
-def from_vlfeedback(row: dict, index: int) -> list[PreferenceRecord]:
-    """VLFeedback row (``MMInstruction/VLFeedback``): ``id``, ``prompt``, ``img_path``, ``completions``.
+def from_vlfeedback(row: dict, key: str) -> list[PreferenceRecord]:
+    """VLFeedback row (``MMInstruction/VLFeedback``): ``id``, ``prompt``, ``completions`` (+ ``models``).
+
+    The published ``vlfeedback_80k.jsonl`` has no image path: the image is ``merged_images/<id>.jpg`` inside
+    ``merged_images.zip`` (as the set's old loading script built it), so the data root is the folder the zip
+    was unpacked in. A row that carries ``img_path`` (older copies) uses it instead.
 
     Each completion has ``model``, ``response`` and per-aspect ``annotations`` {aspect: {Rating,
     Rationale}}. Every pair of completions with different mean ratings becomes one record (the higher one
@@ -223,8 +234,12 @@ def from_vlfeedback(row: dict, index: int) -> list[PreferenceRecord]:
     identical text are left out. Source: TideDra/VL-RLHF ``src/vlrlhf/utils/data.py``
     (``make_vlfeedback_paired_dataset``).
     """
-    rid = _row_id(row, "id", f"vlfeedback-{index}")
-    prompt, image = _get(row, "prompt", str), _image_ref(row.get("img_path"), "img_path")
+    rid = _row_id(row, "id", f"vlfeedback-{key}")
+    prompt = _get(row, "prompt", str)
+    if "img_path" in row:
+        image = _image_ref(row["img_path"], "img_path")
+    else:
+        image = f"merged_images/{_get(row, 'id', (str, int))}.jpg"
     rated = []
     for i, comp in enumerate(_completions(row)):
         response = _get(comp, "response", str, where=f"completions[{i}].response")
@@ -245,7 +260,7 @@ def from_vlfeedback(row: dict, index: int) -> list[PreferenceRecord]:
     return records
 
 
-def from_llava_rlhf(row: dict, index: int) -> list[PreferenceRecord]:
+def from_llava_rlhf(row: dict, key: str) -> list[PreferenceRecord]:
     """LLaVA-RLHF human preference row: ``image``, ``conversations``, ``output_1``, ``output_2``, ``preference``.
 
     ``conversations`` ends with a ``gpt`` turn whose text is replaced by each output; earlier turns are the
@@ -261,18 +276,18 @@ def from_llava_rlhf(row: dict, index: int) -> list[PreferenceRecord]:
         raise FieldError("preference", f"expected 1 or 2, got {preference!r}")
     prompt = _llava_turns_to_prompt(turns[:-1], len(images), "conversations")
     chosen, rejected = outputs[preference - 1], outputs[2 - preference]
-    return [PreferenceRecord(_row_id(row, "id", f"llava_rlhf-{index}"), images, prompt, chosen, [rejected],
+    return [PreferenceRecord(_row_id(row, "id", f"llava_rlhf-{key}"), images, prompt, chosen, [rejected],
                              "llava_rlhf")]
 
 
-def from_llava_sft(row: dict, index: int) -> list[PreferenceRecord]:
+def from_llava_sft(row: dict, key: str) -> list[PreferenceRecord]:
     """LLaVA-Instruct style SFT row (``id``, ``image``, ``conversations``) -> one record per ``gpt`` turn.
 
     chosen = that turn's reference answer, rejected = []; the turns before it are the prompt (chat messages
     when there are several). ``image`` may be one path or a list. Record ids are ``<id>-<k>`` for the k-th
     answer. Source: haotian-liu/LLaVA ``llava/train/train.py`` (``LazySupervisedDataset``).
     """
-    rid = _row_id(row, "id", f"llava_sft-{index}")
+    rid = _row_id(row, "id", f"llava_sft-{key}")
     raw_images = row.get("image", [])
     raw_images = raw_images if isinstance(raw_images, list) else [raw_images]
     images = [_image_ref(r, "image") for r in raw_images]
@@ -286,46 +301,82 @@ def from_llava_sft(row: dict, index: int) -> list[PreferenceRecord]:
     return records
 
 
-CONVERTERS: dict[str, Callable[[dict, int], list[PreferenceRecord]]] = {
-    "trl": from_trl, "povid": from_povid, "rlhf_v": from_rlhf_v, "vlfeedback": from_vlfeedback,
-    "llava_rlhf": from_llava_rlhf, "llava_sft": from_llava_sft,
+def from_rlaif_v(row: dict, key: str) -> list[PreferenceRecord]:
+    """RLAIF-V row (``openbmb/RLAIF-V-Dataset`` Parquet shards): flat ``image`` (``{bytes, path}``), ``question``,
+    ``chosen``, ``rejected`` strings; ``idx`` is the id; ``ds_name``, ``origin_dataset``, ``origin_split`` (a JSON
+    string: generating / labelling models, question type) and ``image_path`` go to meta as they are.
+    Source: RLHF-V/RLAIF-V ``muffin/data/datasets.py`` (the flat-column branch of the preference dataset).
+    """
+    meta = {k: row[k] for k in ("ds_name", "origin_dataset", "origin_split", "image_path") if row.get(k) is not None}
+    return [PreferenceRecord(_row_id(row, "idx", f"rlaif_v-{key}"), [_image_ref(row.get("image"), "image")],
+                             _get(row, "question", str), _get(row, "chosen", str), [_get(row, "rejected", str)],
+                             "rlaif_v", meta)]
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+
+
+def _marked_messages(messages: list[dict], n_images: int) -> str | list[dict]:
+    """Messages with string content and ``<image>`` markers -> a record prompt: the text itself for one user
+    turn (markers kept), else messages whose markers became image parts."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return _with_image_parts([{"role": m["role"], "content": _content(m["content"])} for m in messages], n_images)
+
+
+def _sharegpt_turns(turns: list, where: str) -> list[dict]:
+    """``[{from, value}]`` (LLaMA-Factory's default sharegpt tags; ``user``/``assistant`` also accepted) ->
+    ``[{role, content}]``."""
+    out = []
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and turn.get("from") in _SHAREGPT_ROLES and isinstance(turn.get("value"), str)):
+            raise FieldError(f"{where}[{i}]", f"expected {{from: human|gpt|system, value: str}}, got {turn!r:.80}")
+        out.append({"role": _SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return out
+
+
+def from_llamafactory(row: dict, key: str) -> list[PreferenceRecord]:
+    """LLaMA-Factory sharegpt ranking row: ``conversations`` ending with a human turn, ``chosen`` and ``rejected``
+    (``{from: gpt, value}``), ``images`` (paths, ``<image>`` markers in the text), optional ``system``.
+
+    Source: hiyouga/LLaMA-Factory ``data/README.md`` (sharegpt preference format) and
+    ``src/llamafactory/data/converter.py`` (``SharegptDatasetConverter``).
+    """
+    images = [_image_ref(r, f"images[{i}]") for i, r in enumerate(row.get("images") or [])]
+    messages = _sharegpt_turns(_get(row, "conversations", list), "conversations")
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        messages = [{"role": "system", "content": row["system"]}, *messages]
+    if not messages or messages[-1]["role"] != "user":
+        raise FieldError("conversations", "an answer must follow a human turn")
+    answers = [_sharegpt_turns([_get(row, k, dict)], k)[0] for k in ("chosen", "rejected")]
+    if any(a["role"] != "assistant" for a in answers):
+        raise FieldError("chosen", "chosen and rejected must be {from: gpt, value} turns")
+    return [PreferenceRecord(_row_id(row, "id", f"llamafactory-{key}"), images, _marked_messages(messages, len(images)),
+                             answers[0]["content"], [answers[1]["content"]], "llamafactory")]
+
+
+def from_swift(row: dict, key: str) -> list[PreferenceRecord]:
+    """ms-swift DPO row: ``messages`` (OpenAI-style, string content with ``<image>`` markers) ending with the
+    chosen assistant turn, ``rejected_response`` (string), ``images`` (paths or ``{bytes, path}``).
+
+    Source: modelscope/ms-swift docs "Custom Dataset" (RLHF / DPO format) and ``swift/llm/dataset/preprocessor``.
+    """
+    images = [_image_ref(r, f"images[{i}]") for i, r in enumerate(row.get("images") or [])]
+    messages = _get(row, "messages", list)
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
+            raise FieldError(f"messages[{i}]", f"expected {{role, content: str}}, got {m!r:.80}")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+        raise FieldError("messages", "expected a user turn followed by the chosen assistant answer at the end")
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    return [PreferenceRecord(_row_id(row, "id", f"swift-{key}"), images, _marked_messages(prompt, len(images)),
+                             messages[-1]["content"], [_get(row, "rejected_response", str)], "swift")]
+
+
+CONVERTERS: dict[str, Callable[[dict, str], list[PreferenceRecord]]] = {
+    "trl": from_trl, "povid": from_povid, "rlhf_v": from_rlhf_v, "rlaif_v": from_rlaif_v,
+    "vlfeedback": from_vlfeedback, "llava_rlhf": from_llava_rlhf, "llava_sft": from_llava_sft,
+    "llamafactory": from_llamafactory, "swift": from_swift,
 }
-
-
-def load_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """``(row number, row)`` of a ``.json`` (array), ``.jsonl`` or ``.parquet`` source file (1-based)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        yield from io.read_parquet_rows(path)
-    elif path.suffix == ".jsonl":
-        for line, text in io.read_jsonl_lines(path):
-            try:
-                yield line, json.loads(text)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"not valid JSON: {err}", file=str(path), line=line) from err
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise RecordError(f"expected a JSON array of rows, got {type(rows).__name__}", file=str(path))
-        yield from enumerate(rows, start=1)
-    else:
-        raise ValueError(f"{path}: unknown source file type {path.suffix!r}; expected .json, .jsonl or .parquet")
-
-
-def convert_file(path: str | Path, fmt: str) -> list[PreferenceRecord]:
-    """All records of a source file in layout ``fmt`` (a key of ``CONVERTERS``); "line" = row number."""
-    if fmt not in CONVERTERS:
-        raise ValueError(f"unknown source format {fmt!r}; known: {sorted(CONVERTERS)}")
-    records: list[PreferenceRecord] = []
-    n_rows = 0
-    for number, row in load_rows(path):
-        n_rows += 1
-        try:
-            if not isinstance(row, dict):
-                raise FieldError(None, f"expected an object, got {type(row).__name__}")
-            records.extend(CONVERTERS[fmt](row, number))
-        except FieldError as err:
-            rid = str(row.get("id")) if isinstance(row, dict) and row.get("id") is not None else None
-            raise RecordError(err.reason, file=str(path), line=number, record_id=rid, field=err.field) from err
-    logger.info("%s: %d %s row(s) -> %d record(s)", path, n_rows, fmt, len(records))
-    return records

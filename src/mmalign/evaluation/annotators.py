@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 
 from mmalign.config import ConfigError, config_hash, save_config
-from mmalign.data.images import open_image
 from mmalign.data.io import write_jsonl
-from mmalign.data.record_files import read_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.evaluation.stats import bootstrap, ratio
 from mmalign.sampling.annotators import Annotation, Annotator, AnnotatorConfig, RolloutGroup, build_annotator
@@ -70,9 +69,9 @@ def sample_row(record: PreferenceRecord, annotation: Annotation) -> dict[str, An
     }
 
 
-def annotator_rows(annotator: Annotator, records: list[PreferenceRecord], root: Path) -> list[dict[str, Any]]:
+def annotator_rows(annotator: Annotator, records: list[PreferenceRecord], dataset: RecordSet) -> list[dict[str, Any]]:
     """One ``sample_row`` per record, annotating chosen vs first rejected."""
-    groups = [RolloutGroup(r, [open_image(ref, root) for ref in r.images], [r.chosen, r.rejected[0]]) for r in records]
+    groups = [RolloutGroup(r, dataset.images(r), [r.chosen, r.rejected[0]]) for r in records]
     return [sample_row(r, a) for r, a in zip(records, annotator.annotate(groups))]
 
 
@@ -80,11 +79,11 @@ def evaluate_annotator(cfg: AnnotatorEvalConfig, annotator: Annotator | None = N
     """Score an annotator on ``cfg.data``; writes metrics and samples to ``cfg.out_dir``; returns the metrics."""
     if not cfg.data:
         raise ConfigError("data (held-out preference records) is required")
-    records = read_records(cfg.data, data_root=cfg.data_root, min_rejected=1)
+    dataset = RecordSet.at(cfg.data, cfg.data_root)
+    records = dataset.read(min_rejected=1)
     records = records[: cfg.max_records] if cfg.max_records else records
-    root = Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.data).parent
     annotator = annotator if annotator is not None else build_annotator(cfg.annotator, cfg.device)
-    rows = annotator_rows(annotator, records, root)
+    rows = annotator_rows(annotator, records, dataset)
     columns = {k: np.array([r[k] for r in rows]) for k in rows[0] if isinstance(rows[0][k], float)}
     columns["records"] = np.ones(len(rows))
     values = bootstrap(columns, METRICS, n_boot=cfg.n_boot, seed=cfg.seed)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from mmalign.config import config_hash, save_config
+from mmalign.config import config_hash, save_config, to_dict
 from mmalign.data.images import open_image
 from mmalign.data.io import read_jsonl_lines, write_jsonl
 from mmalign.evaluation.chair import CHAIR_METRICS, Vocabulary, chair_columns, chair_record, load_synonyms
@@ -33,9 +33,11 @@ from mmalign.evaluation.cooccur import (
     pope_bias_records, pope_bias_strata, pope_bias_strata_columns,
 )
 from mmalign.evaluation.items import load_bias_pairs, load_caption_items, load_pope_items
-from mmalign.evaluation.pope import POPE_METRICS, pope_columns
+from mmalign.evaluation.pope import POPE_METRICS, YES_RATE_METRICS, pope_columns
 from mmalign.evaluation.scoring import generate_captions, score_pope_generate, score_pope_likelihood
 from mmalign.evaluation.stats import MetricFn, MetricValue, PairedResult, bootstrap, paired_bootstrap
+from mmalign.progress import in_batches
+from mmalign.tracking import Trackers, check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +50,16 @@ SPLIT_ORDER = ("random", "popular", "adversarial")
 
 @dataclass
 class PopeConfig:
-    """POPE questions (empty ``file`` skips POPE) and how they are scored."""
+    """POPE questions (empty ``file`` skips POPE) and how they are scored: ``generate`` (greedy answers parsed as
+    LLaVA's script does: what papers report, and one prefill per question) or ``likelihood`` (the candidate
+    answer with the higher summed log-prob)."""
 
-    file: str = "eval/pope.jsonl"
-    scorer: Literal["likelihood", "generate"] = "likelihood"
+    file: str = "eval/pope.jsonl"  # POPE questions relative to lab_dir ("": skip POPE)
+    # generate (greedy answer, parsed as LLaVA does) or likelihood (the likelier of the candidates)
+    scorer: Literal["likelihood", "generate"] = "generate"
+    # likelihood: the answers compared (a yes and a no)
     candidates: list[str] = field(default_factory=lambda: ["Yes.", "No."])
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # generate: most tokens per answer
 
 
 @dataclass
@@ -63,17 +69,17 @@ class CaptionConfig:
     An empty ``bias`` skips the co-occurrence metrics (files without a bias definition).
     """
 
-    file: str = "eval/captions.jsonl"
-    synonyms: str = "vocab/synonyms.txt"
-    bias: str = "bias.json"
-    max_new_tokens: int = 64
+    file: str = "eval/captions.jsonl"  # captioning prompts relative to lab_dir ("": skip captioning)
+    synonyms: str = "vocab/synonyms.txt"  # CHAIR vocabulary relative to lab_dir
+    bias: str = "bias.json"  # bias pairs relative to lab_dir ("": skip the co-occurrence metrics)
+    max_new_tokens: int = 64  # most tokens per caption
 
 
 @dataclass
 class StatsConfig:
-    n_boot: int = 1000
-    level: float = 0.95
-    seed: int = 0
+    n_boot: int = 1000  # bootstrap resamples of the confidence intervals
+    level: float = 0.95  # confidence level of the intervals
+    seed: int = 0  # seed of the bootstrap
 
     def __post_init__(self) -> None:
         if self.n_boot < 1 or not 0.0 < self.level < 1.0:
@@ -85,17 +91,20 @@ class EvalConfig:
     """``model``: local model dir loaded in ``dtype`` (both unused when a model is passed in-process);
     relative paths of the evaluation files resolve against ``lab_dir``, as do the image paths inside them."""
 
-    model: str = ""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    lab_dir: str = ""
-    out_dir: str = "runs/eval"
-    seed: int = 0
-    batch_size: int = 16
+    model: str = ""  # local model folder to evaluate
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # dtype the model is loaded in
+    lab_dir: str = ""  # folder the evaluation files (and their image paths) are relative to
+    out_dir: str = "runs/eval"  # where metrics.json and the per-sample records go
+    seed: int = 0  # generation seed
+    batch_size: int = 16  # questions / prompts per forward pass (speed only)
     pope: PopeConfig = field(default_factory=PopeConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    # trackers that also receive the metric values (tensorboard, wandb, mlflow; none): see mmalign.tracking
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
+        self.report_to = check_report_to(self.report_to)
         if not self.pope.file and not self.captions.file:
             raise ValueError("nothing to evaluate: pope.file and captions.file are both empty")
         if self.batch_size < 1:
@@ -168,19 +177,29 @@ def run_pope(model: Any, processor: Any, cfg: EvalConfig, inputs: EvalInputs) ->
     """Per-question records of ``cfg.pope.scorer`` over the POPE items."""
     items, images = inputs.pope_items, inputs.pope_images
     logger.info("POPE: %d questions, scorer %s", len(items), cfg.pope.scorer)
-    if cfg.pope.scorer == "likelihood":
-        return score_pope_likelihood(model, processor, items, images, candidates=cfg.pope.candidates,
-                                     batch_size=cfg.batch_size)
-    return score_pope_generate(model, processor, items, images, max_new_tokens=cfg.pope.max_new_tokens,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
+    records = []
+    for part in in_batches(range(len(items)), cfg.batch_size, f"POPE ({cfg.pope.scorer})", unit="q"):
+        batch, batch_images = items[part.start:part.stop], images[part.start:part.stop]
+        if cfg.pope.scorer == "likelihood":
+            records += score_pope_likelihood(model, processor, batch, batch_images, candidates=cfg.pope.candidates,
+                                             batch_size=cfg.batch_size)
+        else:  # greedy: answers do not depend on how the questions are split
+            records += score_pope_generate(model, processor, batch, batch_images,
+                                           max_new_tokens=cfg.pope.max_new_tokens, batch_size=cfg.batch_size,
+                                           seed=cfg.seed)
+    return records
 
 
 def run_captions(model: Any, processor: Any, cfg: EvalConfig, inputs: EvalInputs) -> list[dict[str, Any]]:
     """Per-caption records: prompt, answer, CHAIR mentions and, with bias pairs, co-occurrence units."""
     items = inputs.caption_items
     logger.info("captions: %d prompts", len(items))
-    answers = generate_captions(model, processor, items, inputs.caption_images,
-                                max_new_tokens=cfg.captions.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    answers = []
+    for part in in_batches(range(len(items)), cfg.batch_size, "captions", unit="cap"):  # greedy, as above
+        answers += generate_captions(model, processor, items[part.start:part.stop],
+                                     inputs.caption_images[part.start:part.stop],
+                                     max_new_tokens=cfg.captions.max_new_tokens, batch_size=cfg.batch_size,
+                                     seed=cfg.seed)
     records = []
     for item, answer in zip(items, answers):
         record = chair_record(item["id"], answer, item["objects"], inputs.vocab)
@@ -206,9 +225,11 @@ def _pope_splits(records: list[dict[str, Any]]) -> list[str]:
 
 def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict[str, Any]],
                   pairs: list[tuple[str, str]]) -> dict[str, MetricGroup]:
-    """Every metric family over its samples, keyed ``pope/<split>``, ``pope/all``, ``chair``, ``cooccur``,
-    ``pope_bias`` (pooled and stratum-matched gap) and ``pope_bias/stratum/<label>`` (the rates within one
-    stratum); samples are sorted by id so two runs on the same files line up row by row."""
+    """Every metric family over its samples, keyed ``pope/<split>``, ``pope/<split>/stratum/<label>`` (the
+    "yes" rate of one kind of question: TP rate for ``present``, FP rate for the absent strata), ``pope/all``,
+    ``chair`` (non-partner counts leave out the bias partners), ``cooccur``, ``pope_bias`` (pooled and
+    stratum-matched rates) and ``pope_bias/stratum/<label>`` (the rates within one stratum); samples are
+    sorted by id so two runs on the same files line up row by row."""
     groups: dict[str, MetricGroup] = {}
 
     def add(name: str, recs: list[dict[str, Any]], columns_fn: Any, metrics: dict[str, MetricFn]) -> None:
@@ -217,12 +238,18 @@ def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict
             groups[name] = MetricGroup([r["id"] for r in recs], columns_fn(recs), metrics)
 
     def pope_cols(recs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        return pope_columns([r["parsed"] for r in recs], [r["truth"] for r in recs])
+        return pope_columns([r["parsed"] for r in recs], [r["truth"] for r in recs],
+                            [r.get("unclear", False) for r in recs])
 
     for split in _pope_splits(pope_records):
-        add(f"pope/{split}", [r for r in pope_records if r["split"] == split], pope_cols, POPE_METRICS)
+        in_split = [r for r in pope_records if r["split"] == split]
+        add(f"pope/{split}", in_split, pope_cols, POPE_METRICS)
+        for label in sorted({r["stratum"] for r in in_split if r.get("stratum")}):
+            add(f"pope/{split}/stratum/{label}", [r for r in in_split if r.get("stratum") == label], pope_cols,
+                YES_RATE_METRICS)
     add("pope/all", pope_records, pope_cols, POPE_METRICS)
-    add("chair", caption_records, chair_columns, CHAIR_METRICS)
+    partners = frozenset(p for _, p in pairs)
+    add("chair", caption_records, lambda recs: chair_columns(recs, partners), CHAIR_METRICS)
     if pairs:
         add("cooccur", [r for r in caption_records if r["units"]], cooccur_columns, COOCCUR_METRICS)
         bias_records = pope_bias_records(pope_records, pairs)
@@ -282,6 +309,9 @@ def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[
               "stats": {"n_boot": cfg.stats.n_boot, "level": cfg.stats.level, "seed": cfg.stats.seed},
               "metrics": metrics}
     (out / METRICS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    trackers = Trackers(cfg.report_to, out, to_dict(cfg))
+    trackers.log({key: m["value"] for key, m in metrics.items() if m["value"] is not None}, step=0)
+    trackers.close()
     logger.info("wrote %d metrics to %s", len(metrics), out / METRICS_FILE)
     return result
 
@@ -290,11 +320,12 @@ def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[
 class Comparison:
     """Runs side by side: ``names`` (the first is the baseline), each run's metrics from its
     ``metrics.json`` (``values[run][key]``), and paired tests of every other run against the baseline
-    (``tests[run][key]``: difference run - baseline on the same samples)."""
+    (``tests[run][key]``: difference run - baseline on the same samples, from ``n_boot`` replicates)."""
 
     names: list[str]
     values: dict[str, dict[str, MetricValue]]
     tests: dict[str, dict[str, PairedResult]]
+    n_boot: int = 1000
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -342,4 +373,4 @@ def compare(runs: dict[str, str | Path], *, n_boot: int = 1000, seed: int = 0,
             tests[name] |= {f"{group_name}/{key}": res for key, res in results.items()}
     values = {name: {key: _value(entry) for key, entry in result["metrics"].items()}
               for name, (result, _, _) in loaded.items()}
-    return Comparison(names, values, tests)
+    return Comparison(names, values, tests, n_boot)

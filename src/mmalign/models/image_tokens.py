@@ -13,28 +13,14 @@ from typing import Any
 
 import torch
 
-# model_type -> name of the config field holding the placeholder id the model replaces with image features.
-IMAGE_TOKEN_FIELD = {
-    "llava": "image_token_index",
-    "llava_next": "image_token_index",
-    "llava_onevision": "image_token_index",
-    "qwen2_vl": "image_token_id",
-    "qwen2_5_vl": "image_token_id",
-    "idefics3": "image_token_id",
-    "smolvlm": "image_token_id",
-    "gemma3": "image_token_index",
-    "paligemma": "image_token_index",
-}
-
+from mmalign.models.families import FAMILIES
 
 def image_token_id(config: Any) -> int:
     """Id of the placeholder token whose embedding is replaced by image features (top-level VLM config)."""
-    field = IMAGE_TOKEN_FIELD.get(config.model_type)
-    if field is None:
-        raise ValueError(
-            f"no image-token rule for model_type {config.model_type!r}; supported: {', '.join(IMAGE_TOKEN_FIELD)}"
-        )
-    return int(getattr(config, field))
+    row = FAMILIES.get(config.model_type)
+    if row is None:
+        raise ValueError(f"no image-token rule for model_type {config.model_type!r}; supported: {', '.join(FAMILIES)}")
+    return int(getattr(config, row.image_token_field))
 
 
 def image_token_mask(config: Any, input_ids: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from mmalign.config import ConfigError
+from mmalign.data.io import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def load_vlm(
     Returns:
         the model in eval mode and its processor.
     """
-    path = Path(path)
+    path = local_path(path, "model")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"model {str(path)!r}: " + ("not a model directory (no config.json)" if path.is_dir()

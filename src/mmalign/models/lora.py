@@ -14,7 +14,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -30,11 +30,13 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class ModelConfig:
     """The policy: a local ``save_pretrained`` directory. The vision tower is frozen by default."""
 
-    path: str = ""
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    freeze_vision: bool = True
-    train_projector: bool = True
+    SHORTHAND: ClassVar[str] = "path"  # model=DIR sets model.path
+
+    path: str = ""  # local model folder (save_pretrained layout: config.json, weights, processor files)
+    dtype: str | None = None  # weights dtype: float32 / bfloat16 / float16 / auto (the checkpoint's); None: float32
+    trust_remote_code: bool = False  # allow model code shipped inside the folder
+    freeze_vision: bool = True  # keep the vision tower frozen (required under LoRA)
+    train_projector: bool = True  # train the vision-language projector (under LoRA as a saved full module)
 
 
 @dataclass
@@ -44,9 +46,10 @@ class LoraConfig:
     ``enabled: false`` is full fine-tuning. Dropout is off everywhere so policy and reference agree at step 0.
     """
 
-    enabled: bool = True
-    rank: int = 128
-    alpha: int = 256
+    enabled: bool = True  # LoRA adapters on the language model; false: full fine-tuning
+    rank: int = 128  # LoRA rank r
+    alpha: int = 256  # LoRA alpha (scale alpha / r)
+    # names of the linear layers that get adapters
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
     def __post_init__(self) -> None:
@@ -71,6 +74,13 @@ def _projector_modules(names: list[str]) -> tuple[list[str], list[str]]:
     return sorted(modules), bare
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout probability 0 everywhere (TRL's ``disable_dropout``): policy and reference agree at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def prepare_policy(cfg: PolicyConfig) -> tuple[Any, Any, Any, list[str]]:
     """Load the policy and set what trains; returns (policy, processor, frozen reference or None, projector names).
 
@@ -78,9 +88,7 @@ def prepare_policy(cfg: PolicyConfig) -> tuple[Any, Any, Any, list[str]]:
     parameter (LLaVA-NeXT ``image_newline``) cannot be a PEFT module and stays frozen there.
     """
     model, processor = load_vlm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    for module in model.modules():  # TRL's disable_dropout: policy and reference must agree at step 0
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     if cfg.model.freeze_vision:
         freeze_vision_tower(model)
     projector = projector_param_names(model)
@@ -90,11 +98,11 @@ def prepare_policy(cfg: PolicyConfig) -> tuple[Any, Any, Any, list[str]]:
                 param.requires_grad_(False)
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         return model.train(), processor, reference, projector
-    model, projector = _add_lora(model, cfg.lora, projector if cfg.model.train_projector else [])
+    model, projector = add_lora(model, cfg.lora, projector if cfg.model.train_projector else [])
     return model.train(), processor, None, projector
 
 
-def _add_lora(model: Any, lora: LoraConfig, projector: list[str]) -> tuple[Any, list[str]]:
+def add_lora(model: Any, lora: LoraConfig, projector: list[str]) -> tuple[Any, list[str]]:
     """Wrap ``model`` in a PEFT LoRA model; returns it and the names of its trainable projector copies."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model

@@ -15,13 +15,13 @@ Family rules (what the plain forward's own mask creation does, reproduced per pa
 - Qwen2-VL / Qwen2.5-VL mRoPE: prefix positions from the model's own ``get_rope_index``; answer text positions
   continue from the prefix's largest position + 1 on all three axes, as ``get_rope_index`` does for text after
   an image.
-Families outside ``_RULES``, non-causal text models and attention kernels that take no dense mask are refused.
+Families without shared-prefix rules in ``models.families``, non-causal text models and attention kernels that take
+no dense mask are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from mmalign.data.collate import IGNORE_INDEX
 from mmalign.data.packing import CHOSEN_SEGMENT, PAD_SEGMENT, PREFIX_SEGMENT
+from mmalign.models.families import FAMILIES, Family
 from mmalign.models.logprobs import PreferenceForward
 
 # Packing bookkeeping that is not a model input (attention_mask is replaced by the block mask).
@@ -38,27 +39,13 @@ _PACKING_KEYS = ("labels", "segment_ids", "order_ids", "attention_mask")
 _DENSE_MASK_KERNELS = ("eager", "sdpa")
 
 
-@dataclass(frozen=True)
-class _Rules:
-    """How a family's plain forward positions and masks tokens, beyond causal order."""
-
-    mrope: bool = False         # 3-axis positions from the model's get_rope_index (Qwen2-VL, Qwen2.5-VL)
-    image_blocks: bool = False  # image tokens attend bidirectionally within their image (Gemma3)
-
-
-_RULES = {
-    "llava": _Rules(), "llava_next": _Rules(), "idefics3": _Rules(),
-    "qwen2_vl": _Rules(mrope=True), "qwen2_5_vl": _Rules(mrope=True),
-    "gemma3": _Rules(image_blocks=True),
-}
-
-
-def family_rules(config: Any) -> _Rules:
+def family_rules(config: Any) -> Family:
     """The shared-prefix rules of a VLM config; a clear error where the packed forward cannot be exact."""
-    rules = _RULES.get(config.model_type)
-    if rules is None:
+    rules = FAMILIES.get(config.model_type)
+    if rules is None or not rules.shared_prefix:
+        supported = [name for name, fam in FAMILIES.items() if fam.shared_prefix]
         raise ValueError(f"shared-prefix forward: model_type {config.model_type!r} is not supported (supported: "
-                         f"{', '.join(_RULES)}); use forward: plain")
+                         f"{', '.join(supported)}); use forward: plain")
     text = config.get_text_config()
     for cfg in (config, text):
         if cfg._attn_implementation not in _DENSE_MASK_KERNELS:
@@ -100,7 +87,7 @@ def block_attention_mask(segment_ids: Tensor, order_ids: Tensor, *, window: int 
     return keep[:, None]
 
 
-def text_masks(config: Any, batch: Mapping[str, Any], rules: _Rules, dtype: torch.dtype) -> Tensor | dict:
+def text_masks(config: Any, batch: Mapping[str, Any], rules: Family, dtype: torch.dtype) -> Tensor | dict:
     """The block mask(s) the language model takes: one [B, 1, L, L] tensor, or ``{layer_type: mask}`` for
     text models with per-layer attention types (Gemma3 sliding layers, Qwen2-VL). In the format transformers'
     own masks have per kernel: bool for sdpa, additive ``dtype`` (0 / dtype min) for eager."""
@@ -133,7 +120,7 @@ def vlm_core(model: Any) -> Any:
     return top.model
 
 
-def position_ids(model: Any, batch: Mapping[str, Any], rules: _Rules) -> Tensor:
+def position_ids(model: Any, batch: Mapping[str, Any], rules: Family) -> Tensor:
     """long[B, L] (``order_ids``), or long[3, B, L] mRoPE positions: the prefix's from ``get_rope_index``,
     each answer's text positions continuing from the prefix's largest position + 1 on all three axes."""
     order = batch["order_ids"]

@@ -47,7 +47,9 @@ from transformers.models.llava_next import LlavaNextConfig
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_vl import Qwen2VLConfig
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")
+from mmalign.models.families import TINY_FAMILIES
+
+FAMILIES = TINY_FAMILIES
 
 # Image side of one vision-tower tile and the ViT patch; 32 / 8 -> a 4x4 patch grid per tile.
 TILE = 32

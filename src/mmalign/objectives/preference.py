@@ -125,6 +125,8 @@ def slic(logps: PreferenceLogps, *, beta: float | Tensor, label_smoothing: float
 
 
 PREFERENCE_LOSSES: dict[str, Callable[..., PreferenceLosses]] = {"dpo": dpo, "ipo": ipo, "slic": slic}
+# TRL's ``loss_type`` names of the same losses (its "ipo" is ours already).
+LOSS_ALIASES = {"sigmoid": "dpo", "hinge": "slic"}
 
 
 def mm_dpo_beta(beta0: float, margin: Tensor, *, w: float = 0.5, k: float = 0.5) -> Tensor:

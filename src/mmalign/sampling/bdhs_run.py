@@ -15,7 +15,6 @@ grows until memory runs out. One run at a time writes an output: ``.<output name
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -28,13 +27,14 @@ from accelerate import Accelerator
 
 from mmalign.config import ConfigError
 from mmalign.data.collate import collate_sft
-from mmalign.data.images import open_image
 from mmalign.data.io import same_file
-from mmalign.data.record_files import read_records, write_records
+from mmalign.data.record_files import write_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm
+from mmalign.progress import in_batches
 from mmalign.runs import claim_output
-from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
+from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_drop_reason, bdhs_record, bdhs_sample, settings
 from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for
 from mmalign.sampling.similarity import SentenceSimilarity
 
@@ -49,14 +49,14 @@ class BDHSRunConfig:
     ``max_length``: most tokens of prompt (image tokens included) + reference answer + generation budget;
     ``skip_invalid_to``: JSONL file listing bad or too long records, which are then skipped (None: an error)."""
 
-    input: str
-    output: str
-    model: str
-    data_root: str | None = None
-    dtype: str | None = None
+    input: str  # records to sample (.jsonl / .parquet); chosen is the reference answer y+
+    output: str  # record file to write (chosen = reference, rejected = [BDHS answer, ...])
+    model: str  # local policy folder
+    data_root: str | None = None  # folder image paths are relative to (None: the input's folder)
+    dtype: str | None = None  # model dtype (None: float32)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
-    max_length: int = 4096
-    skip_invalid_to: str | None = None
+    max_length: int = 4096  # most tokens of prompt (image tokens included) + reference + generation budget
+    skip_invalid_to: str | None = None  # list bad or too long records here and skip them (None: an error)
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
@@ -70,12 +70,8 @@ def summary_path(output: str | Path) -> Path:
 
 def _fingerprint(cfg: BDHSRunConfig) -> dict[str, Any]:
     """What decides the results: input content, model folder, dtype and sampler settings."""
-    return {"input_sha256": hashlib.sha256(Path(cfg.input).read_bytes()).hexdigest(),
+    return {"input_sha256": RecordSet.at(cfg.input, cfg.data_root).sha256(),
             "model": str(Path(cfg.model).resolve()), "dtype": cfg.dtype, "bdhs": settings(cfg.bdhs)}
-
-
-def _root(cfg: BDHSRunConfig) -> Path:
-    return Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.input).parent
 
 
 def _length_errors(cfg: BDHSRunConfig, records: list[PreferenceRecord], processor: Any, context: int
@@ -87,14 +83,15 @@ def _length_errors(cfg: BDHSRunConfig, records: list[PreferenceRecord], processo
     """
     budget = max(cfg.bdhs.max_sentence_tokens, cfg.bdhs.max_answer_tokens)
     limit = min(cfg.max_length, context)
+    dataset = RecordSet.at(cfg.input, cfg.data_root)
     errors = []
     for record in records:
-        images = [open_image(ref, _root(cfg)) for ref in record.images]
-        length = int(collate_sft(processor, [record], [images])["attention_mask"].sum()) + budget
+        length = int(collate_sft(processor, [record], [dataset.images(record)])["attention_mask"].sum()) + budget
         if length > limit:
             errors.append(RecordError(
                 f"prompt + reference answer + generation budget ({budget}) = {length} tokens, more than "
-                f"{limit} (max_length {cfg.max_length}, model context {context})", file=cfg.input,
+                f"{limit} (max_length {cfg.max_length}, model context {context}); shorten the record or lower "
+                "bdhs.max_answer_tokens / bdhs.max_sentence_tokens", file=cfg.input,
                 record_id=record.id, field="chosen"))
     return errors
 
@@ -103,7 +100,7 @@ def _read(cfg: BDHSRunConfig) -> tuple[list[PreferenceRecord], list[str]]:
     """The input's valid records and (with ``skip_invalid_to``) the JSON lines listing the invalid ones."""
     with tempfile.TemporaryDirectory() as tmp:  # one listing per process; the main one publishes it
         listing = Path(tmp) / "skipped.jsonl" if cfg.skip_invalid_to else None
-        records = read_records(cfg.input, data_root=cfg.data_root, skip_invalid_to=listing)
+        records = RecordSet.at(cfg.input, cfg.data_root).read(skip_invalid_to=listing)
         return records, listing.read_text().splitlines() if listing else []
 
 
@@ -137,23 +134,11 @@ def _sample_share(cfg: BDHSRunConfig, records: list[PreferenceRecord], accelerat
     if not mine:
         return
     similarity = SentenceSimilarity(cfg.bdhs.embedder, accelerator.device)
-    root = _root(cfg)
-    size = cfg.bdhs.batch_size
-    for start in range(0, len(mine), size):
-        batch = mine[start:start + size]
-        images = [[open_image(ref, root) for ref in r.images] for r in batch]
+    dataset = RecordSet.at(cfg.input, cfg.data_root)
+    for batch in in_batches(mine, cfg.bdhs.batch_size, "BDHS", enabled=accelerator.is_main_process, unit="rec"):
+        images = [dataset.images(r) for r in batch]
         results = bdhs_sample(model, processor, batch, images, cfg.bdhs, similarity)
         writer.append(asdict(result) for result in results)
-        logger.info("process %d: %d / %d records", accelerator.process_index, start + len(batch), len(mine))
-
-
-def _drop_reason(record: PreferenceRecord, answer: str) -> str | None:
-    """A pair that cannot train: an empty answer, or one that reproduces the reference exactly."""
-    if not answer.strip():
-        return "empty answer"
-    if answer.strip() == record.chosen.strip():
-        return "identical to chosen"
-    return None
 
 
 def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig) -> dict[str, Any]:
@@ -167,6 +152,7 @@ def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig
         "records": n, "written": n - len(dropped), "dropped": dropped,
         "accepted_at_iteration": accepted, "different_after_iteration": cumulative,
         "similar_after_last": 1.0 - len(different) / n,
+        "truncated": sum(r.truncated for r in results),
         "mean_similarity": sum(r.similarity for r in results) / n, "bdhs": settings(cfg),
     }
 
@@ -180,7 +166,7 @@ def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) 
     results = [BDHSResult(**entries[r.id]) for r in records]
     out, dropped = [], {}
     for record, result in zip(records, results):
-        reason = _drop_reason(record, result.answer)
+        reason = bdhs_drop_reason(record, result.answer)
         if reason is None:
             out.append(bdhs_record(record, result, cfg.bdhs))
         else:
@@ -189,6 +175,10 @@ def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) 
                   "config": asdict(cfg.bdhs), "settings_hash": settings(cfg.bdhs)["settings_hash"]}
     write_records(cfg.output, out, provenance=provenance)
     summary = _summary(results, dropped, cfg.bdhs)
+    if summary["truncated"]:
+        logger.warning("BDHS: %d of %d answers stopped at their token budget (bdhs.max_answer_tokens=%d, "
+                       "bdhs.max_sentence_tokens=%d); they are marked meta.bdhs.truncated", summary["truncated"],
+                       len(results), cfg.bdhs.max_answer_tokens, cfg.bdhs.max_sentence_tokens)
     summary_path(cfg.output).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 

@@ -27,9 +27,11 @@ from typing import Any, Literal
 
 from mmalign.config import config_hash, to_dict
 from mmalign.data.chat import IMAGE_MARKER
-from mmalign.data.record_files import read_records, write_records
+from mmalign.data.record_files import write_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.corrupt import corrupt_lab_records
+from mmalign.progress import track
 from mmalign.sampling.openai_client import ChatClient, EndpointConfig
 
 logger = logging.getLogger(__name__)
@@ -42,10 +44,10 @@ class LLMCorruptionConfig:
     """The corrupting LLM: endpoint, few-shot prompt file ("" = the packaged one) and sampling settings."""
 
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
-    prompt_file: str = ""
-    temperature: float = 0.7
-    max_tokens: int = 512
-    cache_dir: str = ""
+    prompt_file: str = ""  # few-shot corruption prompt ("": the packaged one)
+    temperature: float = 0.7  # sampling temperature of the corrupting LLM
+    max_tokens: int = 512  # most tokens of one corrupted answer
+    cache_dir: str = ""  # response cache, so a rerun pays for no call twice ("": <output folder>/corrupt_cache)
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.max_tokens < 1:
@@ -146,7 +148,7 @@ def _fetch_missing(requests: dict[str, list[dict[str, str]]], cfg: LLMCorruption
     with ThreadPoolExecutor(max_workers=cfg.endpoint.max_workers) as pool:
         futures = [pool.submit(call, key) for key in requests]
         try:
-            for future in futures:
+            for future in track(futures, "corrupt (LLM requests)", unit="req"):
                 future.result()
         except Exception:
             pool.shutdown(cancel_futures=True)  # the replies received are cached; send no more
@@ -197,13 +199,14 @@ class CorruptConfig:
     ``method="lab"`` uses the exact lab corrupter with the bias pairs of ``<lab_dir>/bias.json``.
     """
 
-    input: str = ""
-    output: str = ""
-    data_root: str = ""
+    input: str = ""  # records whose chosen answers are corrupted (.jsonl / .parquet)
+    output: str = ""  # preference record file to write
+    data_root: str = ""  # folder image paths are relative to ("": the input's folder)
+    # llm (an OpenAI-compatible endpoint) or lab (the exact ShapesWorld corrupter)
     method: Literal["llm", "lab"] = "llm"
-    seed: int = 0
+    seed: int = 0  # seed of the per-record sampling
     llm: LLMCorruptionConfig = field(default_factory=LLMCorruptionConfig)
-    lab_dir: str = ""
+    lab_dir: str = ""  # method=lab: the lab folder holding bias.json
 
 
 def _bias_pairs(lab_dir: str) -> list[list[str]]:
@@ -220,7 +223,7 @@ def run_corruption(cfg: CorruptConfig) -> dict[str, Any]:
     """Corrupt ``cfg.input`` into ``cfg.output`` (+ provenance sidecar); returns the summary."""
     if not cfg.input or not cfg.output:
         raise ValueError("input and output record files are required")
-    records = read_records(cfg.input, data_root=cfg.data_root or None)
+    records = RecordSet.at(cfg.input, cfg.data_root).read()
     if cfg.method == "lab":
         out = corrupt_lab_records(records, _bias_pairs(cfg.lab_dir), cfg.seed)
         summary: dict[str, Any] = {"records": len(records), "written": len(out)}

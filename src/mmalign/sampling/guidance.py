@@ -1,6 +1,7 @@
 """Reference guidance of BDHS (Amirloo et al. 2024, arXiv 2407.02477, Sec. 3.4.2, Eq. 7): sentences, pivots, yes/no swap.
 
-The chosen answer y+ is split into sentences y^{k,+}; each is cut at a random word boundary into
+The chosen answer y+ is split into sentences y^{k,+} (``sampling.sentences``: decimals, abbreviations and list
+markers do not end a sentence; "?" and "!" do); each is cut at a random word boundary into
 (y^{k,+}_1, y^{k,+}_2) and the policy rewrites y^{k,+}_2 under the masked image, conditioned on the
 ground-truth previous sentences y^{<k,+} and y^{k,+}_1. Sentences that start with yes/no are flipped with
 probability 0.5 first. Every random draw of a record comes from ``record_rng(seed, record_id, iteration)`` in a
@@ -16,35 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmalign.sampling.sentences import split_sentences
+
 # The paper's regex ``^[\s]*(Yes|yes|No|no)`` plus a word boundary: without it "Nothing ..." or "Yesterday ..."
 # would be "swapped" into non-words.
 YES_NO = re.compile(r"^[\s]*(Yes|yes|No|no)\b")
 _SWAP = {"Yes": "No", "yes": "no", "No": "Yes", "no": "yes"}
-# A sentence ends at a full stop (the paper's stop criterion for each completion) followed by space or the end.
-_SENTENCE = re.compile(r"[^.]*(?:\.+|$)")
 _WORD = re.compile(r"\S+")
-
-
-def split_sentences(text: str) -> list[tuple[str, str]]:
-    """Split an answer into ``(sentence, separator)`` pairs; ``"".join(s + sep)`` gives ``text`` back.
-
-    A sentence runs up to and including a full stop; the whitespace after it is its separator. Text before
-    the first sentence (leading whitespace) is kept in the first sentence.
-    """
-    pieces: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(text):
-        match = _SENTENCE.match(text, pos)
-        end = match.end()
-        sep_end = end
-        while sep_end < len(text) and text[sep_end].isspace():
-            sep_end += 1
-        if text[pos:end].strip():
-            pieces.append((text[pos:end], text[end:sep_end]))
-        elif pieces:  # only whitespace left: it belongs to the previous separator
-            pieces[-1] = (pieces[-1][0], pieces[-1][1] + text[pos:sep_end])
-        pos = sep_end if sep_end > pos else pos + 1
-    return pieces
 
 
 def swap_yes_no(sentence: str) -> str:

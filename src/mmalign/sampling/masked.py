@@ -27,6 +27,7 @@ from transformers import (
 
 from mmalign.data.collate import encode_prompts
 from mmalign.models.image_tokens import image_token_mask
+from mmalign.sampling.sentences import closes_sentence, first_sentence, sentence_ends
 
 
 @dataclass
@@ -127,22 +128,21 @@ class _GumbelRows(LogitsProcessor):
         return scores.float() / self.temperature + gumbel.to(scores.device, torch.float32)
 
 
-class _StopAtPeriod(StoppingCriteria):
-    """Row done once it emits a token holding a full stop (Eq. 7: y2 is decoded to the first '.').
+class _StopAtSentenceEnd(StoppingCriteria):
+    """Row done once its new text (after column ``width``) holds a certain sentence end (Eq. 7: y2 is decoded to
+    the end of its sentence; ``sentences.closes_sentence``: a full stop followed by more text, so "3." that may
+    become "3.5" does not stop it). Costs one token past the stop; the text is cut there (``first_sentence``)."""
 
-    Only saves decoding steps: the text is cut after its first '.' anyway (``_continuation``), so a '.' token
-    this test misses (e.g. a byte-fallback piece) changes nothing but the time spent.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.period_ids = torch.tensor([i for token, i in tokenizer.get_vocab().items() if "." in token])
+    def __init__(self, tokenizer: Any, width: int):
+        self.tokenizer, self.width = tokenizer, width
 
     def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
-        return torch.isin(input_ids[:, -1], self.period_ids.to(input_ids.device))
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([closes_sentence(t) for t in texts], device=input_ids.device)
 
 
-def _continuation(tokenizer: Any, prefix_ids: Tensor, new_ids: Tensor, stop_at_period: bool) -> str:
-    """Text the new tokens add after the prefix, cut after the first '.' when stopping at periods.
+def _continuation(tokenizer: Any, prefix_ids: Tensor, new_ids: Tensor, stop_at_sentence_end: bool) -> str:
+    """Text the new tokens add after the prefix, cut after the sentence it finishes when stopping there.
 
     Decoded together with the prefix and then stripped of the prefix's own decoding, so tokenizers whose
     decoder joins words with spaces (word-level) still give the space between prefix and continuation.
@@ -153,15 +153,22 @@ def _continuation(tokenizer: Any, prefix_ids: Tensor, new_ids: Tensor, stop_at_p
     while common < min(len(head), len(full)) and head[common] == full[common]:
         common += 1
     text = full[common:]
-    if stop_at_period and "." in text:
-        text = text[: text.index(".") + 1]
-    return text
+    return first_sentence(text) if stop_at_sentence_end else text
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """One row's generated text, and whether it stopped only because it reached ``max_new_tokens`` (no EOS and,
+    when stopping at sentence ends, no sentence end): a truncation the caller must report, not hide."""
+
+    text: str
+    truncated: bool
 
 
 @torch.no_grad()
-def generate_masked(model: Any, processor: Any, rows: Sequence[MaskedRow], *, max_new_tokens: int,
-                    temperature: float, stop_at_period: bool) -> list[str]:
-    """Continue each row's prefix under its image-attention mask; returns the continuation texts (no prefix).
+def generate_masked_rows(model: Any, processor: Any, rows: Sequence[MaskedRow], *, max_new_tokens: int,
+                         temperature: float, stop_at_sentence_end: bool) -> list[Continuation]:
+    """Continue each row's prefix under its image-attention mask; returns each continuation (no prefix).
 
     One batched ``generate`` call: inputs [B, T] with holes at hidden image tokens, explicit position ids of
     the unmasked sequence, greedy when ``temperature == 0`` else per-row Gumbel-max sampling. Inputs go to the
@@ -172,17 +179,29 @@ def generate_masked(model: Any, processor: Any, rows: Sequence[MaskedRow], *, ma
               for k, v in inputs.items()}
     inputs = hide_image_attention(model, inputs, [r.keep for r in rows])
     tokenizer = processor.tokenizer
+    width = inputs["input_ids"].shape[1]
     processors = LogitsProcessorList([_GumbelRows([r.seed for r in rows], temperature)] if temperature > 0 else [])
-    stopping = StoppingCriteriaList([_StopAtPeriod(tokenizer)] if stop_at_period else [])
+    stopping = StoppingCriteriaList([_StopAtSentenceEnd(tokenizer, width)] if stop_at_sentence_end else [])
     # Only the ids come from the checkpoint: its own decoding defaults (sampling, penalties) must not change BDHS.
+    eos = model.generation_config.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=model.generation_config.eos_token_id,
-                              bos_token_id=model.generation_config.bos_token_id)
+                              eos_token_id=eos, bos_token_id=model.generation_config.bos_token_id)
     out = model.generate(**inputs, generation_config=config,
                          logits_processor=processors, stopping_criteria=stopping)
-    width = inputs["input_ids"].shape[1]
-    texts = []
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
+    results = []
     for b, n_prefix in enumerate(prefix_lengths):
         prefix_ids = inputs["input_ids"][b, width - n_prefix:].cpu() if n_prefix else torch.zeros(0, dtype=torch.long)
-        texts.append(_continuation(tokenizer, prefix_ids, out[b, width:].cpu(), stop_at_period))
-    return texts
+        new_ids = out[b, width:].cpu()
+        text = _continuation(tokenizer, prefix_ids, new_ids, stop_at_sentence_end)
+        ended = bool(torch.isin(new_ids, eos_ids).any()) or (
+            stop_at_sentence_end and bool(sentence_ends(text, at_start=False)))
+        results.append(Continuation(text, truncated=not ended))
+    return results
+
+
+def generate_masked(model: Any, processor: Any, rows: Sequence[MaskedRow], *, max_new_tokens: int,
+                    temperature: float, stop_at_sentence_end: bool) -> list[str]:
+    """The texts of ``generate_masked_rows``."""
+    return [c.text for c in generate_masked_rows(model, processor, rows, max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, stop_at_sentence_end=stop_at_sentence_end)]

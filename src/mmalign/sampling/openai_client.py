@@ -46,15 +46,15 @@ class EndpointConfig:
     ``min(max_backoff_s, backoff_s * 2**i)`` (or ``Retry-After`` if longer) before the next one.
     """
 
-    base_url: str = ""
-    model: str = ""
-    api_key_env: str = ""
-    timeout_s: float = 120.0
-    max_retries: int = 6
-    backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    requests_per_s: float = 2.0
-    max_workers: int = 4
+    base_url: str = ""  # URL up to /chat/completions, e.g. http://127.0.0.1:8000/v1 for mmalign serve
+    model: str = ""  # model name sent with each request
+    api_key_env: str = ""  # environment variable holding the API key ("": send none)
+    timeout_s: float = 120.0  # seconds one request may take
+    max_retries: int = 6  # retries of a failed request (429, 5xx, timeouts)
+    backoff_s: float = 1.0  # first retry delay, doubled per attempt
+    max_backoff_s: float = 60.0  # longest retry delay
+    requests_per_s: float = 2.0  # client-side rate limit
+    max_workers: int = 4  # requests in flight at once
 
     def __post_init__(self) -> None:
         if self.max_retries < 0 or self.max_workers < 1:
@@ -163,7 +163,8 @@ class ChatClient:
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env)
             if not key:
-                raise ValueError(f"environment variable {endpoint.api_key_env!r} (endpoint.api_key_env) is unset or empty")
+                raise ValueError(f"environment variable {endpoint.api_key_env!r} (endpoint.api_key_env) is unset or "
+                                 "empty")
             self._key = key
             self._headers["Authorization"] = f"Bearer {key}"
         self._limiter = RateLimiter(endpoint.requests_per_s)

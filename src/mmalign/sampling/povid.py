@@ -46,16 +46,23 @@ def add_diffusion_noise(pixels: Tensor, n_steps: int, generator: torch.Generator
     return alpha_bar**0.5 * pixels + (1.0 - alpha_bar) ** 0.5 * eps
 
 
-def noised_image(image: Image.Image, n_steps: int, seed: int) -> Image.Image:
-    """A noised RGB copy of ``image`` (Eq. 9 on [0, 1] pixels, then clipped and rounded back to 8 bits).
+def noised_image(image: Image.Image, n_steps: int, seed: int, *, clip: bool = False) -> Image.Image:
+    """A noised RGB copy of ``image``: Eq. 9 on [0, 1] pixels, then back to 8 bits.
 
-    POVID converts back with ``ToPILImage`` without clipping; clipping here keeps out-of-range values from
-    wrapping around in the uint8 cast.
+    By default as POVID's code does it: ``ToPILImage`` computes ``(x * 255).byte()``, which truncates towards
+    zero and wraps out-of-range values modulo 256 (a pixel pushed to -0.01 becomes 255), written out here as
+    ``trunc(255 x) mod 256`` so it does not depend on the platform's float-to-uint8 cast. At N = 500 about a
+    third of the pixels of a typical image leave [0, 1] and wrap. ``clip=True`` clips to [0, 1] and rounds
+    instead (the noise then only blurs, never inverts, a pixel).
     """
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)  # [H, W, 3]
     generator = torch.Generator().manual_seed(seed)
     noisy = add_diffusion_noise(pixels.permute(2, 0, 1), n_steps, generator).permute(1, 2, 0)
-    return Image.fromarray((noisy.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy(), mode="RGB")
+    if clip:
+        values = (noisy.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    else:
+        values = torch.remainder(torch.trunc(noisy * 255.0).to(torch.int64), 256).to(torch.uint8)
+    return Image.fromarray(values.numpy(), mode="RGB")
 
 
 def _predicting_positions(labels: Tensor) -> tuple[Tensor, Tensor]:

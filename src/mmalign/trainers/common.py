@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 from accelerate import Accelerator
@@ -28,25 +28,28 @@ from mmalign.config import ConfigError
 from mmalign.models.layouts import resolve_layout
 from mmalign.models.lora import LoraConfig, ModelConfig
 from mmalign.runs import TrainingStopped, check_backend
+from mmalign.tracking import Trackers, check_report_to
 
 logger = logging.getLogger(__name__)
+
+CPUINFO = Path("/proc/cpuinfo")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW + schedule. ``projector_lr`` gives the vision-language projector its own rate (None: ``lr``).
+    """AdamW + schedule.
 
-    ``max_grad_norm``: clip the global gradient norm to this value; exactly 0 turns clipping off. A negative,
-    NaN or infinite value is an error, never a silent "off" (``x > 0`` is false for both -1 and NaN).
+    ``max_grad_norm``: exactly 0 turns clipping off. A negative, NaN or infinite value is an error, never a
+    silent "off" (``x > 0`` is false for both -1 and NaN).
     """
 
-    lr: float = 1e-4
-    projector_lr: float | None = None
-    weight_decay: float = 0.0
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    grad_accum: int = 1
+    lr: float = 1e-4  # peak learning rate (AdamW), reached after warmup
+    projector_lr: float | None = None  # own rate for the vision-language projector (None: lr)
+    weight_decay: float = 0.0  # AdamW weight decay
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"  # decay after warmup (constant keeps the warmup)
+    warmup_ratio: float = 0.03  # share of the optimizer steps spent warming up linearly from 0
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    grad_accum: int = 1  # micro-batches per optimizer step on each process (does not change the batch)
 
     def __post_init__(self) -> None:
         # Written as "not (valid)" so that NaN, for which every comparison is false, is refused too.
@@ -65,42 +68,85 @@ class OptimConfig:
             raise ValueError("warmup_ratio must be in [0, 1)")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo);
+    elsewhere bf16 autocast is emulated and slower than float32 (measured 2.5x slower on the lab recipe)."""
+    if not CPUINFO.is_file():
+        return False
+    flags = set(CPUINFO.read_text().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def native_precision() -> str:
+    """The mixed precision ``auto`` resolves to: bf16 on a CUDA device that supports it or on a CPU with
+    native bf16, else "no" (float32)."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
 @dataclass
 class RunConfig:
-    """Where a run writes, its seed, precision, and how often it logs and checkpoints (0 = at the end only)."""
+    """Where a run writes, its seed, precision, how often it logs and checkpoints, and its trackers.
 
-    output_dir: str = "runs/default"
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    tensorboard: bool = True
+    ``mixed_precision: auto`` is resolved when the config is built (``native_precision``), so the saved
+    config names the precision the run used; the default stays float32 ("no"), exact on every machine."""
+
+    output_dir: str = "runs/default"  # everything the run writes goes here
+    seed: int = 0  # seeds data order, initialisation and sampling
+    # autocast precision of the forward passes; auto: bf16 where the hardware computes it natively, else no
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
+    log_every: int = 10  # optimizer steps between lines of metrics.jsonl / tracker points (and the last step)
+    save_every: int = 0  # optimizer steps between checkpoints (0: none)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    # trackers (tensorboard, wandb, mlflow; none): see mmalign.tracking
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
         if self.log_every < 1 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("log_every >= 1, save_every >= 0 and keep_checkpoints >= 1 are required")
         if not 0 <= self.seed < 2**32:  # numpy's seed range, which accelerate's set_seed passes it to
             raise ValueError(f"run.seed must be in [0, 2**32), got {self.seed}")
+        self.report_to = check_report_to(self.report_to)
+        if self.mixed_precision == "auto":
+            self.mixed_precision = native_precision()
+
+
+# Names TRL / transformers' TrainingArguments give the same settings (``config.ALIASES``; docs/cli.md). Absent
+# on purpose: per_device_train_batch_size (batch_size is global) and lr_scheduler_type (TRL's "constant" has
+# no warmup; ours keeps it).
+TRAINING_ALIASES = {
+    "model_name_or_path": "model.path", "learning_rate": "optim.lr", "weight_decay": "optim.weight_decay",
+    "warmup_ratio": "optim.warmup_ratio", "max_grad_norm": "optim.max_grad_norm",
+    "gradient_accumulation_steps": "optim.grad_accum", "output_dir": "run.output_dir", "seed": "run.seed",
+    "logging_steps": "run.log_every", "save_steps": "run.save_every", "save_total_limit": "run.keep_checkpoints",
+    "report_to": "run.report_to", "resume": "run.resume", "max_length": "data.max_length",
+}
+PREFERENCE_ALIASES = {**TRAINING_ALIASES, "num_train_epochs": "epochs", "beta": "loss.beta",
+                      "loss_type": "loss.name", "label_smoothing": "loss.label_smoothing"}
 
 
 @dataclass
 class PreferenceRecipeConfig:
     """The sections and schedule every preference recipe (offline, online, mixed) shares, as top-level keys.
 
-    ``batch_size``: the global batch per optimizer step (all processes and micro-batches); ``max_steps`` > 0
-    replaces ``epochs``; ``forward``: the batch layout of the policy and reference passes
-    (``mmalign.models.layouts``; ``auto`` is resolved at start and the saved config holds the resolved name).
+    ``batch_size`` is global: the examples of one optimizer step over all processes and micro-batches, so
+    per-device batch = batch_size / (processes x optim.grad_accum), which must divide evenly (TRL's
+    ``per_device_train_batch_size`` x processes x ``gradient_accumulation_steps`` = ``batch_size``).
     """
+
+    ALIASES: ClassVar[dict[str, str]] = PREFERENCE_ALIASES
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # global batch per optimizer step: all processes x micro-batches (per device: / (processes x grad_accum))
     batch_size: int = 8
-    epochs: int = 1
-    max_steps: int = 0
+    epochs: int = 1  # passes over the data (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps to run; > 0 replaces epochs
+    # batch layout of policy and reference passes (mmalign.models.layouts); auto: prefix_cache where exact
     forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
 
     def __post_init__(self) -> None:
@@ -219,39 +265,34 @@ def stop_if_not_finite(accelerator: Accelerator, step: int, values: dict[str, to
 
 
 class MetricsLogger:
-    """Per-step metrics to ``metrics.jsonl`` (and TensorBoard) on the main process.
+    """Per-step metrics to ``metrics.jsonl`` and the ``report_to`` trackers (``mmalign.tracking``), on the main
+    process; ``config`` (the resolved config as a dict) is logged as the trackers' hyperparameters.
 
     On resume from step ``resume_step``, lines of later steps left by the killed run are dropped first, so
     the log holds every step exactly once.
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, out_dir: str | Path, enabled: bool, report_to: list[str], resume_step: int = 0,
+                 config: dict[str, Any] | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.writer = None
+        self.trackers = Trackers(report_to, out_dir, config, resume_step, enabled)
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in _logged_lines(self.path) if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, step)
+        self.trackers.log(metrics, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.trackers.close()
 
 
 def whole_weights_dir(out: Path, lora: bool, merge: bool) -> Path | None:
@@ -276,10 +317,3 @@ def save_weights(accelerator: Accelerator, policy: torch.nn.Module, processor: A
             merged = whole_weights_dir(out, lora, merge)
             unwrapped.merge_and_unload().save_pretrained(merged)
             processor.save_pretrained(merged)
-
-
-def progress(total: int, initial: int, enabled: bool, desc: str):
-    """A tqdm progress bar with ETA on the main process."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmalign.config import ConfigError, save_config
+from mmalign.config import ConfigError, save_config, to_dict
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import (
@@ -39,15 +39,16 @@ from mmalign.models.logprobs import (
 )
 from mmalign.models.lora import prepare_policy, reference_model
 from mmalign.objectives.preference import mm_dpo_beta
+from mmalign.progress import progress
 from mmalign.runs import claim_folder
 from mmalign.sampling.povid import povid_rejected_logps
 from mmalign.trainers.checkpoints import adapter_only_checkpoints, resume_from, save_checkpoint
 from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, make_accelerator,
-    process_slice, progress, save_weights, steps_per_epoch, stop_if_not_finite, trainer_layout,
+    process_slice, save_weights, steps_per_epoch, stop_if_not_finite, trainer_layout,
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
-from mmalign.trainers.preference_data import DataConfig, data_fingerprint, data_root, load_pairs, record_images
+from mmalign.trainers.preference_data import DataConfig, data_fingerprint, load_pairs, record_set
 from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,12 @@ class LossConfig(PreferenceLossConfig):
     ``dynamic_beta``: beta per pair from ``meta[margin_key]`` (MM-DPO; ``beta_w``, ``beta_k``).
     """
 
+    # weight per rejected slot in the Apple Eq. 5 mean ([]: equal weights)
     rejected_weights: list[float] = field(default_factory=list)
-    dynamic_beta: bool = False
-    beta_w: float = 0.5
-    beta_k: float = 0.5
-    margin_key: str = "reward_margin"
+    dynamic_beta: bool = False  # MM-DPO: beta per pair from the reward margin in meta[margin_key]
+    beta_w: float = 0.5  # MM-DPO w: how far beta may grow above loss.beta
+    beta_k: float = 0.5  # MM-DPO k: how fast beta grows with the margin
+    margin_key: str = "reward_margin"  # meta key holding each record's reward-model margin (dynamic_beta)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,8 +90,9 @@ class OfflineConfig(PreferenceRecipeConfig):
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     povid: PovidConfig = field(default_factory=PovidConfig)
+    # compute reference log-probs once and cache them in this folder (None: live reference)
     ref_cache_dir: str | None = None
-    merge_weights: bool = False
+    merge_weights: bool = False  # under LoRA, also save merged whole weights in merged/
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,10 +114,10 @@ def reference_fn(cfg: OfflineConfig, accelerator: Accelerator, policy: Any, froz
     fp = model_fingerprint(cfg.model.path, str(cfg.model.dtype), cfg.run.mixed_precision)
     keys = [[answer_cache_key(fp, image_hashes[i], r.prompt, a) for a in (r.chosen, *r.rejected)]
             for i, r in enumerate(records)]
-    root = data_root(cfg.data)
+    dataset = record_set(cfg.data)
 
     def compute(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = collate(processor, [records[i] for i in indices], [record_images(records[i], root) for i in indices],
+        batch = collate(processor, [records[i] for i in indices], [dataset.images(records[i]) for i in indices],
                         cfg.data.max_length)
         with accelerator.autocast():
             return live(_to_device(batch, accelerator.device), indices)
@@ -150,13 +153,12 @@ def _collate(run: _Run, indices: list[int]) -> tuple[dict[str, Any], tuple[dict,
     """The micro-batch in the configured layout, and the POVID (clean, noisy) batches when ``povid.enabled``."""
     cfg, device = run.cfg, run.accelerator.device
     records = [run.records[i] for i in indices]
-    root = data_root(cfg.data)
-    images = [record_images(r, root) for r in records]
+    images = [record_set(cfg.data).images(r) for r in records]
     batch = PREFERENCE_LAYOUTS[cfg.forward][0](run.processor, records, images, cfg.data.max_length)
     if not cfg.povid.enabled:
         return _to_device(batch, device), None
     clean, noisy = povid_batches(run.processor, records, images, cfg.povid.noise_steps, cfg.run.seed,
-                                 cfg.data.max_length)
+                                 cfg.data.max_length, clip=cfg.povid.noise_clip)
     return _to_device(batch, device), (_to_device(clean, device), _to_device(noisy, device))
 
 
@@ -316,14 +318,16 @@ def _train_offline(cfg: OfflineConfig) -> Path:
     run = _Run(cfg, accelerator, policy, unwrapped, frozen, processor, optimizer, scheduler, reference, records,
                micro)
     start = _resume(cfg, accelerator, scheduler, fingerprint)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.tensorboard, resume_step=start)
-    bar = progress(total, start, accelerator.is_main_process, f"{cfg.loss.name} ({len(records)} pairs)")
+    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
+                            config=to_dict(cfg))
+    bar = progress(total, f"{cfg.loss.name} ({len(records)} pairs)", initial=start,
+                   enabled=accelerator.is_main_process, unit="step")
     for step in range(start + 1, total + 1):
         values = train_step(run, step)
         if step % cfg.run.log_every == 0 or step == total:
             metrics.log(step, values)
         bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}")
+        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
         if cfg.run.save_every and (step % cfg.run.save_every == 0 or step == total):
             save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, cfg.run.keep_checkpoints,
                             scheduler=scheduler, save_adapter=_adapter_saver(run))

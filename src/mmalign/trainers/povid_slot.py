@@ -28,11 +28,13 @@ from mmalign.sampling.povid import NUM_DIFFUSION_STEPS, noised_image
 
 @dataclass
 class PovidConfig:
-    """The POVID slot: off by default; ``weight`` is its weight in the Eq. 5 mean beside ``loss.rejected_weights``."""
+    """The POVID slot: off by default; ``weight`` is its weight in the Eq. 5 mean beside ``loss.rejected_weights``;
+    ``noise_clip``: clip noised pixels before the 8-bit cast (default off: they wrap, as in POVID's code)."""
 
-    enabled: bool = False
-    noise_steps: int = 500
-    weight: float = 1.0
+    enabled: bool = False  # add POVID's answer under a noised image as one more rejected slot
+    noise_steps: int = 500  # diffusion noise steps of 1000 applied to the image (POVID Eq. 8/9)
+    weight: float = 1.0  # weight of the POVID slot in the Eq. 5 mean
+    noise_clip: bool = False  # clip noised pixels to [0, 1] (false: they wrap in the 8-bit cast, as POVID's code)
 
     def __post_init__(self) -> None:
         if not 1 <= self.noise_steps < NUM_DIFFUSION_STEPS:
@@ -48,9 +50,10 @@ def noise_seed(seed: int, record_id: str, image_index: int) -> int:
 
 
 def povid_batches(processor: Any, records: Sequence[PreferenceRecord], images: Sequence[Sequence[Image.Image]],
-                  n_steps: int, seed: int, max_length: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  n_steps: int, seed: int, max_length: int | None, *, clip: bool = False
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(clean, noisy) ``collate_sft`` batches of the R records' prompt + chosen answer; only the images differ."""
-    noisy = [[noised_image(image, n_steps, noise_seed(seed, r.id, i)) for i, image in enumerate(imgs)]
+    noisy = [[noised_image(image, n_steps, noise_seed(seed, r.id, i), clip=clip) for i, image in enumerate(imgs)]
              for r, imgs in zip(records, images)]
     return (collate_sft(processor, records, images, max_length), collate_sft(processor, records, noisy, max_length))
 

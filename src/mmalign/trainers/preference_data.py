@@ -15,15 +15,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import Any, ClassVar
 
 from mmalign.config import ConfigError
 from mmalign.data.collate import SequenceTooLong
-from mmalign.data.images import image_sha256, open_image
 from mmalign.data.io import same_file
-from mmalign.data.record_files import read_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord, RecordError
 
 logger = logging.getLogger(__name__)
@@ -37,9 +34,12 @@ class DataConfig:
     processor) which are then skipped and counted; without it the first bad record is an error.
     """
 
-    train: str = ""
-    data_root: str | None = None
-    max_length: int = 2048
+    SHORTHAND: ClassVar[str] = "train"  # data=FILE sets data.train
+
+    train: str = ""  # preference records (.jsonl / .parquet), >= 1 rejected answer each
+    data_root: str | None = None  # folder image paths are relative to (None: the records file's folder)
+    max_length: int = 2048  # most tokens of prompt (image tokens included) + answer; longer records are errors
+    # JSONL file that receives bad records, which are then skipped (None: first bad one stops)
     skip_invalid_to: str | None = None
 
     def __post_init__(self) -> None:
@@ -47,16 +47,12 @@ class DataConfig:
             raise ValueError(f"data.max_length must be >= 1, got {self.max_length}")
 
 
-def data_root(cfg: DataConfig) -> Path:
-    """Where image paths of the records resolve: ``data_root``, else the records file's folder."""
-    return Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.train).parent
+def record_set(cfg: DataConfig) -> RecordSet:
+    """The training records with their image root (``data_root``, else the records file's folder)."""
+    return RecordSet.at(cfg.train, cfg.data_root)
 
 
-def record_images(record: PreferenceRecord, root: Path) -> list[Image.Image]:
-    return [open_image(ref, root) for ref in record.images]
-
-
-def _record_error(cfg: DataConfig, processor: Any, collate: Callable, record: PreferenceRecord, root: Path,
+def _record_error(cfg: DataConfig, processor: Any, collate: Callable, record: PreferenceRecord, dataset: RecordSet,
                   margin_key: str | None) -> RecordError | None:
     """Why ``record`` cannot train (collated alone by ``collate``), or None."""
     margin = record.meta.get(margin_key) if margin_key is not None else None
@@ -64,7 +60,7 @@ def _record_error(cfg: DataConfig, processor: Any, collate: Callable, record: Pr
         return RecordError(f"dynamic_beta needs a numeric reward margin, got {margin!r}", file=cfg.train,
                            record_id=record.id, field=f"meta.{margin_key}")
     try:
-        collate(processor, [record], [record_images(record, root)], cfg.max_length)
+        collate(processor, [record], [dataset.images(record)], cfg.max_length)
     except SequenceTooLong as err:
         return RecordError(str(err), file=cfg.train, record_id=record.id, field="max_length")
     except ValueError as err:  # the processor refuses the prompt/images (e.g. Qwen's aspect-ratio bound)
@@ -88,11 +84,12 @@ def load_pairs(cfg: DataConfig, processor: Any, collate: Callable, *, margin_key
                           "bad records would overwrite the data")
     with tempfile.TemporaryDirectory() as tmp:  # one listing per process; the main one publishes it
         listing = Path(tmp) / "skipped.jsonl" if cfg.skip_invalid_to else None
-        records = read_records(cfg.train, data_root=cfg.data_root, min_rejected=1, skip_invalid_to=listing)
+        dataset = record_set(cfg)
+        records = dataset.read(min_rejected=1, skip_invalid_to=listing)
         skipped = listing.read_text().splitlines() if listing else []
-    root, kept = data_root(cfg), []
+    kept = []
     for record in records:
-        error = _record_error(cfg, processor, collate, record, root, margin_key)
+        error = _record_error(cfg, processor, collate, record, dataset, margin_key)
         if error is None:
             kept.append(record)
             continue
@@ -111,9 +108,9 @@ def load_pairs(cfg: DataConfig, processor: Any, collate: Callable, *, margin_key
 
 def data_fingerprint(cfg: DataConfig, records: list[PreferenceRecord], n_skipped: int) -> tuple[dict, list]:
     """(fingerprint dict of the training data, per-record image SHA-256 lists)."""
-    root = data_root(cfg)
-    image_hashes = [[image_sha256(ref, root) for ref in r.images] for r in records]
+    dataset = record_set(cfg)
+    image_hashes = [dataset.image_hashes(r) for r in records]
     digest = hashlib.sha256(json.dumps([[r.id for r in records], image_hashes]).encode()).hexdigest()
-    file_digest = hashlib.sha256(Path(cfg.train).read_bytes()).hexdigest()
+    file_digest = dataset.sha256()
     return {"train": cfg.train, "file_sha256": file_digest, "records_sha256": digest,
             "n_records": len(records), "n_skipped": n_skipped}, image_hashes

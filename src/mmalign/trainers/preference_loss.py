@@ -14,23 +14,27 @@ from typing import Literal
 import torch
 
 from mmalign.models.logprobs import PreferenceForward
-from mmalign.objectives.preference import PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, sft_nll
+from mmalign.objectives.preference import (
+    LOSS_ALIASES, PREFERENCE_LOSSES, PreferenceLogps, combine_rejected, sft_nll,
+)
 
 # Per-step sums of the pair statistics, reduced over micro-batches and processes; every preference recipe logs
 # them with "loss" and "n_records" (``record_losses``, ``preference_metrics``).
-PAIR_STATS = ("chosen_reward", "rejected_reward", "margin", "accuracy", "n_pairs")
+PAIR_STATS = ("chosen_reward", "rejected_reward", "margin", "accuracy", "n_pairs", "chosen_logps", "rejected_logps")
 
 
 @dataclass
 class PreferenceLossConfig:
-    """The preference loss (``PREFERENCE_LOSSES``: dpo / ipo / slic), its beta, label smoothing, SFT weight."""
+    """The preference loss (``PREFERENCE_LOSSES``), its beta, label smoothing, SFT weight."""
 
-    name: Literal["dpo", "ipo", "slic"] = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
+    # dpo / ipo / slic; TRL's loss_type names sigmoid (= dpo) and hinge (= slic) are saved as dpo / slic
+    name: Literal["dpo", "ipo", "slic", "sigmoid", "hinge"] = "dpo"
+    beta: float = 0.1  # KL strength; for IPO the tau of its squared loss (TRL's beta)
+    label_smoothing: float = 0.0  # conservative-DPO chance that a pair's label is flipped
+    sft_weight: float = 0.0  # weight of the chosen answer's NLL added to the loss (MM-DPO / RPO)
 
     def __post_init__(self) -> None:
+        self.name = LOSS_ALIASES.get(self.name, self.name)
         # "not (valid)" so that NaN, for which every comparison is false, is refused too.
         if not (0 < self.beta < math.inf and 0 <= self.label_smoothing < 0.5 and 0 <= self.sft_weight < math.inf):
             raise ValueError(f"loss needs a finite beta > 0, 0 <= label_smoothing < 0.5 and a finite sft_weight >= 0; "
@@ -54,13 +58,17 @@ def record_losses(loss: PreferenceLossConfig, out: PreferenceForward, ref_chosen
     mask = out.rejected_mask.float()
     margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
     sums = [pair.chosen_rewards.sum(), (pair.rejected_rewards * mask).sum(), margin.sum(),
-            ((margin > 0).float() * mask).sum(), mask.sum()]
+            ((margin > 0).float() * mask).sum(), mask.sum(), out.chosen_logps.detach().sum(),
+            out.rejected_logps.detach().masked_fill(~out.rejected_mask, 0.0).sum()]
     return per_record + loss.sft_weight * sft, sft, sums
 
 
 def preference_metrics(s: dict[str, float]) -> dict[str, float]:
-    """Step means from the reduced sums: the loss and chosen reward per record, the rest per rejected slot."""
-    n = s["n_pairs"]
-    return {"loss": s["loss"] / s["n_records"], "rewards/chosen": s["chosen_reward"] / s["n_records"],
-            "rewards/rejected": s["rejected_reward"] / n, "rewards/margin": s["margin"] / n,
-            "rewards/accuracy": s["accuracy"] / n}
+    """Step means from the reduced sums, under TRL's ``DPOTrainer`` metric names: the loss and the chosen
+    answer's reward and summed log-prob per record, the rest per rejected slot (with one rejected answer per
+    record, exactly TRL's batch means; ``rewards/accuracies`` counts margins > 0, as TRL does)."""
+    n, r = s["n_pairs"], s["n_records"]
+    return {"loss": s["loss"] / r, "rewards/chosen": s["chosen_reward"] / r,
+            "rewards/rejected": s["rejected_reward"] / n, "rewards/margins": s["margin"] / n,
+            "rewards/accuracies": s["accuracy"] / n,
+            "logps/chosen": s["chosen_logps"] / r, "logps/rejected": s["rejected_logps"] / n}

@@ -1,0 +1,1 @@
+"""End-to-end studies that compose the stages: the lab base recipe, the demo and its Table 6 study."""

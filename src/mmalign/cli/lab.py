@@ -1,4 +1,5 @@
-"""``mmalign lab build`` and ``mmalign lab pretrain``: the ShapesWorld lab and its base model."""
+"""``mmalign lab build`` and ``mmalign lab pretrain``: the ShapesWorld lab and its base model;
+``mmalign lab rm-study``: the reward-model study (``mmalign.recipes.rm_study``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rm_study(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.recipes.rm_study import RMStudyConfig, run_rm_study
+
+    result = run_rm_study(load_config(RMStudyConfig, args.config, args.overrides))
+    print(result["table"])
+    print("\n".join(result["matrices"].values()))
+    print(f"report: {result['report']}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("lab", help="build the ShapesWorld lab; pre-train its base model")
     sub = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
@@ -38,3 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                "(PretrainConfig; cached when already done)")
     add_config_args(pretrain, "mmalign.lab.pretrain:PretrainConfig")
     pretrain.set_defaults(func=_pretrain)
+    study = sub.add_parser("rm-study", help="reward models on every lab pair source (cross-set matrix) and MM-DPO "
+                                            "with their margins vs DPO vs DPO + SFT (RMStudyConfig)")
+    add_config_args(study, "mmalign.recipes.rm_study:RMStudyConfig")
+    study.set_defaults(func=_rm_study)

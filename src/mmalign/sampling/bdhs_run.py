@@ -24,7 +24,7 @@ from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm
 from mmalign.progress import in_batches
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
-from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for
+from mmalign.sampling.shards import ShardWriter, open_work_dir, owner, read_entries, work_dir_for
 from mmalign.sampling.similarity import SentenceSimilarity
 
 logger = logging.getLogger(__name__)
@@ -137,11 +137,7 @@ def run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
         raise RecordError("no records to sample", file=str(cfg.input))
     work_dir = work_dir_for(cfg.output)
     fingerprint = _fingerprint(cfg)
-    if accelerator.is_main_process:
-        init_work_dir(work_dir, fingerprint)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        init_work_dir(work_dir, fingerprint)  # only checks: the main process created it
+    open_work_dir(accelerator, work_dir, fingerprint)
     _sample_share(cfg, records, accelerator, work_dir)
     accelerator.wait_for_everyone()
     summary = None

@@ -19,15 +19,17 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 
+from mmalign.config import ConfigError, to_dict
 from mmalign.models.layouts import resolve_layout
 from mmalign.models.lora import LoraConfig, ModelConfig
+from mmalign.progress import progress
 from mmalign.tracking import Trackers, check_report_to
 
 logger = logging.getLogger(__name__)
@@ -290,6 +292,55 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any
     """Restore everything ``save_checkpoint`` saved; returns its ``trainer_state.json`` (with ``step``)."""
     accelerator.load_state(str(path))
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def micro_batch_size(cfg: PreferenceRecipeConfig, accelerator: Accelerator) -> int:
+    """Records per micro-batch: the global ``batch_size`` split over processes and ``optim.grad_accum``."""
+    parts = accelerator.num_processes * cfg.optim.grad_accum
+    if cfg.batch_size % parts:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {accelerator.num_processes} process(es)"
+                          f" x grad_accum {cfg.optim.grad_accum}")
+    return cfg.batch_size // parts
+
+
+def resume_step(run: RunConfig, accelerator: Accelerator, fingerprint: dict) -> int:
+    """Restore the newest checkpoint when ``run.resume``; returns the step it ended (0: start afresh).
+
+    A checkpoint saved with ``{"data_fingerprint": ...}`` for other data (the file's path aside) is refused.
+    """
+    found = latest_checkpoint(run.output_dir) if run.resume else None
+    if found is None:
+        if run.resume:
+            logger.info("resume: no checkpoint under %s, starting from step 0", run.output_dir)
+        return 0
+    state = load_checkpoint(accelerator, found)
+    if {k: v for k, v in state["data_fingerprint"].items() if k != "train"} != {
+            k: v for k, v in fingerprint.items() if k != "train"}:
+        raise ConfigError(f"resume: {found} was trained on other data ({state['data_fingerprint']} vs {fingerprint})")
+    logger.info("resumed from %s (step %d)", found, state["step"])
+    return int(state["step"])
+
+
+def run_steps(accelerator: Accelerator, cfg: PreferenceRecipeConfig, total: int, start: int, fingerprint: dict,
+              train_step: Callable[[int], dict[str, float]], desc: str, accuracy_key: str) -> None:
+    """Optimizer steps ``start + 1 .. total`` of a recipe: ``train_step(step)`` returns the step's metrics (with
+    ``loss`` and ``accuracy_key``), logged every ``run.log_every`` steps and at the last (``metrics.jsonl`` and the
+    trackers, the resolved ``cfg`` as their hyperparameters); a checkpoint every ``run.save_every`` steps (not at
+    the last, whose weights the recipe saves itself); a progress bar."""
+    run = cfg.run
+    out = Path(run.output_dir)
+    metrics = MetricsLogger(out, accelerator.is_main_process, run.report_to, resume_step=start, config=to_dict(cfg))
+    bar = progress(total, desc, initial=start, enabled=accelerator.is_main_process, unit="step")
+    for step in range(start + 1, total + 1):
+        values = train_step(step)
+        if step % run.log_every == 0 or step == total:
+            metrics.log(step, values)
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values[accuracy_key]:.2f}")
+        if run.save_every and step % run.save_every == 0 and step < total:
+            save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, run.keep_checkpoints)
+    bar.close()
+    metrics.close()
 
 
 def adapter_only_checkpoints(accelerator: Accelerator, policy: Any) -> None:

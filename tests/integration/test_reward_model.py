@@ -24,7 +24,7 @@ from mmalign.data.schema import RecordError
 from mmalign.models.heads import ScalarHeadModel, load_reward_model, read_spec
 from mmalign.models.loading import load_vlm
 from mmalign.objectives.reward import bradley_terry
-from mmalign.sampling.reward_scoring import RewardScorer, load_scorer
+from mmalign.sampling.reward_scoring import RewardScorer, ScorerConfig, load_scorer
 from mmalign.trainers.common import latest_checkpoint
 from mmalign.trainers.reward_model import MODEL_DIR, RewardModelConfig, train_reward_model
 
@@ -85,11 +85,11 @@ def test_training_lowers_the_heldout_loss_and_reloads(tiny_vlm_dir, pairs, heldo
     assert (spec.kind, spec.base_model) == ("bradley_terry", str(model_dir.resolve())) and spec.config_hash
     torch.manual_seed(0)
     base, processor = load_vlm(model_dir)
-    untrained = RewardScorer(ScalarHeadModel(base), processor, spec)
+    untrained = RewardScorer(ScalarHeadModel(base), processor, spec, ScorerConfig())
     before, _ = heldout_loss(untrained, heldout)
     after, accuracy = heldout_loss(load_scorer(out / MODEL_DIR), heldout)
     assert after < before - 0.1 and accuracy >= 0.75, (before, after, accuracy)
-    assert heldout_loss(load_scorer(out / MODEL_DIR, layout="plain"), heldout)[0] == pytest.approx(after, abs=1e-5)
+    assert heldout_loss(load_scorer(out / MODEL_DIR, ScorerConfig(forward="plain")), heldout)[0] == pytest.approx(after, abs=1e-5)
 
 
 def test_full_finetuning_and_grad_accumulation_invariant(tiny_vlm_dir, pairs, tmp_path):
@@ -119,9 +119,9 @@ def test_critique_model_trains_reloads_and_scores(tiny_vlm_dir, pairs, family, t
     assert read_spec(out / MODEL_DIR).kind == "critique"
     records = read_records(data)[:3]
     images = [[open_image(i, data.parent) for i in r.images] for r in records]
-    written = load_scorer(out / MODEL_DIR, critique_tokens=6).score_records(records, images)
-    given = load_scorer(out / MODEL_DIR, critiques="given").score_records(records, images)
-    plain = load_scorer(out / MODEL_DIR, critiques="given", layout="plain").score_records(records, images)
+    written = load_scorer(out / MODEL_DIR, ScorerConfig(critique_tokens=6)).score_records(records, images)
+    given = load_scorer(out / MODEL_DIR, ScorerConfig(critiques="given")).score_records(records, images)
+    plain = load_scorer(out / MODEL_DIR, ScorerConfig(critiques="given", forward="plain")).score_records(records, images)
     for w, g, p, r in zip(written, given, plain, records):
         assert len(w.rejected) == len(r.rejected) and isinstance(w.critiques["chosen"], str)
         assert len(w.critiques["rejected"]) == len(r.rejected) and g.critiques is None

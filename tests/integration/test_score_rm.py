@@ -14,7 +14,7 @@ from mmalign.cli.main import main
 from mmalign.data.images import open_image
 from mmalign.data.record_files import provenance_path, read_records
 from mmalign.models.heads import read_spec
-from mmalign.sampling.reward_scoring import load_scorer
+from mmalign.sampling.reward_scoring import ScorerConfig, load_scorer
 from mmalign.sampling.score_run import ScoreConfig, _fingerprint
 from mmalign.sampling.shards import ShardWriter, init_work_dir, work_dir_for
 from mmalign.trainers.offline import train_offline
@@ -36,7 +36,7 @@ def reward_model(tiny_vlm_dir, pairs, tmp_path_factory) -> Path:
 
 def test_score_writes_margins_per_slot_that_mm_dpo_reads(tiny_vlm_dir, pairs, reward_model, tmp_path):
     output = pairs.parent / "scored.jsonl"
-    assert main(["score", f"input={pairs}", f"output={output}", f"model={reward_model}", "batch_size=5"]) == 0
+    assert main(["score", f"input={pairs}", f"output={output}", f"model={reward_model}", "scorer.batch_size=5"]) == 0
     records, scored = read_records(pairs), read_records(output)
     direct = load_scorer(reward_model).score_records(
         records, [[open_image(i, pairs.parent) for i in r.images] for r in records])
@@ -60,7 +60,7 @@ def test_score_writes_margins_per_slot_that_mm_dpo_reads(tiny_vlm_dir, pairs, re
 
 def test_score_resumes_from_shards_without_recomputing(pairs, reward_model):
     output = pairs.parent / "resumed.jsonl"
-    cfg = ScoreConfig(input=str(pairs), output=str(output), model=str(reward_model), batch_size=4)
+    cfg = ScoreConfig(input=str(pairs), output=str(output), model=str(reward_model), scorer=ScorerConfig(batch_size=4))
     work = work_dir_for(output)
     init_work_dir(work, _fingerprint(cfg))
     first = read_records(pairs)[0]
@@ -68,13 +68,13 @@ def test_score_resumes_from_shards_without_recomputing(pairs, reward_model):
     ShardWriter(work, 0).append([planted])
     with open(work / "shard-00000.jsonl", "a") as handle:
         handle.write('{"id": "r1", "chosen": 9')  # a writer killed mid-line
-    assert main(["score", f"input={pairs}", f"output={output}", f"model={reward_model}", "batch_size=4"]) == 0
+    assert main(["score", f"input={pairs}", f"output={output}", f"model={reward_model}", "scorer.batch_size=4"]) == 0
     scored = read_records(output)
     assert scored[0].meta["rewards"]["chosen"] == 123.0  # finished before the "kill": kept, not recomputed
     assert scored[1].meta["rewards"]["chosen"] != 9 and len(scored) == 16
     again = pairs.parent / "resumed_other.jsonl"
     init_work_dir(work_dir_for(again), _fingerprint(cfg))  # a folder of the first settings ...
-    assert main(["score", f"input={pairs}", f"output={again}", f"model={reward_model}", "batch_size=3"]) == 2
+    assert main(["score", f"input={pairs}", f"output={again}", f"model={reward_model}", "scorer.batch_size=3"]) == 2
 
 
 def test_eval_rm_and_the_cross_set_matrix(tiny_vlm_dir, pairs, reward_model, tmp_path, capsys):

@@ -25,17 +25,16 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from mmalign.config import ConfigError, config_hash, save_config
-from mmalign.data.images import open_image
 from mmalign.data.io import write_jsonl
-from mmalign.data.record_files import read_records
+from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
 from mmalign.evaluation.stats import MetricValue, bootstrap, ratio
-from mmalign.sampling.reward_scoring import RewardScorer, SlotScores, load_scorer
+from mmalign.sampling.reward_scoring import RewardScorer, ScorerConfig, SlotScores, load_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +58,14 @@ class RewardEvalConfig:
     out_dir: str = "runs/eval_rm"  # receives metrics.json, samples.jsonl and config.yaml
     max_records: int = 0  # score the first records only (0: all)
     device: str = "cpu"  # where the model runs
-    dtype: str | None = None  # model dtype: float32 / bfloat16 / float16 / auto (None: float32)
-    # batch layout: prefix_cache / shared_prefix (image + prompt once per record), plain; auto picks the first exact
-    forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
-    max_length: int = 4096  # most tokens of prompt + answer (+ critique)
-    critiques: Literal["generate", "given"] = "generate"  # critique models: write critiques, or use meta.critiques
-    critique_tokens: int = 128  # longest critique a critique model writes
-    batch_size: int = 8  # records per forward
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)  # layout, critiques (written or given), batch size
     n_boot: int = 1000  # bootstrap resamples (over samples) of each interval
     level: float = 0.95  # interval coverage
-    seed: int = 0  # bootstrap and critique-generation seed
+    seed: int = 0  # bootstrap seed
 
     def __post_init__(self) -> None:
-        if self.max_records < 0 or self.n_boot < 1 or self.batch_size < 1 or not 0 < self.level < 1:
-            raise ValueError("max_records >= 0, n_boot >= 1, batch_size >= 1 and 0 < level < 1 are required")
+        if self.max_records < 0 or self.n_boot < 1 or not 0 < self.level < 1:
+            raise ValueError("max_records >= 0, n_boot >= 1 and 0 < level < 1 are required")
 
 
 def _sample_key(record: PreferenceRecord) -> str:
@@ -108,21 +101,15 @@ def reward_metrics(rows: list[dict[str, Any]], *, n_boot: int, seed: int, level:
     return bootstrap(columns, METRICS, n_boot=n_boot, seed=seed, level=level)
 
 
-def _scorer(cfg: RewardEvalConfig) -> RewardScorer:
-    return load_scorer(cfg.model, device=cfg.device, dtype=cfg.dtype, layout=cfg.forward, batch_size=cfg.batch_size,
-                       max_length=cfg.max_length, critiques=cfg.critiques, critique_tokens=cfg.critique_tokens,
-                       seed=cfg.seed)
-
-
 def evaluate_reward_model(cfg: RewardEvalConfig, scorer: RewardScorer | None = None) -> dict[str, Any]:
     """Score ``cfg.data`` with the reward model; writes metrics and per-sample rows; returns ``metrics.json``."""
     if not cfg.data or (scorer is None and not cfg.model):
         raise ConfigError("data (held-out preference records) and model (a reward-model folder) are required")
-    records = read_records(cfg.data, data_root=cfg.data_root, min_rejected=1)
+    dataset = RecordSet.at(cfg.data, cfg.data_root)
+    records = dataset.read(min_rejected=1)
     records = records[: cfg.max_records] if cfg.max_records else records
-    root = Path(cfg.data_root) if cfg.data_root is not None else Path(cfg.data).parent
-    scorer = scorer if scorer is not None else _scorer(cfg)
-    scores = scorer.score_records(records, [[open_image(ref, root) for ref in r.images] for r in records])
+    scorer = scorer if scorer is not None else load_scorer(cfg.model, cfg.scorer, cfg.device)
+    scores = scorer.score_records(records, [dataset.images(r) for r in records])
     rows = sample_rows(records, scores)
     values = reward_metrics(rows, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
     out = Path(cfg.out_dir)
@@ -179,7 +166,7 @@ def cross_set_matrix(cfg: CrossSetConfig) -> dict[str, dict[str, dict[str, Any]]
                 matrix[name][set_name] = json.loads((cell / METRICS_FILE).read_text())
                 continue
             run = dataclasses.replace(cfg.eval, data=data, model=model, out_dir=str(cell))
-            scorer = scorer if scorer is not None else _scorer(run)
+            scorer = scorer if scorer is not None else load_scorer(model, run.scorer, run.device)
             matrix[name][set_name] = evaluate_reward_model(run, scorer)
     (out / "matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
     (out / "matrix.md").write_text("\n".join(matrix_table(matrix, m) for m in ("accuracy", "accuracy_plus")))

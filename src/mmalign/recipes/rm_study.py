@@ -46,6 +46,7 @@ from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
 from mmalign.sampling.generate import GenerationParams, generate
 from mmalign.sampling.povid import povid_rejected_answers
+from mmalign.sampling.reward_scoring import ScorerConfig
 from mmalign.sampling.score_run import ScoreConfig, run_score
 from mmalign.trainers.common import whole_weights_dir
 from mmalign.trainers.offline import OfflineConfig, train_offline
@@ -103,9 +104,11 @@ class RMStudyConfig:
     dpo: OfflineConfig = field(default_factory=_default_dpo)  # DPO template (paths, SFT weight, MM-DPO filled in)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)  # the bdhs source's sampler (seed filled in)
     # mmalign score settings for the DPO pairs (paths filled in)
-    score: ScoreConfig = field(default_factory=lambda: ScoreConfig(critique_tokens=64, batch_size=16))
+    score: ScoreConfig = field(default_factory=lambda: ScoreConfig(scorer=ScorerConfig(critique_tokens=64,
+                                                                                       batch_size=16)))
     # reward-model evaluation settings of the matrix cells (paths filled in)
-    rm_eval: RewardEvalConfig = field(default_factory=lambda: RewardEvalConfig(critique_tokens=64, batch_size=16))
+    rm_eval: RewardEvalConfig = field(default_factory=lambda: RewardEvalConfig(
+        scorer=ScorerConfig(critique_tokens=64, batch_size=16)))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(batch_size=64))  # the lab evaluation of each model
 
     def __post_init__(self) -> None:
@@ -252,12 +255,13 @@ def run_seed(cfg: RMStudyConfig, lab_dir: Path, prompts: Path, base: Path, seed:
                                       critique=True)
     cross_set_matrix(CrossSetConfig(models={k: str(v) for k, v in models.items()},
                                     sets={k: str(v[1]) for k, v in splits.items()}, out_dir=str(root / "rm_matrix"),
-                                    eval=dataclasses.replace(cfg.rm_eval, data_root=str(lab_dir), seed=seed)))
+                                    eval=dataclasses.replace(cfg.rm_eval, data_root=str(lab_dir), seed=seed,
+                                                             scorer=dataclasses.replace(cfg.rm_eval.scorer, seed=seed))))
     margin_rm = models["critique" if cfg.margin_model == "critique" else cfg.dpo_source]
     scored = root / "pairs" / f"{cfg.dpo_source}_train_scored.jsonl"
     _once(scored, lambda: run_score(dataclasses.replace(
         cfg.score, input=str(splits[cfg.dpo_source][0]), output=str(scored), model=str(margin_rm),
-        data_root=str(lab_dir), seed=seed)))
+        data_root=str(lab_dir), scorer=dataclasses.replace(cfg.score.scorer, seed=seed))))
     return {f"{variant}_s{seed}": _evaluate(cfg, lab_dir, _dpo(cfg, variant, scored, lab_dir, base,
                                                                  root / variant, seed),
                                             Path(cfg.out_dir) / "eval" / f"{variant}_s{seed}")

@@ -38,7 +38,7 @@ from mmalign.models.loading import load_vlm
 from mmalign.sampling.corrupt import question_text
 from mmalign.sampling.generate import GenerationParams, generate
 from mmalign.sampling.openai_client import ChatClient, EndpointConfig
-from mmalign.sampling.reward_scoring import RewardScorer, load_scorer
+from mmalign.sampling.reward_scoring import RewardScorer, ScorerConfig, load_scorer
 
 DEFAULT_TEMPLATE = Path(__file__).parent / "prompts" / "judge_pairwise.txt"
 
@@ -364,8 +364,8 @@ def build_annotator(cfg: AnnotatorConfig, device: Any) -> Annotator:
     if cfg.kind == "oracle":
         annotator: Annotator = LabOracle(read_synonyms(cfg.synonyms))
     elif cfg.kind == "reward_model":
-        annotator = RewardModelAnnotator(load_scorer(cfg.model, device=device, dtype=cfg.dtype,
-                                                     batch_size=cfg.batch_size))
+        annotator = RewardModelAnnotator(load_scorer(cfg.model, ScorerConfig(dtype=cfg.dtype, batch_size=cfg.batch_size),
+                                                     device))
     elif cfg.kind == "vlm_judge":
         model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
         params = GenerationParams(max_new_tokens=cfg.max_new_tokens)

@@ -51,30 +51,44 @@ class SlotScores:
         return [self.chosen - r for r in self.rejected]
 
 
-class RewardScorer:
-    """A reward model ready to score. ``layout``: a ``REWARD_LAYOUTS`` name or "auto" (resolved once, as trainers
-    do, for prompts + answers up to ``max_length`` tokens); ``critiques``: "generate" or "given" (critique models);
-    ``critique_tokens``: the longest critique written; ``batch_size``: prompts per forward / generate call."""
+@dataclass
+class ScorerConfig:
+    """How a reward model scores (``mmalign score``, ``mmalign eval rm``, the RM annotator)."""
 
-    def __init__(self, model: ScalarHeadModel, processor: Any, spec: RewardModelSpec, *, layout: str = "auto",
-                 batch_size: int = 8, max_length: int = 4096, critiques: CritiqueSource = "generate",
-                 critique_tokens: int = 128, seed: int = 0):
-        self.model, self.processor, self.spec = model.eval(), processor, spec
-        self.layout = resolve_layout(layout, model.backbone, max_length)
-        self.batch_size, self.max_length, self.critiques, self.seed = batch_size, max_length, critiques, seed
-        self.params = GenerationParams(max_new_tokens=critique_tokens)
+    dtype: str | None = None  # model dtype: float32 / bfloat16 / float16 / auto (None: float32)
+    # batch layout: prefix_cache / shared_prefix (image + prompt once per record), plain; auto picks the first exact
+    forward: Literal["auto", "prefix_cache", "shared_prefix", "plain"] = "auto"
+    max_length: int = 4096  # most tokens of prompt + answer (+ critique); longer records are errors
+    critiques: CritiqueSource = "generate"  # critique models: write the critiques, or use meta.critiques
+    critique_tokens: int = 128  # longest critique a critique model writes (greedy decoding)
+    batch_size: int = 8  # records (prompts) per forward and per generate call
+    seed: int = 0  # generation seed
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_length < 1 or self.critique_tokens < 1:
+            raise ValueError("batch_size, max_length and critique_tokens must be >= 1")
+
+
+class RewardScorer:
+    """A reward model ready to score with the settings of ``cfg`` (its ``forward`` layout resolved once, as
+    trainers do, for prompts + answers up to ``max_length`` tokens)."""
+
+    def __init__(self, model: ScalarHeadModel, processor: Any, spec: RewardModelSpec, cfg: ScorerConfig):
+        self.model, self.processor, self.spec, self.cfg = model.eval(), processor, spec, cfg
+        self.layout = resolve_layout(cfg.forward, model.backbone, cfg.max_length)
+        self.params = GenerationParams(max_new_tokens=cfg.critique_tokens)
 
     def _critiques(self, records: Sequence[PreferenceRecord], images: Sequence[list[Image.Image]]
                    ) -> list[dict[str, Any]]:
         """Per record, ``{"chosen": c, "rejected": [c_k]}``: generated after ``answer + separator``, or given."""
-        if self.critiques == "given":
+        if self.cfg.critiques == "given":
             missing = [r.id for r in records if "critiques" not in r.meta]
             if missing:
                 raise ValueError(f"critiques='given' needs meta.critiques on every record; missing on {missing[:3]}")
             return [r.meta["critiques"] for r in records]
         rows = [(i, answer) for i, r in enumerate(records) for answer in (r.chosen, *r.rejected)]
         written = generate(self.model.backbone, self.processor, [records[i].prompt for i, _ in rows],
-                           [images[i] for i, _ in rows], self.params, seed=self.seed, batch_size=len(rows),
+                           [images[i] for i, _ in rows], self.params, seed=self.cfg.seed, batch_size=len(rows),
                            continue_from=[answer + self.spec.critique_separator for _, answer in rows])
         out, start = [], 0
         for record in records:
@@ -90,20 +104,21 @@ class RewardScorer:
             pairs = [critique_answers(r, c, self.spec.critique_separator, self.processor.tokenizer)
                      for r, c in zip(records, critiques)]
             records, counts = [p[0] for p in pairs], [p[1] for p in pairs]
-        batch = reward_batch(self.layout, self.processor, records, images, self.max_length, counts)
+        batch = reward_batch(self.layout, self.processor, records, images, self.cfg.max_length, counts)
         device, dtype = self.model.head.weight.device, self.model.backbone.dtype
         batch = {k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             rewards = REWARD_LAYOUTS[self.layout][1](self.model, batch).rewards.tolist()
-        generated = critiques if critiques is not None and self.critiques == "generate" else [None] * len(records)
+        generated = critiques if critiques is not None and self.cfg.critiques == "generate" else [None] * len(records)
         return [SlotScores(row[0], row[1: 1 + len(r.rejected)], c) for row, r, c in zip(rewards, records, generated)]
 
     def score_records(self, records: Sequence[PreferenceRecord], images: Sequence[list[Image.Image]]
                       ) -> list[SlotScores]:
         """Rewards of the chosen and every rejected answer of each record (``images[i]``: record i's images)."""
         out: list[SlotScores] = []
-        for start in range(0, len(records), self.batch_size):
-            out += self._forward(records[start: start + self.batch_size], images[start: start + self.batch_size])
+        size = self.cfg.batch_size
+        for start in range(0, len(records), size):
+            out += self._forward(records[start: start + size], images[start: start + size])
         return out
 
     def score_answers(self, records: Sequence[PreferenceRecord], images: Sequence[list[Image.Image]],
@@ -116,9 +131,14 @@ class RewardScorer:
         return [[s.chosen, *s.rejected] for s in self.score_records(rows, images)]
 
 
-def load_scorer(path: str | Path, *, device: Any = None, dtype: str | None = None, **settings: Any) -> RewardScorer:
-    """A ``RewardScorer`` of the reward-model folder ``path`` on ``device``; ``settings`` as ``RewardScorer`` takes."""
-    model, processor = load_reward_model(path, dtype=dtype, device=device)
-    scorer = RewardScorer(model, processor, read_spec(path), **settings)
+def load_scorer(path: str | Path, cfg: ScorerConfig | None = None, device: Any = None) -> RewardScorer:
+    """A ``RewardScorer`` of the reward-model folder ``path`` on ``device`` with the settings ``cfg``.
+
+    The RL trainers' reward source: ``load_scorer(path, ScorerConfig(...), device).score_answers(records, images,
+    answers)`` -> one float per answer, ``answers[i]`` being any number (>= 1) of answers to ``records[i]``'s prompt.
+    """
+    cfg = cfg if cfg is not None else ScorerConfig()
+    model, processor = load_reward_model(path, dtype=cfg.dtype, device=device)
+    scorer = RewardScorer(model, processor, read_spec(path), cfg)
     logger.info("reward model %s (%s): layout %s", path, scorer.spec.kind, scorer.layout)
     return scorer

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmalign.config import ConfigError, save_config, to_dict
+from mmalign.config import ConfigError, save_config
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import (

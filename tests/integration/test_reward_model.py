@@ -173,3 +173,25 @@ def test_bad_records_are_named(tiny_vlm_dir, pairs, tmp_path, capsys):
 
     assert main(["train", "rm", *rm_args(model_dir, pairs, tmp_path / "c", "loss.margin_key=absent")]) == 2
     assert "record 'r0', field 'meta.absent'" in capsys.readouterr().err
+
+
+def test_two_cpu_processes_equal_one_process(tiny_vlm_dir, pairs, tmp_path):
+    """DDP (gloo, torchrun): the wrapped head model, called twice per forward (prompt cache, then answers)."""
+    import socket
+
+    model_dir = tiny_vlm_dir("llava")
+    extra = ("max_steps=3", "optim.grad_accum=2", "loss.center=0.01")
+    one = train_reward_model(rm_config(model_dir, pairs, tmp_path / "one", *extra))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    args = ["-m", "mmalign.cli.main", "train", "rm", *rm_args(model_dir, pairs, tmp_path / "two", *extra)]
+    done = subprocess.run([*launch, *args], env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                                                     ACCELERATE_USE_CPU="true"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(metrics(one), metrics(tmp_path / "two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["margin"] == pytest.approx(b["margin"], abs=1e-6)
+    for name in ("adapter_model.safetensors", "reward_head.safetensors"):
+        assert_same_weights(one / MODEL_DIR / name, tmp_path / "two" / MODEL_DIR / name, atol=1e-5)

@@ -89,7 +89,8 @@ def test_training_lowers_the_heldout_loss_and_reloads(tiny_vlm_dir, pairs, heldo
     before, _ = heldout_loss(untrained, heldout)
     after, accuracy = heldout_loss(load_scorer(out / MODEL_DIR), heldout)
     assert after < before - 0.1 and accuracy >= 0.75, (before, after, accuracy)
-    assert heldout_loss(load_scorer(out / MODEL_DIR, ScorerConfig(forward="plain")), heldout)[0] == pytest.approx(after, abs=1e-5)
+    plain = load_scorer(out / MODEL_DIR, ScorerConfig(forward="plain"))
+    assert heldout_loss(plain, heldout)[0] == pytest.approx(after, abs=1e-5)
 
 
 def test_full_finetuning_and_grad_accumulation_invariant(tiny_vlm_dir, pairs, tmp_path):
@@ -121,7 +122,8 @@ def test_critique_model_trains_reloads_and_scores(tiny_vlm_dir, pairs, family, t
     images = [[open_image(i, data.parent) for i in r.images] for r in records]
     written = load_scorer(out / MODEL_DIR, ScorerConfig(critique_tokens=6)).score_records(records, images)
     given = load_scorer(out / MODEL_DIR, ScorerConfig(critiques="given")).score_records(records, images)
-    plain = load_scorer(out / MODEL_DIR, ScorerConfig(critiques="given", forward="plain")).score_records(records, images)
+    plain_scorer = load_scorer(out / MODEL_DIR, ScorerConfig(critiques="given", forward="plain"))
+    plain = plain_scorer.score_records(records, images)
     for w, g, p, r in zip(written, given, plain, records):
         assert len(w.rejected) == len(r.rejected) and isinstance(w.critiques["chosen"], str)
         assert len(w.critiques["rejected"]) == len(r.rejected) and g.critiques is None

@@ -111,8 +111,8 @@ def test_critique_token_counts_by_hand(tiny_vlm):
     record, counts = critique_answers(RECORDS[1], CRITIQUES[1], SEPARATOR, tok)
     assert record.chosen == "Yes.\nCritique: Yes, it is there."
     assert record.rejected == ["No.\nCritique: Wrong: a red circle is there."]
-    for text, critique, n in zip([record.chosen, *record.rejected], ["Yes, it is there.", "Wrong: a red circle is there."],
-                                 counts):
+    critiques = ["Yes, it is there.", "Wrong: a red circle is there."]
+    for text, critique, n in zip([record.chosen, *record.rejected], critiques, counts):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         tail = tok.decode(ids[len(ids) - (n - 1):])  # n - 1 text tokens + EOS
         assert tail.strip() == critique  # exactly the critique's tokens (the separator is not among them)

@@ -11,8 +11,8 @@ one pass).
 On disk (``save_reward_model``, or ``mmalign train rm``): the backbone as ``save_pretrained`` writes it (whole
 weights, or a PEFT LoRA adapter whose base model ``reward_model.json`` names), the processor,
 ``reward_head.safetensors`` (``weight`` [1, H]; no bias: a Bradley-Terry loss sees only reward differences, so a
-bias would get no gradient and drift under AdamW's noise, as TRL's ``score`` head has none) and ``reward_model.json`` (``RewardModelSpec``:
-Bradley-Terry or critique-based, and the critique separator).
+bias would get no gradient and drift under AdamW's noise; TRL's ``score`` head has none either) and
+``reward_model.json`` (``RewardModelSpec``: Bradley-Terry or critique-based, and the critique separator).
 """
 
 from __future__ import annotations

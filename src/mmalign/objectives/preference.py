@@ -10,8 +10,8 @@ arXiv 2407.02477 Eq. 3)
 
 and returns one unreduced loss per (chosen, rejected_k) pair plus the detached rewards
 ``beta * (policy - ref)``. ``beta`` is a float, one value per prompt float[B], or one per pair float[B, K]
-(MM-DPO's margin of each rejected answer, see ``mm_dpo_beta``). ``combine_rejected`` averages the K pairwise losses of a prompt with weights
-(Apple Eq. 5; POVID's code averages two DPO losses with gamma = 0.5).
+(MM-DPO's margin of each rejected answer, see ``mm_dpo_beta``). ``combine_rejected`` averages the K pairwise
+losses of a prompt with weights (Apple Eq. 5; POVID's code averages two DPO losses with gamma = 0.5).
 
 Label smoothing follows conservative DPO (Mitchell 2023, TRL <= 0.x ``label_smoothing``): the label is
 taken to be flipped with probability ``eps``, so the loss is ``(1 - eps) * l(delta) + eps * l(-delta)``

@@ -253,10 +253,11 @@ def run_seed(cfg: RMStudyConfig, lab_dir: Path, prompts: Path, base: Path, seed:
     if cfg.critique:
         models["critique"] = train_rm(cfg, splits["corrupt"][0], lab_dir, base, root / "rm" / "critique", seed,
                                       critique=True)
+    cell = dataclasses.replace(cfg.rm_eval, data_root=str(lab_dir), seed=seed,
+                               scorer=dataclasses.replace(cfg.rm_eval.scorer, seed=seed))
     cross_set_matrix(CrossSetConfig(models={k: str(v) for k, v in models.items()},
                                     sets={k: str(v[1]) for k, v in splits.items()}, out_dir=str(root / "rm_matrix"),
-                                    eval=dataclasses.replace(cfg.rm_eval, data_root=str(lab_dir), seed=seed,
-                                                             scorer=dataclasses.replace(cfg.rm_eval.scorer, seed=seed))))
+                                    eval=cell))
     margin_rm = models["critique" if cfg.margin_model == "critique" else cfg.dpo_source]
     scored = root / "pairs" / f"{cfg.dpo_source}_train_scored.jsonl"
     _once(scored, lambda: run_score(dataclasses.replace(

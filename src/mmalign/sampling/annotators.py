@@ -364,8 +364,8 @@ def build_annotator(cfg: AnnotatorConfig, device: Any) -> Annotator:
     if cfg.kind == "oracle":
         annotator: Annotator = LabOracle(read_synonyms(cfg.synonyms))
     elif cfg.kind == "reward_model":
-        annotator = RewardModelAnnotator(load_scorer(cfg.model, ScorerConfig(dtype=cfg.dtype, batch_size=cfg.batch_size),
-                                                     device))
+        scorer = ScorerConfig(dtype=cfg.dtype, batch_size=cfg.batch_size)
+        annotator = RewardModelAnnotator(load_scorer(cfg.model, scorer, device))
     elif cfg.kind == "vlm_judge":
         model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
         params = GenerationParams(max_new_tokens=cfg.max_new_tokens)

@@ -321,6 +321,34 @@ def resume_step(run: RunConfig, accelerator: Accelerator, fingerprint: dict) -> 
     return int(state["step"])
 
 
+MicroLoss = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # record indices -> (mean loss, stat sums)
+
+
+def accumulated_update(accelerator: Accelerator, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float,
+                       indices: list[int], micro: int, micro_loss: MicroLoss, n_stats: int
+                       ) -> tuple[dict[str, Any], float]:
+    """One optimizer step over this process's ``indices`` in micro-batches of ``micro`` records:
+    ``micro_loss(chunk)`` -> (mean loss, float[n_stats] sums), each backward through ``accelerator.accumulate``,
+    gradient clipping at ``max_grad_norm`` (0: none), then one scheduler step. Returns ({"sums": the sums reduced
+    over micro-batches and processes, "grad_norm": float}, the learning rate the step used)."""
+    sums, grad_norm = torch.zeros(n_stats, device=accelerator.device), torch.tensor(0.0)
+    for start in range(0, len(indices), micro):
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss, stats = micro_loss(indices[start: start + micro])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and max_grad_norm > 0:
+                # DeepSpeed clips inside its engine step and reports no norm before it has one.
+                norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                grad_norm = grad_norm if norm is None else norm
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sums += stats
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()  # once per optimizer step, whatever the process count (not through accelerate)
+    return {"sums": accelerator.reduce(sums, "sum").tolist(), "grad_norm": float(grad_norm)}, lr
+
+
 def run_steps(accelerator: Accelerator, cfg: PreferenceRecipeConfig, total: int, start: int, fingerprint: dict,
               train_step: Callable[[int], dict[str, float]], desc: str, accuracy_key: str) -> None:
     """Optimizer steps ``start + 1 .. total`` of a recipe: ``train_step(step)`` returns the step's metrics (with

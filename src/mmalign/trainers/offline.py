@@ -40,7 +40,8 @@ from mmalign.models.lora import prepare_policy, reference_model
 from mmalign.objectives.preference import mm_dpo_beta
 from mmalign.sampling.povid import povid_rejected_logps
 from mmalign.trainers.common import (
-    PreferenceRecipeConfig, adapter_only_checkpoints, batch_indices, build_optimizer, build_scheduler,
+    PreferenceRecipeConfig, accumulated_update, adapter_only_checkpoints, batch_indices, build_optimizer,
+    build_scheduler,
     make_accelerator, micro_batch_size, process_slice, resume_step, run_steps, save_weights, steps_per_epoch,
     trainer_layout,
 )
@@ -204,28 +205,13 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
     """Optimizer step ``step`` (1-based): forward/backward over this process's micro-batches, then update."""
     cfg, acc = run.cfg, run.accelerator
     indices = process_slice(batch_indices(len(run.records), cfg.batch_size, step - 1, cfg.run.seed), acc)
-    sums, grad_norm = torch.zeros(len(_STATS), device=acc.device), torch.tensor(0.0)
     started = time.perf_counter()
-    for start in range(0, len(indices), run.micro):
-        chunk = indices[start: start + run.micro]
-        batch, povid = _collate(run, chunk)
-        with acc.accumulate(run.policy):
-            with acc.autocast():
-                loss, stats = micro_loss(run, batch, povid, chunk)
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                # DeepSpeed clips inside its engine step and reports no norm before it has one.
-                norm = acc.clip_grad_norm_(run.policy.parameters(), cfg.optim.max_grad_norm)
-                grad_norm = grad_norm if norm is None else norm
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        sums += stats
-    lr = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()  # once per optimizer step, whatever the process count (not through accelerate)
-    s = dict(zip(_STATS, acc.reduce(sums, "sum").tolist()))
+    done, lr = accumulated_update(acc, run.policy, run.optimizer, run.scheduler, cfg.optim.max_grad_norm, indices,
+                                  run.micro, lambda chunk: micro_loss(run, *_collate(run, chunk), chunk), len(_STATS))
+    s = dict(zip(_STATS, done["sums"]))
     elapsed = time.perf_counter() - started
     return {**preference_metrics(s), "sft_nll": s["sft_nll"] / s["n_records"], "beta": s["beta"] / s["n_records"],
-            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": s["n_tokens"] / elapsed}
+            "lr": lr, "grad_norm": done["grad_norm"], "tokens_per_s": s["n_tokens"] / elapsed}
 
 
 # --- outputs and the loop ----------------------------------------------------------------------------------

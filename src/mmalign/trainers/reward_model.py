@@ -41,7 +41,8 @@ from mmalign.models.reward_forward import REWARD_LAYOUTS, critique_answers, rewa
 from mmalign.objectives.preference import combine_rejected
 from mmalign.objectives.reward import bradley_terry, critique_nll
 from mmalign.trainers.common import (
-    PreferenceRecipeConfig, adapter_only_checkpoints, batch_indices, build_optimizer, build_scheduler,
+    PreferenceRecipeConfig, accumulated_update, adapter_only_checkpoints, batch_indices, build_optimizer,
+    build_scheduler,
     make_accelerator, micro_batch_size, process_slice, resume_step, run_steps, steps_per_epoch, trainer_layout,
 )
 from mmalign.trainers.preference_data import (
@@ -148,27 +149,14 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
     """Optimizer step ``step`` (1-based): forward/backward over this process's micro-batches, then update."""
     cfg, acc = run.cfg, run.accelerator
     indices = process_slice(batch_indices(len(run.records), cfg.batch_size, step - 1, cfg.run.seed), acc)
-    sums, grad_norm = torch.zeros(len(_STATS), device=acc.device), torch.tensor(0.0)
     started = time.perf_counter()
-    for start in range(0, len(indices), run.micro):
-        with acc.accumulate(run.model):
-            with acc.autocast():
-                loss, stats = micro_loss(run, indices[start: start + run.micro])
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                norm = acc.clip_grad_norm_(run.model.parameters(), cfg.optim.max_grad_norm)
-                grad_norm = grad_norm if norm is None else norm  # DeepSpeed clips inside its engine
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        sums += stats
-    lr = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()
-    s = dict(zip(_STATS, acc.reduce(sums, "sum").tolist()))
-    n = s["n_pairs"]
-    return {"loss": s["loss"] / s["n_records"], "critique_nll": s["critique_nll"] / s["n_records"],
-            "rewards/chosen": s["chosen_reward"] / s["n_records"], "rewards/rejected": s["rejected_reward"] / n,
-            "margin": s["margin"] / n, "accuracy": s["accuracy"] / n, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens_per_s": s["n_tokens"] / (time.perf_counter() - started)}
+    done, lr = accumulated_update(acc, run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm, indices,
+                                  run.micro, lambda chunk: micro_loss(run, chunk), len(_STATS))
+    s = dict(zip(_STATS, done["sums"]))
+    n, r = s["n_pairs"], s["n_records"]
+    return {"loss": s["loss"] / r, "critique_nll": s["critique_nll"] / r, "rewards/chosen": s["chosen_reward"] / r,
+            "rewards/rejected": s["rejected_reward"] / n, "margin": s["margin"] / n, "accuracy": s["accuracy"] / n,
+            "lr": lr, "grad_norm": done["grad_norm"], "tokens_per_s": s["n_tokens"] / (time.perf_counter() - started)}
 
 
 def save_reward_weights(run: _Run, target: Path) -> None:

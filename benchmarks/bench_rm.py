@@ -34,7 +34,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_dpo import _autocast, _lora, _peak_reset, _rss_mib, _side, build_model, make_pairs  # noqa: E402
+from bench_dpo import (  # noqa: E402
+    _autocast, _lora, _peak_reset, _rss_mib, _side, add_shape_args, build_model, make_pairs,
+)
 
 logger = logging.getLogger("bench_rm")
 VARIANTS = {"plain": "plain", "shared": "shared_prefix", "cache": "prefix_cache"}
@@ -170,18 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", choices=list(VARIANTS), help="run one variant in this process (internal)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--trl", action="store_true", help="only try TRL's RewardTrainer on the VLM")
-    parser.add_argument("--image-tokens", type=int, default=576, help="image tokens per image (a square)")
-    parser.add_argument("--images", type=int, default=1, help="images per record")
-    parser.add_argument("--k", type=int, default=1, help="rejected answers per record")
-    parser.add_argument("--batch", type=int, default=4, help="records per step (same for every variant)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every variant")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--out", help="write the JSON report here")
+    add_shape_args(parser)
     return parser.parse_args(argv)
 
 

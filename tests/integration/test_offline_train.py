@@ -34,7 +34,7 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), 
 def make_pairs(root: Path, n: int = 16, seed: int = 0) -> Path:
     """``n`` colour questions with one rejected answer each (two for every third record) and their reward margins."""
     rng = random.Random(seed)
-    margins = random.Random(seed + 1)  # its own stream: the colours stay those of the seed
+    extra = random.Random(seed + 1)  # margins of second rejected answers: the main stream stays as it was
     (root / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
@@ -46,7 +46,8 @@ def make_pairs(root: Path, n: int = 16, seed: int = 0) -> Path:
         rejected = [f"The image is {others[0]}."] + ([f"It shows a {others[1]} square."] if i % 3 == 0 else [])
         records.append(PreferenceRecord(f"r{i}", [f"images/{i}.png"], "<image>\nWhat colour is the image?",
                                         f"The image is {colour}.", rejected,
-                                        meta={"reward_margins": [margins.uniform(-1.0, 3.0) for _ in rejected]}))
+                                        meta={"reward_margins": [rng.uniform(-1.0, 3.0)] + [
+                                            extra.uniform(-1.0, 3.0) for _ in rejected[1:]]}))
     write_records(root / "pairs.jsonl", records)
     return root / "pairs.jsonl"
 

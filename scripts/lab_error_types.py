@@ -1,9 +1,9 @@
 """What kind of object errors captions make in the lab: right colour with a wrong shape, or a colour not in the image.
 
 For each argument: an evaluation folder (its ``samples_captions.jsonl``: the model's captions of held-out images)
-or a preference file (its caption records' first rejected answer, truth from ``meta.objects``). Mentions are
-found with the lab's CHAIR vocabulary (``<lab>/vocab/synonyms.txt``, the evaluation's own matcher); a lab class is
-"<colour> <shape>". Columns per caption: mentions, hallucinated mentions, distinct correct objects; then the
+or a preference file (its caption records' last rejected answer -- the BDHS one in a BDHS file -- truth from
+``meta.objects``). Mentions are found with the lab's CHAIR vocabulary (``<lab>/vocab/synonyms.txt``, the
+evaluation's own matcher); a lab class is "<colour> <shape>". Columns per caption: mentions, hallucinated mentions, distinct correct objects; then the
 hallucinated mentions split by whether their colour is in the image (and then whether their shape is).
 
     python scripts/lab_error_types.py LAB_DIR RUN/eval/bdhs_s0 RUN/seed_0/pairs/bdhs.jsonl [...]
@@ -23,7 +23,7 @@ def captions(path: Path, lab_dir: Path) -> list[tuple[str, str, list[str]]]:
     relative to the lab folder, as the demo writes them)."""
     if path.is_dir():
         return [(r["id"], r["answer"], r["truth"]) for r in load_run(str(path))[2]]
-    return [(r.id, r.rejected[0], r.meta["objects"]) for r in read_records(path, data_root=lab_dir)
+    return [(r.id, r.rejected[-1], r.meta["objects"]) for r in read_records(path, data_root=lab_dir)
             if r.meta.get("task") == "caption" and r.rejected]
 
 

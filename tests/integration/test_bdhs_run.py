@@ -88,12 +88,12 @@ def test_run_writes_valid_pairs_provenance_and_summary(reference, data):
     assert sum(summary["accepted_at_iteration"].values()) == pytest.approx(1.0)
     by_id = {r.id: r for r in records}
     if "img-1" in by_id:
-        assert by_id["img-1"].rejected[-1] == "There is a green star."  # existing rejected kept after BDHS's
+        assert by_id["img-1"].rejected[0] == "There is a green star."  # existing rejected kept before BDHS's
     for record in records:
         info = record.meta["bdhs"]
         assert 1 <= info["iteration"] <= 3 and info["unguided"] == (info["iteration"] == 3)
         assert info["rho"] == 0.5 and -1.0 <= info["similarity"] <= 1.0 + 1e-6
-        assert record.rejected[0] != record.chosen
+        assert record.rejected[-1] != record.chosen  # the BDHS answer comes last (Apple Eq. 5 order)
     provenance = json.loads(provenance_path(reference).read_text())
     assert provenance["sampler"] == "bdhs" and provenance["count"] == len(records)
     assert not work_dir_for(reference).exists()

@@ -9,37 +9,47 @@ import yaml
 from safetensors.torch import load_file
 
 from mmalign.config import ConfigError, load_config
-from mmalign.lab.demo import DemoConfig, headline_table, run_demo
+from mmalign.recipes.demo import DemoConfig, headline_table, run_demo
 
 pytestmark = pytest.mark.integration
 
+MICRO_MODEL = {"image_size": 32, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 32, "text_layers": 1,
+               "heads": 2}
 REDUCED = [
-    "base=recipe", "methods=[external,external_bdhs,external_povid]", "lab.sizes.sft=48", "lab.sizes.pref=16",
-    "lab.sizes.eval=8", "pretrain.steps=6", "pretrain.batch_size=8", "dpo.max_steps=2", "dpo.batch_size=4",
-    "bdhs.n_iter=2", "eval.stats.n_boot=20",
+    "base=recipe", "methods=[external,external_bdhs,external_povid,external_online_bdhs]", "lab.sizes.sft=48",
+    "lab.sizes.pref=16", "lab.sizes.eval=8", "lab.sizes.vision=16", "lab.world.image_size=32", "lab.world.min_size=8",
+    "lab.world.max_size=14", *[f"pretrain.model.{k}={v}" for k, v in MICRO_MODEL.items()],
+    *[f"pretrain.{s}.steps=2" for s in ("language", "vision", "align")], "pretrain.sft.steps=6",
+    *[f"pretrain.{s}.batch_size=8" for s in ("language", "vision", "align", "sft")],
+    "dpo.max_steps=2", "dpo.batch_size=4", "dpo.data.max_length=128", "bdhs.n_iter=2", "eval.stats.n_boot=20",
 ]
 
 
 def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", f"pretrain.run.output_dir={tmp_path}/base", *REDUCED])
     result = run_demo(cfg)
-    assert list(result["runs"]) == ["base", "external_s0", "external_bdhs_s0", "external_povid_s0"]
-    # external pairs: one corrupted rejected; external + BDHS: the BDHS answer first, the corruption kept (Eq. 5)
+    assert list(result["runs"]) == ["base", "external_s0", "external_bdhs_s0", "external_povid_s0",
+                                    "external_online_bdhs_s0"]
+    # external pairs: one corrupted rejected; external + BDHS: the corruption first, the BDHS answer last (Eq. 5)
     external = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external.jsonl").read_text().splitlines()]
     both = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external_bdhs.jsonl").read_text().splitlines()]
     assert len(external) == 16 and all(len(r["rejected"]) == 1 for r in external)
     by_id = {r["id"]: r for r in external}
-    assert all(len(r["rejected"]) == 2 and r["rejected"][1] == by_id[r["id"]]["rejected"][0] for r in both)
+    assert all(len(r["rejected"]) == 2 and r["rejected"][0] == by_id[r["id"]]["rejected"][0] for r in both)
     trained = yaml.safe_load((tmp_path / "seed_0/dpo_external_bdhs/config.yaml").read_text())
     assert trained["loss"]["rejected_weights"] == [0.5, 0.5] and trained["data"]["data_root"] == str(tmp_path / "lab")
     assert not trained["povid"]["enabled"]
     # external + POVID: the external pairs, the POVID slot made in the trainer
     povid = yaml.safe_load((tmp_path / "seed_0/dpo_external_povid/config.yaml").read_text())
     assert povid["povid"]["enabled"] and povid["data"]["train"] == str(tmp_path / "seed_0/pairs/external.jsonl")
+    # external + online BDHS: the online trainer on the external pairs, BDHS answers made during training
+    online = yaml.safe_load((tmp_path / "seed_0/dpo_external_online_bdhs/config.yaml").read_text())
+    assert online["mode"] == "online_bdhs" and online["data"]["prompts"] == str(tmp_path / "seed_0/pairs/external.jsonl")
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(name in report for name in result["runs"])
+    assert report.startswith("# Evaluation report\n\nBaseline **base**")  # the verdicts come first
     table = headline_table(result["comparison"])
-    assert table.count("\n") == 2 + 4  # header, rule, one row per run
+    assert table.count("\n") == 2 + 5  # header, rule, one row per run
 
     caplog.set_level("INFO")
     again = run_demo(cfg)  # every stage's output exists: nothing is recomputed

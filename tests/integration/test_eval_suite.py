@@ -169,7 +169,7 @@ def _cfg(lab, out, **extra):
 def test_suite_writes_metrics_with_intervals_and_per_sample_records(lab, fitted, tmp_path):
     model, processor = fitted
     model.train()  # as a trainer evaluating mid-run would hand it over
-    result = evaluate(_cfg(lab, tmp_path / "run"), model, processor)
+    result = evaluate(_cfg(lab, tmp_path / "run", **{"pope.scorer": "likelihood"}), model, processor)
     assert model.training
     model.eval()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
@@ -208,8 +208,8 @@ def test_suite_writes_metrics_with_intervals_and_per_sample_records(lab, fitted,
 
 def test_compare_pairs_runs_and_writes_a_report(lab, fitted, tmp_path):
     model, processor = fitted
-    evaluate(_cfg(lab, tmp_path / "fitted"), model, processor)
-    evaluate(_cfg(lab, tmp_path / "fitted_gen", **{"pope.scorer": "generate"}), model, processor)
+    evaluate(_cfg(lab, tmp_path / "fitted", **{"pope.scorer": "likelihood"}), model, processor)
+    evaluate(_cfg(lab, tmp_path / "fitted_gen"), model, processor)  # generate: the default
     random_model, random_processor = build_tiny_vlm("llava", seed=1)
     evaluate(_cfg(lab, tmp_path / "random"), random_model, random_processor)
     runs = {name: tmp_path / name for name in ("fitted", "fitted_gen", "random")}
@@ -235,7 +235,7 @@ def test_compare_pairs_runs_and_writes_a_report(lab, fitted, tmp_path):
                     for line in (lab / "eval" / "pope.jsonl").read_text().splitlines()]
     (tmp_path / "flat.jsonl").write_text("".join(json.dumps(item) + "\n" for item in unstratified))
     evaluate(_cfg(lab, tmp_path / "flat_run", **{"pope.file": str(tmp_path / "flat.jsonl")}), model, processor)
-    with pytest.raises(ValueError, match="not scored on the same samples or POPE strata .*'pope_bias'"):
+    with pytest.raises(ValueError, match="not scored on the same samples or POPE strata .*'pope(_bias|/random/stratum)"):
         compare({"a": tmp_path / "fitted", "b": tmp_path / "flat_run"}, n_boot=10)
 
 

@@ -23,6 +23,7 @@ from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.annotators import AnnotatorEvalConfig, evaluate_annotator
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
+from mmalign.lab.world import WorldConfig
 from mmalign.lab.model import LabModelConfig, build_lab_model
 from mmalign.sampling.annotators import AnnotatorConfig, LabOracle, read_synonyms
 from mmalign.sampling.rollouts import read_step, takes_offline
@@ -38,10 +39,12 @@ STEPS = 4
 def lab(tmp_path_factory) -> dict[str, Path]:
     """A 16-prompt lab with exactly corrupted pairs and a small random lab LLaVA."""
     root = tmp_path_factory.mktemp("online_lab")
-    lab_dir = build_lab(LabConfig(out_dir=str(root / "lab"), sizes=SplitSizes(sft=4, pref=16, eval=4)))
+    lab_dir = build_lab(LabConfig(out_dir=str(root / "lab"), sizes=SplitSizes(sft=4, pref=16, eval=4, vision=4),
+                                  world=WorldConfig(image_size=32, min_size=8, max_size=14)))
     bias = json.loads((lab_dir / "bias.json").read_text())["pairs"]
     write_records(lab_dir / "pairs.jsonl", corrupt_lab_records(read_records(lab_dir / "pref_prompts.jsonl"), bias, 0))
-    model, processor = build_lab_model(LabModelConfig(vision_hidden=32, text_hidden=64, text_layers=2, heads=2))
+    model, processor = build_lab_model(LabModelConfig(image_size=32, vision_hidden=32, text_hidden=64, text_layers=2,
+                                                      heads=2))
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     return {"lab": lab_dir, "model": root / "model", "pairs": lab_dir / "pairs.jsonl"}

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from mmalign.config import load_config
-from mmalign.lab.pretrain import BASE_DIR, PretrainConfig, pretrain_base
+from mmalign.recipes.pretrain import BASE_DIR, PretrainConfig, pretrain_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow

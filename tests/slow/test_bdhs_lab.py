@@ -26,7 +26,7 @@ import torch
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records
 from mmalign.lab.build import build_lab
-from mmalign.lab.pretrain import BASE_DIR, shipped_base_lab
+from mmalign.recipes.pretrain import BASE_DIR, shipped_base_lab
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.bdhs import BDHSConfig, bdhs_sample
 from mmalign.sampling.masked import MaskedRow, encode_rows

@@ -3,7 +3,7 @@
 Runs both scorers over the POPE questions of a freshly built lab evaluation split (120 images) and checks
 that they agree on at least 98% of the questions while the model answers both "Yes." and "No." often
 (agreement on a model that always says yes would prove nothing). Needs the shipped base
-(``mmalign.lab.pretrain.BASE_DIR``); measured passing with a 750-step lab SFT model in its place (19 s).
+(``mmalign.recipes.pretrain.BASE_DIR``); measured passing with a 750-step lab SFT model in its place (19 s).
 """
 
 import os
@@ -14,7 +14,7 @@ from mmalign.config import load_config
 from mmalign.evaluation.scoring import score_pope_generate, score_pope_likelihood
 from mmalign.evaluation.suite import EvalConfig, load_inputs
 from mmalign.lab.build import LabConfig, build_lab
-from mmalign.lab.pretrain import load_lab_base
+from mmalign.recipes.pretrain import load_lab_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow

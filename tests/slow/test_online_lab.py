@@ -19,7 +19,7 @@ from mmalign.config import load_config
 from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.suite import EvalConfig, PopeConfig, evaluate
 from mmalign.lab.corrupt import corrupt_lab_records
-from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+from mmalign.recipes.pretrain import PretrainConfig, pretrain_base
 from mmalign.trainers.online import OnlineConfig, train_online
 
 pytestmark = pytest.mark.slow

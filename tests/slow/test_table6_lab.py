@@ -28,7 +28,7 @@ import pytest
 
 from mmalign.config import load_config
 from mmalign.evaluation.suite import Comparison
-from mmalign.lab.demo import DemoConfig, run_demo
+from mmalign.recipes.demo import DemoConfig, run_demo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow

@@ -151,11 +151,14 @@ def test_sampled_rows_do_not_depend_on_their_batch(tiny_vlm):
     assert greedy != together
 
 
-def test_bdhs_record_prepends_the_answer_and_keeps_existing_rejected():
+def test_bdhs_record_keeps_existing_rejected_and_appends_the_answer():
     records, _ = _records()
     result = BDHSResult("rec-3", "No, there is a blue star.", 2, 0.81, False)
     out = bdhs_record(records[3], result, BDHSConfig())
-    assert out.rejected == ["No, there is a blue star.", "There is nothing."]
+    assert out.rejected == ["There is nothing.", "No, there is a blue star."]  # Eq. 5 order: external, then policy
+    assert (out.id, out.source) == (records[3].id, records[3].source)
+    online = bdhs_record(records[3], result, BDHSConfig(), record_id="rec-3@7", source="online_bdhs")
+    assert (online.id, online.source, online.rejected) == ("rec-3@7", "online_bdhs", out.rejected)
     assert out.chosen == records[3].chosen and out.images == records[3].images
     assert out.meta["bdhs"]["iteration"] == 2 and out.meta["bdhs"]["similarity"] == 0.81
     assert out.meta["bdhs"]["rho"] == 0.99 and "batch_size" not in out.meta["bdhs"]

@@ -90,3 +90,30 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_rng(tmp_path):
     assert state["step"] == 5
     torch.testing.assert_close(model.weight.detach(), expected[0])
     assert sched.get_last_lr() == expected[1]
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import mmalign.trainers.common as common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    assert RunConfig(mixed_precision="auto").mixed_precision == "no"  # emulated bf16 runs slower than fp32
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    assert RunConfig(mixed_precision="auto").mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert RunConfig(mixed_precision="auto").mixed_precision == "no"
+    assert RunConfig().mixed_precision == "no" and RunConfig(mixed_precision="bf16").mixed_precision == "bf16"
+
+
+def test_cpu_bf16_flag_is_read_from_cpuinfo(monkeypatch, tmp_path):
+    import mmalign.trainers.common as common
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse avx2 avx512f\n")
+    monkeypatch.setattr(common, "CPUINFO", info)
+    assert not common.cpu_has_native_bf16()
+    info.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert common.cpu_has_native_bf16()
+    monkeypatch.setattr(common, "CPUINFO", tmp_path / "missing")
+    assert not common.cpu_has_native_bf16()

@@ -65,7 +65,27 @@ def test_chair_hand_computed_and_reference_parity(vocab):
     assert m["chair_s"] == pytest.approx(2 / 4)
     assert m["recall"] == pytest.approx(2 / 5)
     ref = _naive_chair([(i, find_mentions(cap, vocab)) for i, cap, _ in CASES], {i: t for i, _, t in CASES})
-    assert m == pytest.approx(ref)
+    assert {k: m[k] for k in ref} == pytest.approx(ref)
+
+
+def test_per_caption_nonpartner_and_truncated_metrics(vocab):
+    records = [chair_record(i, cap, truth, vocab) for i, cap, truth in CASES]
+    m = point_estimates(chair_columns(records, partners=frozenset({"blue square"})), CHAIR_METRICS)
+    # per caption: hallucinated 1+0+1+0, distinct correct 1+1+0+0, mentions 2+2+1+0, words 9+6+2+2
+    assert m["hallucinated_per_caption"] == pytest.approx(2 / 4)
+    assert m["correct_per_caption"] == pytest.approx(2 / 4)
+    assert m["mentions_per_caption"] == pytest.approx(5 / 4)
+    assert m["words_per_caption"] == pytest.approx(19 / 4)
+    # without the partner "blue square": mentions 1+2+1, of which hallucinated 0+0+1 ("circle" in c)
+    assert m["chair_i_nonpartner"] == pytest.approx(1 / 4)
+    # first mention only: red circle (a, correct), red circle (b, correct), circle (c, hallucinated)
+    assert m["chair_i@1"] == pytest.approx(1 / 3) and m["recall@1"] == pytest.approx(2 / 5)
+    # first two: a keeps both (blue square hallucinated), b two mentions of one correct class, c one
+    assert m["chair_i@2"] == pytest.approx(2 / 5) and m["recall@2"] == pytest.approx(2 / 5)
+    # all mentions fit in 4: the truncated metrics equal the plain ones; no partners: non-partner = plain
+    assert m["chair_i@4"] == pytest.approx(m["chair_i"]) and m["recall@4"] == pytest.approx(m["recall"])
+    plain = point_estimates(chair_columns(records), CHAIR_METRICS)
+    assert plain["chair_i_nonpartner"] == pytest.approx(plain["chair_i"])
 
 
 def test_bad_vocabulary_and_truth_are_named(tmp_path, vocab):

@@ -88,6 +88,10 @@ def test_matched_gap_compares_within_strata_hand_computed():
     # colour: 1/1 - 6/8 = +0.25 (1 partner question); neither: 2/4 - 0/2 = +0.5 (4); the colour+shape and
     # shape strata lack one group and drop out. Partner-weighted: (1 * 0.25 + 4 * 0.5) / 5 = +0.45.
     assert m["yes_rate_gap_matched"] == pytest.approx(0.45)
+    # its terms: partner (1 * 1 + 4 * 0.5) / 5 = 0.6; random at the partner's strata mix (1 * 6/8 + 4 * 0) / 5
+    assert m["yes_rate_partner_matched"] == pytest.approx(0.6)
+    assert m["yes_rate_random_matched"] == pytest.approx(0.15)
+    assert m["yes_rate_ratio_matched"] == pytest.approx(4.0)
 
 
 def _bias_groups(records):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mmalign.evaluation.pope import POPE_METRICS, parse_yes_no, pope_columns
+from mmalign.evaluation.pope import POPE_METRICS, is_unclear, parse_yes_no, pope_columns
 from mmalign.evaluation.stats import point_estimates
 
 
@@ -44,6 +44,22 @@ def test_pope_metrics_hand_computed():
     assert m["f1"] == pytest.approx(2 * p * r / (p + r))  # = 4/7
     # yes-ratio from predictions (3/6), not from the ground truth (4/6) as lmms-eval's aggregate does
     assert m["yes_ratio"] == pytest.approx(3 / 6)
+    # hallucination and coverage apart: "yes" to 1 of 2 absent objects, to 2 of 4 present ones
+    assert m["fp_rate"] == pytest.approx(1 / 2) and m["tp_rate"] == pytest.approx(2 / 4)
+    assert m["unclear_rate"] == 0.0
+
+
+@pytest.mark.parametrize(("answer", "unclear"), [
+    ("Yes.", False), ("no", False), ("I do not think so", False), ("There is a red circle.", True),
+    ("Nope", True), ("", True), ("Maybe. Yes.", True),
+])
+def test_answers_neither_yes_nor_no_are_flagged(answer, unclear):
+    assert is_unclear(answer) is unclear
+
+
+def test_unclear_rate_counts_flagged_answers():
+    cols = pope_columns(["yes", "yes", "no", "yes"], ["yes", "no", "no", "yes"], [True, False, False, True])
+    assert point_estimates(cols, POPE_METRICS)["unclear_rate"] == pytest.approx(2 / 4)
 
 
 def test_pope_precision_undefined_when_never_yes():

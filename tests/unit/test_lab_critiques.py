@@ -12,7 +12,7 @@ from mmalign.data.collate import collate_sft
 from mmalign.data.schema import PreferenceRecord, check_fields, record_dict
 from mmalign.lab.corrupt import LabCorruptionError, corrupt_lab_records
 from mmalign.lab.critiques import lab_critique, mentioned, with_lab_critiques
-from mmalign.lab.pretrain import BASE_DIR
+from mmalign.recipes.pretrain import BASE_DIR
 from mmalign.models.logprobs import model_inputs
 from mmalign.sampling.povid import noise_seed, noised_image, povid_rejected_answers
 

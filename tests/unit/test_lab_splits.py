@@ -16,7 +16,8 @@ from mmalign.lab.world import Scene, SceneObject, all_objects
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    cfg = LabConfig(out_dir=str(tmp_path_factory.mktemp("lab")), sizes=SplitSizes(sft=300, pref=60, eval=80))
+    cfg = LabConfig(out_dir=str(tmp_path_factory.mktemp("lab")), sizes=SplitSizes(sft=300, pref=60, eval=80, vision=40),
+                    questions_per_turn_record=0)
     return cfg, build_lab(cfg)
 
 
@@ -52,7 +53,7 @@ def test_sft_records_caption_and_answer_questions_truthfully(lab):
             assert obj in all_objects()
             assert r.chosen == ("Yes." if obj in objects else "No.")
     tasks = Counter(r.meta["task"] for r in records)
-    assert tasks == {"caption": 300, "yesno": 600}
+    assert tasks == {"caption": 300, "yesno": 300 * cfg.questions_per_image}
 
 
 def test_pope_splits(lab):

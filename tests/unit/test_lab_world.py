@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from mmalign.lab.texts import caption, caption_order, synonyms
+from mmalign.evaluation.chair import find_mentions, load_synonyms
+from mmalign.lab.texts import caption, caption_order, plural, synonyms
 from mmalign.lab.world import COLOURS, Scene, SceneObject, WorldConfig, all_objects, render, sample_scene
 
 
@@ -76,3 +77,14 @@ def test_synonyms_cover_every_object_canonical_first():
     rows = synonyms()
     assert [r[0] for r in rows] == all_objects() and len(rows) == 16
     assert rows[0] == ["red circle", "red circles"]
+
+
+def test_every_plural_is_matched_as_its_class(tmp_path):
+    path = tmp_path / "synonyms.txt"
+    path.write_text("".join(", ".join(row) + "\n" for row in synonyms()))
+    vocab = load_synonyms(path)
+    assert find_mentions("There are two red crosses and three blue circles.", vocab) == [
+        ("red crosses", "red cross"), ("blue circles", "blue circle")]
+    for name in all_objects():
+        assert find_mentions(f"two {plural(name)}", vocab) == [(plural(name), name)]
+    assert plural("green cross") == "green crosses" and plural("red square") == "red squares"

@@ -1,5 +1,5 @@
 """Rollouts: k answers per prompt (deterministic per seed, parity with plain generate), the on-disk step store,
-Mixed-DPO's Bernoulli draw, and online pairs from annotations."""
+Mixed-DPO's Bernoulli draw, online pairs from annotations, and the typed Rollout's JSON line."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from PIL import Image
 from mmalign.data.schema import PreferenceRecord
 from mmalign.sampling.annotators import Annotation
 from mmalign.sampling.generate import GenerationParams, generate
+from mmalign.sampling.pairs import offline_rollout, online_pair
 from mmalign.sampling.rollouts import (
-    RolloutConfig, entry_pair, offline_entry, online_pair, read_step, rollout_seed, sample_rollouts, takes_offline,
-    write_step,
+    RolloutConfig, read_experience, read_step, rollout_pair, rollout_seed, sample_rollouts, takes_offline, write_step,
 )
+from mmalign.types import Rollout
 
 IMAGES = [[Image.new("RGB", (32, 32), (200, 20, 20))], [Image.new("RGB", (32, 32), (20, 20, 200))]]
 
@@ -76,12 +77,22 @@ def test_online_pair_from_annotation():
 def test_step_store_round_trip_with_embedded_image(tmp_path):
     png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
     record = PreferenceRecord("b", [png], "<image>\nQ?", "Yes.", ["No."])
-    entries = [offline_entry(record), {"record_id": "x", "source": "online", "rollouts": ["a", "a"], "pair": None}]
-    assert read_step(tmp_path, 3) is None
-    write_step(tmp_path, 3, entries)
+    online = Rollout("x", "online", ["a", "a"], verdict={"scores": [0, 0]}, rewards=[0.0, 0.0])
+    rollouts = [offline_rollout(record), online]
+    assert read_step(tmp_path, 3) is None and read_experience(tmp_path, 3) is None
+    write_step(tmp_path, 3, rollouts)
     back = read_step(tmp_path, 3)
-    assert back[1] == entries[1] and entry_pair(back[1]) is None
-    assert entry_pair(back[0]) == record
+    assert back[1] == {"record_id": "x", "source": "online", "rollouts": ["a", "a"], "chosen": None, "rejected": None,
+                       "verdict": {"scores": [0, 0]}, "pair": None, "rewards": [0.0, 0.0]}
+    typed = read_experience(tmp_path, 3).rollouts
+    assert typed[1] == online and rollout_pair(typed[1]) is None
+    assert rollout_pair(typed[0]) == record and typed[0].source == "offline" and typed[0].answers == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003.jsonl"]  # no temporary file left
     with pytest.raises(ValueError, match="'nope'.*rejected"):
-        offline_entry(PreferenceRecord("nope", ["a.png"], "<image>\nQ?", "Yes.", []))
+        offline_rollout(PreferenceRecord("nope", ["a.png"], "<image>\nQ?", "Yes.", []))
+
+
+def test_rollout_margin_is_the_reward_gap_of_the_pair():
+    assert Rollout("r", "online", ["a", "b", "c"], chosen=2, rejected=0, rewards=[-2.0, -1.0, 0.5]).margin == 2.5
+    assert Rollout("r", "online", ["a", "b"], rewards=[0.0, 0.0]).margin is None
+    assert Rollout("r", "offline").margin is None

@@ -9,14 +9,15 @@ from mmalign.cli.main import add_config_args
 
 def _run(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.lab.demo import DemoConfig, headline_table, run_demo
+    from mmalign.recipes.demo import DemoConfig, headline_table, run_demo
 
     cfg = load_config(DemoConfig, args.config, args.overrides)
     result = run_demo(cfg)
     print(headline_table(result["comparison"]))
     if len(cfg.seeds) > 1:
         print(result["summary"])
-    print("* = less hallucination than base by a paired bootstrap test (95% interval excludes 0)")
+    print("value (change vs base); * = the paired bootstrap interval excludes 0. 'less hallucination' needs a "
+          "hallucination measure down and POPE TP rate and recall within 2 points (docs/evaluation.md)")
     print(f"report: {result['report']}")
     return 0
 
@@ -24,5 +25,5 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="ShapesWorld demo: base model vs DPO on corrupted and BDHS pairs, with CIs (DemoConfig)")
-    add_config_args(parser, "mmalign.lab.demo:DemoConfig")
+    add_config_args(parser, "mmalign.recipes.demo:DemoConfig")
     parser.set_defaults(func=_run)

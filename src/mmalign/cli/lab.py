@@ -1,5 +1,5 @@
-"""``mmalign lab build`` and ``mmalign lab pretrain``: the ShapesWorld lab and its base model;
-``mmalign lab rm-study``: the reward-model study (``mmalign.recipes.rm_study``)."""
+"""``mmalign lab build``, ``pretrain``, ``rl-study`` and ``rm-study``: the ShapesWorld lab, its base model,
+the RL study and the reward-model study (``mmalign.recipes.rm_study``)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,21 @@ def _build(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.lab.pretrain import PretrainConfig, pretrain_base
+    from mmalign.recipes.pretrain import PretrainConfig, pretrain_base
 
     out = pretrain_base(load_config(PretrainConfig, args.config, args.overrides))
     logger.info("base model in %s (evaluation in %s)", out, out / "eval")
+    return 0
+
+
+def _rl_study(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.recipes.rl_study import RLStudyConfig, run_rl_study
+
+    result = run_rl_study(load_config(RLStudyConfig, args.config, args.overrides))
+    print(result["summary"])
+    print(result["hacking"])
+    logger.info("report: %s", result["report"])
     return 0
 
 
@@ -48,9 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_build)
     pretrain = sub.add_parser("pretrain", help="build the lab if needed, SFT the base model, evaluate it "
                                                "(PretrainConfig; cached when already done)")
-    add_config_args(pretrain, "mmalign.lab.pretrain:PretrainConfig")
+    add_config_args(pretrain, "mmalign.recipes.pretrain:PretrainConfig")
     pretrain.set_defaults(func=_pretrain)
-    study = sub.add_parser("rm-study", help="reward models on every lab pair source (cross-set matrix) and MM-DPO "
-                                            "with their margins vs DPO vs DPO + SFT (RMStudyConfig)")
-    add_config_args(study, "mmalign.recipes.rm_study:RMStudyConfig")
-    study.set_defaults(func=_rm_study)
+    rl_study = sub.add_parser("rl-study", help="RLOO / GRPO / PPO vs offline DPO and Online-DPO in the lab "
+                                               "(RLStudyConfig; stages already done are skipped)")
+    add_config_args(rl_study, "mmalign.recipes.rl_study:RLStudyConfig")
+    rl_study.set_defaults(func=_rl_study)
+    rm_study = sub.add_parser("rm-study", help="reward models on every lab pair source (cross-set matrix) and MM-DPO "
+                                               "with their margins vs DPO vs DPO + SFT (RMStudyConfig)")
+    add_config_args(rm_study, "mmalign.recipes.rm_study:RMStudyConfig")
+    rm_study.set_defaults(func=_rm_study)

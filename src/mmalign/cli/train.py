@@ -20,6 +20,7 @@ import sys
 
 from mmalign.cli.main import add_config_args, config_class
 from mmalign.cli.online import register_online
+from mmalign.cli.rl import register_rl
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help=f"train a policy ({', '.join(RECIPES)}; online-dpo, mixed-dpo, "
-                                                 "online-bdhs)")
+                                                 "online-bdhs; rloo, grpo, ppo)")
     sub = parser.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
     for name, (config, _, text) in RECIPES.items():
         recipe = sub.add_parser(name, help=text, description=__doc__,
@@ -60,3 +61,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_config_args(recipe, config)
         recipe.set_defaults(func=_train, recipe=name)
     register_online(sub)
+    register_rl(sub)

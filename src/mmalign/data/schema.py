@@ -39,7 +39,8 @@ class PreferenceRecord:
     """One prompt + images with a chosen answer and ``len(rejected) >= 0`` rejected answers.
 
     ``images``: paths relative to a data root, or encoded image bytes. ``prompt``: text with optional
-    ``<image>`` markers, or HF chat messages ending with a user turn. ``meta``: JSON values only (e.g.
+    ``<image>`` markers, or HF chat messages ending with a user turn (earlier assistant turns: a multi-turn
+    conversation, each answer text only and right after a user turn). ``meta``: JSON values only (e.g.
     provenance of the pair); the per-slot keys ``reward_margins``, ``critiques`` and ``rewards`` must have one
     entry per rejected answer (``_check_slot_meta``).
     """
@@ -120,6 +121,15 @@ def _check_content_part(part: Any, where: str) -> None:
         raise FieldError(f"{where}.type", f"expected 'text' or 'image', got {kind!r}")
 
 
+def _check_answer_turn(prompt: list, i: int) -> None:
+    """An earlier assistant turn is an answer SFT trains on: text only, right after a user turn."""
+    if i == 0 or prompt[i - 1]["role"] != "user":
+        raise FieldError(f"prompt[{i}].role", "an assistant turn must follow a user turn")
+    content = prompt[i]["content"]
+    if isinstance(content, list) and any(part["type"] == "image" for part in content):
+        raise FieldError(f"prompt[{i}].content", "an assistant turn holds text only (images go in user turns)")
+
+
 def _check_messages(prompt: list) -> None:
     if not prompt:
         raise FieldError("prompt", "empty message list")
@@ -139,6 +149,8 @@ def _check_messages(prompt: list) -> None:
                 _check_content_part(part, f"{where}.content[{j}]")
         else:
             _check_text(content, f"{where}.content")
+        if message["role"] == "assistant":
+            _check_answer_turn(prompt, i)
     if prompt[-1]["role"] != "user":
         raise FieldError(f"prompt[{len(prompt) - 1}].role", "the last message must be the user's turn")
 

@@ -10,6 +10,17 @@ entries are lower-cased and stripped of punctuation; entries of several words ar
 left to right, so "red circles" is one mention of "red circle" and never also a mention of "circle".
 Mentions count every occurrence (as the reference implementation does), recall counts unique classes.
 Unlike the COCO reference script there is no lemmatiser: plurals and variants must be listed as synonyms.
+
+CHAIR_i alone rewards saying less. Beside it, per caption: hallucinated and correct mentions and words, and
+a length-controlled view: every caption cut to its first m object mentions (m = 1..``TRUNCATE_AT``),
+
+    CHAIR_i@m = sum |hallucinated among the first m mentions| / sum min(m, |mentions|)
+    recall@m  = sum |distinct correct classes among the first m mentions| / sum |ground-truth classes|
+
+so two models are compared on equally long object lists (a hallucination-vs-coverage curve over m) and a
+model that names fewer objects is not counted as hallucinating less. With ``partners`` (the lab's bias
+partners), ``chair_i_nonpartner`` counts only mentions of other classes: what is left once the planted
+co-occurrence is set aside.
 """
 
 from __future__ import annotations
@@ -102,21 +113,54 @@ def chair_record(sample_id: str, caption: str, truth: Sequence[str], vocab: Voca
     }
 
 
-def chair_columns(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Per-caption counts, each of shape ``[n]``, that the CHAIR metrics are ratios of sums of."""
-    return {
-        "mentions": np.array([len(r["mentions"]) for r in records], dtype=float),
-        "hallucinated": np.array([len(r["hallucinated"]) for r in records], dtype=float),
-        "has_hallucination": np.array([bool(r["hallucinated"]) for r in records], dtype=float),
-        "correct": np.array([len(r["correct"]) for r in records], dtype=float),
-        "truth": np.array([len(r["truth"]) for r in records], dtype=float),
+TRUNCATE_AT = (1, 2, 3, 4)
+
+
+def _truncated(record: dict[str, Any], m: int) -> tuple[int, int, int]:
+    """(mentions kept, hallucinated among them, distinct correct classes among them) of the first ``m``."""
+    classes = [cls for _, cls in record["mentions"][:m]]
+    truth = set(record["truth"])
+    return len(classes), sum(c not in truth for c in classes), len({c for c in classes if c in truth})
+
+
+def chair_columns(records: Sequence[dict[str, Any]], partners: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Per-caption counts, each of shape ``[n]``, that the CHAIR metrics are ratios of sums of; ``partners``:
+    classes left out of the ``np_*`` (non-partner) counts."""
+    def count(fn: Any) -> np.ndarray:
+        return np.array([fn(r) for r in records], dtype=float)
+
+    columns = {
+        "mentions": count(lambda r: len(r["mentions"])),
+        "hallucinated": count(lambda r: len(r["hallucinated"])),
+        "has_hallucination": count(lambda r: bool(r["hallucinated"])),
+        "correct": count(lambda r: len(r["correct"])),
+        "truth": count(lambda r: len(r["truth"])),
+        "words": count(lambda r: len(normalize_text(r["answer"]))),
+        "np_mentions": count(lambda r: sum(cls not in partners for _, cls in r["mentions"])),
+        "np_hallucinated": count(lambda r: sum(cls not in partners for cls in r["hallucinated"])),
         "captions": np.ones(len(records)),
     }
+    for m in TRUNCATE_AT:
+        kept = [_truncated(r, m) for r in records]
+        columns |= {f"kept@{m}": np.array([k[0] for k in kept], dtype=float),
+                    f"hallucinated@{m}": np.array([k[1] for k in kept], dtype=float),
+                    f"correct@{m}": np.array([k[2] for k in kept], dtype=float)}
+    return columns
+
+
+def _at(m: int) -> dict[str, Any]:
+    return {f"chair_i@{m}": lambda s: ratio(s[f"hallucinated@{m}"], s[f"kept@{m}"]),
+            f"recall@{m}": lambda s: ratio(s[f"correct@{m}"], s["truth"])}
 
 
 CHAIR_METRICS = {
     "chair_i": lambda s: ratio(s["hallucinated"], s["mentions"]),
     "chair_s": lambda s: ratio(s["has_hallucination"], s["captions"]),
     "recall": lambda s: ratio(s["correct"], s["truth"]),
-}
+    "chair_i_nonpartner": lambda s: ratio(s["np_hallucinated"], s["np_mentions"]),
+    "hallucinated_per_caption": lambda s: ratio(s["hallucinated"], s["captions"]),
+    "correct_per_caption": lambda s: ratio(s["correct"], s["captions"]),
+    "mentions_per_caption": lambda s: ratio(s["mentions"], s["captions"]),
+    "words_per_caption": lambda s: ratio(s["words"], s["captions"]),
+} | {name: fn for m in TRUNCATE_AT for name, fn in _at(m).items()}
 

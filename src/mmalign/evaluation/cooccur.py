@@ -21,7 +21,11 @@ colour / shape is in the image); the gap is then compared within strata and aver
 group's weights, as in a matched comparison:
     yes_rate_gap_matched = sum_s n_partner(s) * gap(s) / sum_s n_partner(s),
         gap(s) = yes_rate_partner(s) - yes_rate_random(s), over strata s holding both groups
-Items without a stratum form one stratum (then the matched gap is the pooled one).
+and its two terms, ``yes_rate_partner_matched`` and ``yes_rate_random_matched`` (the random-absent rate
+re-weighted to the partner questions' strata), with ``yes_rate_ratio_matched`` = partner / random.
+Items without a stratum form one stratum (then the matched rates are the pooled ones).
+The partner rate is the bias measure to read: a model that says "yes" more often to every absent object
+shrinks the gap while hallucinating more.
 """
 
 from __future__ import annotations
@@ -125,18 +129,24 @@ def pope_bias_strata_columns(records: Sequence[dict[str, Any]],
 
 
 def pope_bias_metrics(n_strata: int) -> dict[str, MetricFn]:
-    """``POPE_BIAS_METRICS`` plus ``yes_rate_gap_matched`` over the columns of ``pope_bias_strata_columns``
-    for ``n_strata`` strata."""
-    def matched(s: Mapping[str, np.ndarray]) -> np.ndarray:
-        num = np.zeros_like(s["partner"])
+    """``POPE_BIAS_METRICS`` plus the stratum-matched rates, gap and ratio over the columns of
+    ``pope_bias_strata_columns`` for ``n_strata`` strata."""
+    def matched(s: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        partner_sum = np.zeros_like(s["partner"])
+        random_sum = np.zeros_like(s["partner"])
         den = np.zeros_like(s["partner"])
         for k in range(n_strata):
             partner, random = s[f"s{k}/partner"], s[f"s{k}/random"]
-            gap = ratio(s[f"s{k}/partner_yes"], partner) - ratio(s[f"s{k}/random_yes"], random)
             # A stratum missing either group (here or in a bootstrap replicate) has no gap and no weight.
             both = (partner > 0) & (random > 0)
-            num += np.where(both, partner * gap, 0.0)
+            partner_sum += np.where(both, s[f"s{k}/partner_yes"], 0.0)
+            random_sum += np.where(both, partner * ratio(s[f"s{k}/random_yes"], random), 0.0)
             den += np.where(both, partner, 0.0)
-        return ratio(num, den)
+        return ratio(partner_sum, den), ratio(random_sum, den)
 
-    return POPE_BIAS_METRICS | {"yes_rate_gap_matched": matched}
+    return POPE_BIAS_METRICS | {
+        "yes_rate_partner_matched": lambda s: matched(s)[0],
+        "yes_rate_random_matched": lambda s: matched(s)[1],
+        "yes_rate_gap_matched": lambda s: matched(s)[0] - matched(s)[1],
+        "yes_rate_ratio_matched": lambda s: ratio(*matched(s)),
+    }

@@ -1,9 +1,13 @@
-"""A report folder for evaluated runs: a markdown table and PNG plots (matplotlib, Agg backend).
+"""A report folder for evaluated runs: a one-page headline, the full tables and PNG plots (matplotlib, Agg).
 
 ``write_report(comparison, out_dir)`` writes
-- ``report.md``: one row per metric; per run ``value [ci_low, ci_high]``; per non-baseline run the paired
-  difference to the baseline with its interval and p-value;
-- ``comparison.json``: the same numbers, machine-readable;
+- ``report.md``, opening with the headline: what ran, each run's verdict against the baseline
+  (``evaluation.verdict``: hallucination and coverage side by side, side effects named) and the headline
+  table; then one row per metric with, per run, ``value [ci_low, ci_high]`` and, per non-baseline run, the
+  paired difference to the baseline with its interval and p-value;
+- ``comparison.json``: the same numbers and the verdicts, machine-readable;
+- ``tradeoff.png``: hallucination against coverage per run: POPE "yes" to absent vs present objects, and
+  CHAIR_i@m against recall@m over the first m = 1..4 mentions of each caption;
 - ``pope.png``: accuracy, F1 and yes-ratio per POPE split, one bar per run with its bootstrap interval;
 - ``hallucination.png``: CHAIR_i, CHAIR_s, recall and the lab's co-occurrence rates, same layout.
 """
@@ -16,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmalign.evaluation.stats import MetricValue
+from mmalign.evaluation.chair import TRUNCATE_AT
+from mmalign.evaluation.stats import MetricValue, PairedResult
 from mmalign.evaluation.suite import Comparison, compare
+from mmalign.evaluation.verdict import Verdict, verdict
 
 POPE_PLOT_METRICS = ("accuracy", "f1", "yes_ratio")
 HALLUCINATION_KEYS = (
@@ -38,8 +44,20 @@ def _cell(v: MetricValue | None) -> str:
     return f"{_fmt(v.value)} [{_fmt(v.ci_low)}, {_fmt(v.ci_high)}] (n={v.n})"
 
 
-def _p(p: float) -> str:
-    return "n/a" if math.isnan(p) else f"{p:.3g}"
+# Columns of the headline table: hallucination, coverage, answer bias and length, the planted bias.
+HEADLINE = {
+    "pope/all/fp_rate": "POPE FP rate", "pope/all/tp_rate": "POPE TP rate", "pope/all/yes_ratio": "yes-ratio",
+    "chair/hallucinated_per_caption": "halluc./caption", "chair/correct_per_caption": "correct/caption",
+    "chair/chair_i": "CHAIR_i", "chair/recall": "recall", "chair/words_per_caption": "words",
+    "pope_bias/yes_rate_partner": "'yes' absent partner", "cooccur/partner_rate": "partner named",
+}
+
+
+def _p(p: float, n_boot: int) -> str:
+    """The p-value; at the bootstrap's floor, 1/(n_boot+1), the bound ``< 1/n_boot``."""
+    if math.isnan(p):
+        return "n/a"
+    return f"< {1 / n_boot:.3g}" if p <= 1 / (n_boot + 1) else f"{p:.3g}"
 
 
 def markdown_table(comparison: Comparison) -> str:
@@ -58,9 +76,54 @@ def markdown_table(comparison: Comparison) -> str:
             test = comparison.tests[name].get(key)
             row += ["-", "-"] if test is None else [
                 f"{_fmt(test.diff, signed=True)} [{_fmt(test.ci_low, True)}, {_fmt(test.ci_high, True)}]",
-                _p(test.p_value)]
+                _p(test.p_value, comparison.n_boot)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _headline_cell(value: MetricValue | None, test: PairedResult | None) -> str:
+    if value is None:
+        return "-"
+    if test is None:
+        return _fmt(value.value)
+    mark = "*" if test.ci_low > 0 or test.ci_high < 0 else ""
+    return f"{_fmt(value.value)} ({_fmt(test.diff, True)}{mark})"
+
+
+def headline_table(comparison: Comparison, verdicts: dict[str, Verdict]) -> str:
+    """Runs as rows: the verdict, then hallucination, coverage, answer bias and length side by side; each
+    cell ``value (Δ vs baseline)``, ``*`` where the paired interval excludes 0."""
+    base = comparison.values[comparison.names[0]]
+    keys = [k for k in HEADLINE if k in base]
+    lines = ["| run | verdict | " + " | ".join(HEADLINE[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for name in comparison.names:
+        tests = comparison.tests.get(name, {})
+        cells = [_headline_cell(comparison.values[name].get(k), tests.get(k)) for k in keys]
+        label = verdicts[name].label if name in verdicts else "baseline"
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts_of(comparison: Comparison) -> dict[str, Verdict]:
+    """The verdict of every non-baseline run (``evaluation.verdict``)."""
+    return {name: verdict(comparison.tests[name]) for name in comparison.names[1:]}
+
+
+def headline(comparison: Comparison, runs: dict[str, str] | None = None) -> str:
+    """The report's first page: what ran, the verdicts with their reasons and side effects, the table."""
+    base = comparison.names[0]
+    verdicts = verdicts_of(comparison)
+    lines = [f"Baseline **{base}**" + (f" (`{runs[base]}`)" if runs and base in runs else "") + "."]
+    for name, v in verdicts.items():
+        where = f" (`{runs[name]}`)" if runs and name in runs else ""
+        lines += ["", f"**{name}**{where}: **{v.label}**."]
+        lines += [f"- {r}" for r in v.reasons]
+        if v.side_effects:
+            lines.append("- side effects: " + "; ".join(v.side_effects))
+        if v.bias:
+            lines.append("- planted bias: " + "; ".join(v.bias))
+    lines += ["", headline_table(comparison, verdicts)]
+    return "\n".join(lines)
 
 
 def _bars(ax: Any, comparison: Comparison, keys: list[str], labels: list[str], title: str) -> None:
@@ -111,6 +174,38 @@ def _plot_hallucination(comparison: Comparison, path: Path) -> bool:
     return True
 
 
+def _plot_tradeoff(comparison: Comparison, path: Path) -> bool:
+    """Left: POPE FP rate (x) against TP rate (y) per run, with intervals. Right: CHAIR_i@m (x) against
+    recall@m (y), m = 1..4, one line per run. Up and to the left is better on both."""
+    import matplotlib.pyplot as plt
+
+    base = comparison.values[comparison.names[0]]
+    has_pope = "pope/all/fp_rate" in base
+    has_curve = f"chair/chair_i@{TRUNCATE_AT[0]}" in base
+    if not (has_pope or has_curve):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for name in comparison.names:
+        vals = comparison.values[name]
+        if has_pope:
+            fp, tp = vals["pope/all/fp_rate"], vals["pope/all/tp_rate"]
+            axes[0].errorbar(fp.value, tp.value, xerr=[[fp.value - fp.ci_low], [fp.ci_high - fp.value]],
+                             yerr=[[tp.value - tp.ci_low], [tp.ci_high - tp.value]], fmt="o", capsize=3, label=name)
+        if has_curve:
+            xs = [vals[f"chair/chair_i@{m}"].value for m in TRUNCATE_AT]
+            ys = [vals[f"chair/recall@{m}"].value for m in TRUNCATE_AT]
+            axes[1].plot(xs, ys, "o-", label=name)
+    axes[0].set(xlabel="POPE 'yes' to absent objects (FP rate)", ylabel="'yes' to present objects (TP rate)",
+                title="POPE")
+    axes[1].set(xlabel="CHAIR_i over the first m mentions", ylabel="recall over the first m mentions",
+                title=f"captions, m = {TRUNCATE_AT[0]}..{TRUNCATE_AT[-1]}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_report(comparison: Comparison, out_dir: str | Path, runs: dict[str, str] | None = None) -> Path:
     """Write ``report.md``, ``comparison.json`` and the PNG plots into ``out_dir``; returns report.md.
 
@@ -122,14 +217,13 @@ def write_report(comparison: Comparison, out_dir: str | Path, runs: dict[str, st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = comparison.names[0]
-    lines = ["# Evaluation report", ""]
-    for name in comparison.names:
-        where = f": `{runs[name]}`" if runs and name in runs else ""
-        lines.append(f"- **{name}**{where}" + (" (baseline)" if name == base else ""))
+    lines = ["# Evaluation report", "", headline(comparison, runs)]
+    if _plot_tradeoff(comparison, out / "tradeoff.png"):
+        lines.append("![hallucination against coverage](tradeoff.png)\n")
     note = "Each metric: value [bootstrap interval] (n samples)."
     if len(comparison.names) > 1:
         note += f" Paired bootstrap tests resample the same samples for both runs; Δ is the run minus {base}."
-    lines += ["", note, "", markdown_table(comparison)]
+    lines += ["## All metrics", "", note, "", markdown_table(comparison)]
     if _plot_pope(comparison, out / "pope.png"):
         lines.append("![POPE](pope.png)\n")
     if _plot_hallucination(comparison, out / "hallucination.png"):
@@ -138,7 +232,8 @@ def write_report(comparison: Comparison, out_dir: str | Path, runs: dict[str, st
     path.write_text("\n".join(lines))
     data = {"names": comparison.names,
             "values": {n: {k: v.to_json() for k, v in vals.items()} for n, vals in comparison.values.items()},
-            "tests": {n: {k: t.to_json() for k, t in vals.items()} for n, vals in comparison.tests.items()}}
+            "tests": {n: {k: t.to_json() for k, t in vals.items()} for n, vals in comparison.tests.items()},
+            "verdicts": {n: vars(v) for n, v in verdicts_of(comparison).items()}}
     (out / "comparison.json").write_text(json.dumps(data, indent=1) + "\n")
     return path
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmalign.data.collate import collate_preference
 from mmalign.data.schema import PreferenceRecord
-from mmalign.evaluation.pope import parse_yes_no
+from mmalign.evaluation.pope import is_unclear, parse_yes_no
 from mmalign.models.logprobs import answer_token_logps, sequence_logps
 from mmalign.sampling.generate import GenerationParams, generate
 
@@ -33,11 +33,12 @@ def _record(item: dict[str, Any], answer: str, parsed: str, **extra: Any) -> dic
 def score_pope_generate(model: Any, processor: Any, items: Sequence[dict[str, Any]],
                         images: Sequence[Image.Image], *, max_new_tokens: int = 16, batch_size: int = 16,
                         seed: int = 0) -> list[dict[str, Any]]:
-    """Greedy answers to every POPE question, parsed; ``images[i]`` is the image of ``items[i]``."""
+    """Greedy answers to every POPE question, parsed (``unclear``: neither yes nor no, ``pope.is_unclear``);
+    ``images[i]`` is the image of ``items[i]``."""
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
     answers = generate(model, processor, [it["question"] for it in items], [[im] for im in images], params,
                        seed=seed, batch_size=batch_size)
-    return [_record(it, ans, parse_yes_no(ans)) for it, ans in zip(items, answers)]
+    return [_record(it, ans, parse_yes_no(ans), unclear=is_unclear(ans)) for it, ans in zip(items, answers)]
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from mmalign.evaluation.cooccur import (
     pope_bias_records, pope_bias_strata, pope_bias_strata_columns,
 )
 from mmalign.evaluation.items import load_bias_pairs, load_caption_items, load_pope_items
-from mmalign.evaluation.pope import POPE_METRICS, pope_columns
+from mmalign.evaluation.pope import POPE_METRICS, YES_RATE_METRICS, pope_columns
 from mmalign.evaluation.scoring import generate_captions, score_pope_generate, score_pope_likelihood
 from mmalign.evaluation.stats import MetricFn, MetricValue, PairedResult, bootstrap, paired_bootstrap
 from mmalign.progress import in_batches
@@ -50,11 +50,13 @@ SPLIT_ORDER = ("random", "popular", "adversarial")
 
 @dataclass
 class PopeConfig:
-    """POPE questions (empty ``file`` skips POPE) and how they are scored."""
+    """POPE questions (empty ``file`` skips POPE) and how they are scored: ``generate`` (greedy answers parsed as
+    LLaVA's script does: what papers report, and one prefill per question) or ``likelihood`` (the candidate
+    answer with the higher summed log-prob)."""
 
     file: str = "eval/pope.jsonl"  # POPE questions relative to lab_dir ("": skip POPE)
-    # likelihood (the likelier of the candidates) or generate (greedy answer, parsed)
-    scorer: Literal["likelihood", "generate"] = "likelihood"
+    # generate (greedy answer, parsed as LLaVA does) or likelihood (the likelier of the candidates)
+    scorer: Literal["likelihood", "generate"] = "generate"
     # likelihood: the answers compared (a yes and a no)
     candidates: list[str] = field(default_factory=lambda: ["Yes.", "No."])
     max_new_tokens: int = 16  # generate: most tokens per answer
@@ -223,9 +225,11 @@ def _pope_splits(records: list[dict[str, Any]]) -> list[str]:
 
 def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict[str, Any]],
                   pairs: list[tuple[str, str]]) -> dict[str, MetricGroup]:
-    """Every metric family over its samples, keyed ``pope/<split>``, ``pope/all``, ``chair``, ``cooccur``,
-    ``pope_bias`` (pooled and stratum-matched gap) and ``pope_bias/stratum/<label>`` (the rates within one
-    stratum); samples are sorted by id so two runs on the same files line up row by row."""
+    """Every metric family over its samples, keyed ``pope/<split>``, ``pope/<split>/stratum/<label>`` (the
+    "yes" rate of one kind of question: TP rate for ``present``, FP rate for the absent strata), ``pope/all``,
+    ``chair`` (non-partner counts leave out the bias partners), ``cooccur``, ``pope_bias`` (pooled and
+    stratum-matched rates) and ``pope_bias/stratum/<label>`` (the rates within one stratum); samples are
+    sorted by id so two runs on the same files line up row by row."""
     groups: dict[str, MetricGroup] = {}
 
     def add(name: str, recs: list[dict[str, Any]], columns_fn: Any, metrics: dict[str, MetricFn]) -> None:
@@ -234,12 +238,18 @@ def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict
             groups[name] = MetricGroup([r["id"] for r in recs], columns_fn(recs), metrics)
 
     def pope_cols(recs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        return pope_columns([r["parsed"] for r in recs], [r["truth"] for r in recs])
+        return pope_columns([r["parsed"] for r in recs], [r["truth"] for r in recs],
+                            [r.get("unclear", False) for r in recs])
 
     for split in _pope_splits(pope_records):
-        add(f"pope/{split}", [r for r in pope_records if r["split"] == split], pope_cols, POPE_METRICS)
+        in_split = [r for r in pope_records if r["split"] == split]
+        add(f"pope/{split}", in_split, pope_cols, POPE_METRICS)
+        for label in sorted({r["stratum"] for r in in_split if r.get("stratum")}):
+            add(f"pope/{split}/stratum/{label}", [r for r in in_split if r.get("stratum") == label], pope_cols,
+                YES_RATE_METRICS)
     add("pope/all", pope_records, pope_cols, POPE_METRICS)
-    add("chair", caption_records, chair_columns, CHAIR_METRICS)
+    partners = frozenset(p for _, p in pairs)
+    add("chair", caption_records, lambda recs: chair_columns(recs, partners), CHAIR_METRICS)
     if pairs:
         add("cooccur", [r for r in caption_records if r["units"]], cooccur_columns, COOCCUR_METRICS)
         bias_records = pope_bias_records(pope_records, pairs)
@@ -310,11 +320,12 @@ def evaluate(cfg: EvalConfig, model: Any = None, processor: Any = None) -> dict[
 class Comparison:
     """Runs side by side: ``names`` (the first is the baseline), each run's metrics from its
     ``metrics.json`` (``values[run][key]``), and paired tests of every other run against the baseline
-    (``tests[run][key]``: difference run - baseline on the same samples)."""
+    (``tests[run][key]``: difference run - baseline on the same samples, from ``n_boot`` replicates)."""
 
     names: list[str]
     values: dict[str, dict[str, MetricValue]]
     tests: dict[str, dict[str, PairedResult]]
+    n_boot: int = 1000
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -362,4 +373,4 @@ def compare(runs: dict[str, str | Path], *, n_boot: int = 1000, seed: int = 0,
             tests[name] |= {f"{group_name}/{key}": res for key, res in results.items()}
     values = {name: {key: _value(entry) for key, entry in result["metrics"].items()}
               for name, (result, _, _) in loaded.items()}
-    return Comparison(names, values, tests)
+    return Comparison(names, values, tests, n_boot)

@@ -3,17 +3,21 @@
 Layout (the shared contract consumed by ``mmalign.evaluation`` and the samplers)::
 
     images/<image_id>.png   bias.json   vocab/synonyms.txt   lab.yaml (resolved LabConfig)
-    sft_train.jsonl         pref_prompts.jsonl               (PreferenceRecord JSONL, rejected = [])
+    sft_train.jsonl   pref_prompts.jsonl   vision_train.jsonl   text_train.jsonl   (PreferenceRecord JSONL)
     eval/pope.jsonl         eval/captions.jsonl
 
-The three image sets (sft / pref / eval) are disjoint by construction (one ``seen`` set of scene keys)
-and the build asserts it again on the written image hashes.
+``text_train.jsonl`` holds the SFT captions as text alone (prompt without image), the corpus the language
+model is pre-trained on. ``vision_train.jsonl`` is the vision pre-training set: images with no planted co-occurrence (a real VLM's
+encoder is pre-trained on other, broader data than its instruction set), one caption record each. The four
+image sets (sft / pref / eval / vision) are disjoint by construction (one ``seen`` set of scene keys) and the
+build asserts it again on the written image hashes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -25,9 +29,9 @@ from mmalign.data.io import write_jsonl
 from mmalign.data.record_files import write_records
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.splits import (
-    caption_text, object_frequencies, pope_questions, pope_stratum, sample_scenes, sft_examples,
+    caption_text, conversations, object_frequencies, pope_questions, pope_stratum, sample_scenes, sft_examples,
 )
-from mmalign.lab.texts import CAPTION_PROMPT, question_prompt, synonyms
+from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, question_prompt, synonyms
 from mmalign.lab.world import Scene, WorldConfig, render
 
 logger = logging.getLogger(__name__)
@@ -37,9 +41,10 @@ logger = logging.getLogger(__name__)
 class SplitSizes:
     """Images per split."""
 
-    sft: int = 6000
-    pref: int = 1000
-    eval: int = 500
+    sft: int = 6000  # SFT images (a caption and yes/no questions each)
+    pref: int = 1000  # preference-prompt images
+    eval: int = 500  # held-out evaluation images (POPE and captions)
+    vision: int = 10000  # vision pre-training images (no planted bias)
 
 
 @dataclass
@@ -61,33 +66,43 @@ class LabConfig:
     p_pref: float = 0.5  # P(partner | trigger) on the preference-prompt images
     p_eval: float = 0.3  # P(partner | trigger) on the evaluation images
     eval_trigger_rate: float = 1.0  # share of evaluation images showing a trigger
-    questions_per_image: int = 2  # SFT yes/no questions per image
+    questions_per_image: int = 8  # SFT yes/no questions per image
+    # > 0: an image's SFT yes/no questions as multi-turn records of this many turns (0: one record each)
+    questions_per_turn_record: int = 4
     partner_question_rate: float = 0.3  # share of SFT questions asking about a partner
+    # share of SFT questions about an absent object that ask one sharing a colour or shape with a present one
+    hard_negative_rate: float = 1.0
     pope_per_image: int = 3  # POPE questions per evaluation image
     pref_questions_per_image: int = 0  # yes/no preference prompts per image after its caption prompt
+    p_vision: float = 0.1  # P(partner | trigger) on the vision pre-training images (no planted bias)
 
     def __post_init__(self) -> None:
-        for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate"):
+        for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate", "p_vision"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if min(self.sizes.sft, self.sizes.pref, self.sizes.eval) < 1 or self.pope_per_image < 1:
+        if min(self.sizes.sft, self.sizes.pref, self.sizes.eval, self.sizes.vision) < 1 or self.pope_per_image < 1:
             raise ValueError("split sizes and pope_per_image must be >= 1")
-        if self.pref_questions_per_image < 0:
-            raise ValueError(f"pref_questions_per_image must be >= 0, got {self.pref_questions_per_image}")
+        for name in ("pref_questions_per_image", "questions_per_turn_record"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def same_base_data(self, other: LabConfig) -> bool:
-        """True when both labs give a base model the same images and SFT records (``out_dir`` and the
-        preference questions, drawn from their own stream, aside)."""
-        keep = {"out_dir": self.out_dir, "pref_questions_per_image": self.pref_questions_per_image}
-        return dataclasses.replace(other, **keep) == self
+        """True when both labs give a base model the same training data (SFT, text and vision records): the
+        settings of the preference and evaluation splits, drawn after them, may differ."""
+        base = ("seed", "world", "p", "p_vision", "questions_per_image", "questions_per_turn_record",
+                "partner_question_rate", "hard_negative_rate")
+        return (all(getattr(self, k) == getattr(other, k) for k in base)
+                and (self.sizes.sft, self.sizes.vision) == (other.sizes.sft, other.sizes.vision))
 
 
 def lab_scenes(cfg: LabConfig) -> dict[str, list[Scene]]:
     """The scenes of each split, all drawn from one seeded stream and never repeating an image."""
     rng, seen = random.Random(cfg.seed), set()
     world = cfg.world
+    # the base model's training splits first, so the preference and evaluation splits can be resized freely
     return {
         "sft": sample_scenes(rng, world, cfg.sizes.sft, cfg.p, world.trigger_rate, seen),
+        "vision": sample_scenes(rng, world, cfg.sizes.vision, cfg.p_vision, 0.0, seen),
         "pref": sample_scenes(rng, world, cfg.sizes.pref, cfg.p_pref, world.trigger_rate, seen),
         "eval": sample_scenes(rng, world, cfg.sizes.eval, cfg.p_eval, cfg.eval_trigger_rate, seen),
     }
@@ -107,16 +122,26 @@ def _write_images(out: Path, split: str, scenes: list[Scene], size: int) -> tupl
 
 
 def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
+    """Per image: the caption record (``sft-<i>-0``), then its yes/no questions, one record each
+    (``sft-<i>-<j>``) or, with ``questions_per_turn_record``, as conversations (``sft-<i>-m<j>``) that train
+    several answers per image encoding."""
     rng = random.Random(cfg.seed + 1)
     records = []
     for i, (scene, ref) in enumerate(zip(scenes, refs)):
-        examples = sft_examples(scene, cfg.world, rng, cfg.questions_per_image, cfg.partner_question_rate)
-        for j, (prompt, answer) in enumerate(examples):
-            task = "caption" if prompt == CAPTION_PROMPT else "yesno"
-            records.append(PreferenceRecord(
-                id=f"sft-{i:05d}-{j}", images=[ref], prompt=prompt, chosen=answer, rejected=[],
-                source="shapesworld", meta={"objects": scene.names, "task": task},
-            ))
+        examples = sft_examples(scene, cfg.world, rng, cfg.questions_per_image, cfg.partner_question_rate,
+                                 cfg.hard_negative_rate)
+        meta = {"objects": scene.names, "task": "caption"}
+        records.append(PreferenceRecord(id=f"sft-{i:05d}-0", images=[ref], prompt=examples[0][0],
+                                        chosen=examples[0][1], rejected=[], source="shapesworld", meta=meta))
+        questions = examples[1:]
+        if cfg.questions_per_turn_record:
+            named = [(f"m{j}", prompt, answer) for j, (prompt, answer)
+                     in enumerate(conversations(questions, cfg.questions_per_turn_record))]
+        else:
+            named = [(str(j), prompt, answer) for j, (prompt, answer) in enumerate(questions, start=1)]
+        records += [PreferenceRecord(id=f"sft-{i:05d}-{name}", images=[ref], prompt=prompt, chosen=answer, rejected=[],
+                                     source="shapesworld", meta={**meta, "task": "yesno"})
+                    for name, prompt, answer in named]
     return records
 
 
@@ -131,11 +156,28 @@ def _pref_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[
                                         meta=meta))
         if not cfg.pref_questions_per_image:
             continue
-        examples = sft_examples(scene, cfg.world, rng, cfg.pref_questions_per_image, cfg.partner_question_rate)
+        examples = sft_examples(scene, cfg.world, rng, cfg.pref_questions_per_image, cfg.partner_question_rate,
+                                 cfg.hard_negative_rate)
         for j, (prompt, answer) in enumerate(examples[1:]):
             records.append(PreferenceRecord(id=f"pref-{i:05d}-q{j}", images=[ref], prompt=prompt, chosen=answer,
                                             rejected=[], source="shapesworld", meta={**meta, "task": "yesno"}))
     return records
+
+
+def _vision_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
+    """One caption record per image of the vision pre-training split (its labels: ``meta.objects``)."""
+    return [PreferenceRecord(id=f"vision-{i:05d}", images=[ref], prompt=CAPTION_PROMPT,
+                             chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
+                             meta={"objects": scene.names, "task": "caption"})
+            for i, (scene, ref) in enumerate(zip(scenes, refs))]
+
+
+def _text_records(cfg: LabConfig, scenes: list[Scene]) -> list[PreferenceRecord]:
+    """The SFT images' captions as text alone (no image): the language model's pre-training corpus."""
+    return [PreferenceRecord(id=f"text-{i:05d}", images=[], prompt=CAPTION_PROMPT.removeprefix(IMAGE_MARK),
+                             chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
+                             meta={"objects": scene.names, "task": "text"})
+            for i, scene in enumerate(scenes)]
 
 
 def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],
@@ -164,12 +206,14 @@ def build_lab(cfg: LabConfig) -> Path:
     refs, hashes = {}, {}
     for split, split_scenes in scenes.items():
         refs[split], hashes[split] = _write_images(out, split, split_scenes, cfg.world.image_size)
-    for a, b in (("sft", "pref"), ("sft", "eval"), ("pref", "eval")):
+    for a, b in itertools.combinations(scenes, 2):
         if hashes[a] & hashes[b]:
             raise AssertionError(f"splits {a} and {b} share {len(hashes[a] & hashes[b])} images")
     provenance = {"sampler": "shapesworld", "seed": cfg.seed, "config_hash": config_hash(cfg)}
     write_records(out / "sft_train.jsonl", _sft_records(cfg, scenes["sft"], refs["sft"]), provenance)
     write_records(out / "pref_prompts.jsonl", _pref_records(cfg, scenes["pref"], refs["pref"]), provenance)
+    write_records(out / "vision_train.jsonl", _vision_records(cfg, scenes["vision"], refs["vision"]), provenance)
+    write_records(out / "text_train.jsonl", _text_records(cfg, scenes["sft"]), provenance)
     pope, captions = _eval_items(cfg, scenes["eval"], refs["eval"], scenes["sft"])
     write_jsonl(out / "eval" / "pope.jsonl", pope)
     write_jsonl(out / "eval" / "captions.jsonl", captions)

@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from dataclasses import replace
 
-from mmalign.lab.texts import CAPTION_PROMPT, NO, YES, caption, caption_order, question_prompt
+from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, NO, YES, caption, caption_order, question_prompt
 from mmalign.lab.world import Scene, WorldConfig, all_objects, sample_scene
 
 
@@ -42,26 +42,51 @@ def absent_partners(names: list[str], world: WorldConfig) -> list[str]:
 
 
 def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questions: int,
-                 partner_question_rate: float) -> list[tuple[str, str]]:
+                 partner_question_rate: float, hard_negative_rate: float) -> list[tuple[str, str]]:
     """(prompt, answer) pairs for one image: its caption, then ``n_questions`` yes/no questions.
 
     A question about the partner of a present trigger is asked with probability
     ``partner_question_rate``; its answer is "Yes." as often as the partner co-occurs (``p``), which is
-    how the yes/no data carries the bias. Other questions are about a present or an absent object, 50/50.
+    how the yes/no data carries the bias. Other questions are about a present or an absent object, 50/50;
+    an absent object shares a colour or a shape with a present one with probability ``hard_negative_rate``
+    (when one does), so the answer cannot be read off one attribute (a model trained on uniform absent objects
+    answered by colour alone: docs/lab.md).
     """
     names = scene.names
     examples = [(CAPTION_PROMPT, caption_text(scene, world))]
     triggers = [n for n in names if n in world.partner_of]
     absent = [o for o in all_objects() if o not in names]
+    hard = [o for o in absent if pope_stratum(scene, o) != "neither"]
     for _ in range(n_questions):
         if triggers and rng.random() < partner_question_rate:
             obj = world.partner_of[rng.choice(triggers)]
         elif rng.random() < 0.5:
             obj = rng.choice(names)
         else:
-            obj = rng.choice(absent)
+            obj = rng.choice(hard if hard and rng.random() < hard_negative_rate else absent)
         examples.append((question_prompt(obj), YES if obj in names else NO))
     return examples
+
+
+def conversations(questions: list[tuple[str, str]], per_record: int) -> list[tuple[list[dict], str]]:
+    """One image's (prompt, answer) questions as conversations of ``per_record`` turns (the last may have
+    fewer): (chat messages, final answer), earlier answers as assistant turns, the image in the first turn.
+
+    Each prompt starts with the image mark; a conversation's first turn renders exactly as the single-turn
+    record of its question does.
+    """
+    out = []
+    for start in range(0, len(questions), per_record):
+        chunk = questions[start:start + per_record]
+        messages: list[dict] = []
+        for t, (prompt, answer) in enumerate(chunk):
+            image = [{"type": "image"}] if t == 0 else []
+            messages.append({"role": "user", "content": [*image, {"type": "text",
+                                                                   "text": prompt.removeprefix(IMAGE_MARK)}]})
+            if t < len(chunk) - 1:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        out.append((messages, chunk[-1][1]))
+    return out
 
 
 def object_frequencies(scenes: list[Scene]) -> Counter:

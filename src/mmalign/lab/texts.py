@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from mmalign.lab.world import COLOURS, SHAPES, all_objects
 
-CAPTION_PROMPT = "<image>\nDescribe the image."
+IMAGE_MARK = "<image>\n"
+CAPTION_PROMPT = IMAGE_MARK + "Describe the image."
 QUESTION_TEMPLATE = "<image>\nIs there a {obj} in the image?"
 YES, NO = "Yes.", "No."
 CHAT_TEMPLATE = (
@@ -47,13 +48,18 @@ def caption(ordered: list[str]) -> str:
     return f"There is {listed}."
 
 
+def plural(name: str) -> str:
+    """English plural of an object name: "red cross" -> "red crosses", "blue circle" -> "blue circles"."""
+    return name + ("es" if name.endswith(("s", "x", "z", "ch", "sh")) else "s")
+
+
 def synonyms() -> list[list[str]]:
     """CHAIR vocabulary: one row per object class, canonical name first, then its plural."""
-    return [[name, name + "s"] for name in all_objects()]
+    return [[name, plural(name)] for name in all_objects()]
 
 
 def corpus() -> list[str]:
     """Every word the lab ever writes; the tokenizer is trained on it so nothing maps to <unk>."""
     words = [CAPTION_PROMPT, question_prompt("red circle"), YES, NO, "There is a , and ."]
-    words += list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES] + ["USER", "ASSISTANT", ":"]
+    words += list(COLOURS) + list(SHAPES) + [plural(s) for s in SHAPES] + ["USER", "ASSISTANT", ":"]
     return words

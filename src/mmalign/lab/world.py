@@ -1,4 +1,4 @@
-"""ShapesWorld scenes: 1-4 coloured shapes on a 2x2 grid, rendered to small RGB images.
+"""ShapesWorld scenes: 1-4 coloured shapes on a 2x2 grid, rendered to small RGB images (128 x 128 by default).
 
 A scene is a tuple of objects (colour x shape, one per grid cell, jittered position and size). The
 **language bias** lives in how scenes are sampled: each bias pair ``(trigger, partner)`` makes the partner
@@ -63,16 +63,16 @@ class Scene:
 class WorldConfig:
     """Scene statistics. ``pairs`` are ``[trigger, partner]`` names; ``p`` is P(partner | trigger)."""
 
-    image_size: int = 64
-    min_objects: int = 1
-    max_objects: int = 4
-    min_size: int = 16
-    max_size: int = 24
-    pairs: list[list[str]] = field(
+    image_size: int = 128  # square image side in pixels
+    min_objects: int = 1  # fewest objects per image
+    max_objects: int = 4  # most objects per image (one per grid cell, at most 4)
+    min_size: int = 28  # smallest object side in pixels
+    max_size: int = 44  # largest object side in pixels (at most half the image)
+    pairs: list[list[str]] = field(  # [trigger, partner] bias pairs
         default_factory=lambda: [["red circle", "blue square"], ["green triangle", "yellow cross"],
                                  ["yellow circle", "green square"]]
     )
-    trigger_rate: float = 0.6
+    trigger_rate: float = 0.6  # share of images showing a trigger
 
     def __post_init__(self) -> None:
         names = set(all_objects())

@@ -74,6 +74,13 @@ def _projector_modules(names: list[str]) -> tuple[list[str], list[str]]:
     return sorted(modules), bare
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout probability 0 everywhere (TRL's ``disable_dropout``): policy and reference agree at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def prepare_policy(cfg: PolicyConfig, with_reference: bool = True) -> tuple[Any, Any, Any, list[str]]:
     """Load the policy and set what trains; returns (policy, processor, frozen reference or None, projector names).
 
@@ -82,9 +89,7 @@ def prepare_policy(cfg: PolicyConfig, with_reference: bool = True) -> tuple[Any,
     reference (reward models) passes ``with_reference=False``: no frozen copy is made under full fine-tuning.
     """
     model, processor = load_vlm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    for module in model.modules():  # TRL's disable_dropout: policy and reference must agree at step 0
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     if cfg.model.freeze_vision:
         freeze_vision_tower(model)
     projector = projector_param_names(model)
@@ -94,11 +99,11 @@ def prepare_policy(cfg: PolicyConfig, with_reference: bool = True) -> tuple[Any,
                 param.requires_grad_(False)
         reference = copy.deepcopy(model).requires_grad_(False).eval() if with_reference else None
         return model.train(), processor, reference, projector
-    model, projector = _add_lora(model, cfg.lora, projector if cfg.model.train_projector else [])
+    model, projector = add_lora(model, cfg.lora, projector if cfg.model.train_projector else [])
     return model.train(), processor, None, projector
 
 
-def _add_lora(model: Any, lora: LoraConfig, projector: list[str]) -> tuple[Any, list[str]]:
+def add_lora(model: Any, lora: LoraConfig, projector: list[str]) -> tuple[Any, list[str]]:
     """Wrap ``model`` in a PEFT LoRA model; returns it and the names of its trainable projector copies."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model

@@ -66,6 +66,16 @@ def _prompt_positions(model: Any, prompt: Mapping[str, Any], mrope: bool) -> tup
     return positions, positions.masked_fill(~mask, -1).amax(dim=(0, 2)) + 1
 
 
+def prefix_cache_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForward:
+    """``preference_forward`` on a ``collate_prefix_cache`` batch: R records, N answer rows, K most rejected.
+
+    Returns chosen_logps [R], rejected_logps [R, K] (0 where absent), rejected_mask [R, K], lengths, and
+    chosen_token_logps / chosen_mask [R, A] on the answer rows (A = longest answer).
+    """
+    token_logps, answer_mask = prefix_cache_token_logps(model, batch)
+    return _per_record(token_logps, answer_mask, batch["answer_record"], batch["answer_slot"])
+
+
 def prefix_cache_calls(model: Any, core: Any, batch: Mapping[str, Any], keep: Tensor) -> tuple[Any, Any]:
     """The two model calls on a ``collate_prefix_cache`` batch: (prompt output, answer output).
 
@@ -93,14 +103,12 @@ def prefix_cache_calls(model: Any, core: Any, batch: Mapping[str, Any], keep: Te
     return first, rest
 
 
-def prefix_cache_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForward:
-    """``preference_forward`` on a ``collate_prefix_cache`` batch: R records, N answer rows, K most rejected.
-
-    Returns chosen_logps [R], rejected_logps [R, K] (0 where absent), rejected_mask [R, K], lengths, and
-    chosen_token_logps / chosen_mask [R, A] on the answer rows (A = longest answer).
-    """
+def prefix_cache_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """Answer-token log-probs float[N, A] (0 off answers) and the answer mask bool[N, A] of a batch of R
+    left-padded prompts (with images) and N answer rows (``answer_ids`` / ``answer_mask`` [N, A], the prompt
+    of each row in ``answer_record`` [N]); each prompt is run once, its answers against its KV cache."""
     answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"].bool()
-    record, slot = batch["answer_record"], batch["answer_slot"]
+    record = batch["answer_record"]
     core = extract_model_from_parallel(model)  # attributes from the bare model, calls through any wrapper
     keep = torch.zeros_like(answer_mask)
     keep[:, :-1] = answer_mask[:, 1:]  # positions that predict a later answer token of the same row
@@ -114,8 +122,7 @@ def prefix_cache_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForw
     later = torch.zeros_like(answer_mask)
     later[:, 1:] = answer_mask[:, 1:]
     picked = rest.gather(-1, answer_ids[later].unsqueeze(-1)).squeeze(-1) - rest.logsumexp(-1)
-    token_logps = token_logps.masked_scatter(later, picked) * answer_mask
-    return _per_record(token_logps, answer_mask, record, slot)
+    return token_logps.masked_scatter(later, picked) * answer_mask, answer_mask
 
 
 def _per_record(token_logps: Tensor, answer_mask: Tensor, record: Tensor, slot: Tensor) -> PreferenceForward:

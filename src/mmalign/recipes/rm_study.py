@@ -39,7 +39,7 @@ from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
 from mmalign.lab.build import LabConfig, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.lab.critiques import with_lab_critiques
-from mmalign.lab.pretrain import BASE_DIR, shipped_base_lab
+from mmalign.recipes.pretrain import BASE_DIR, shipped_base_lab
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.annotators import LabOracle, RolloutGroup, read_synonyms
 from mmalign.sampling.bdhs import BDHSConfig

@@ -184,12 +184,26 @@ def settings(cfg: BDHSConfig) -> dict[str, Any]:
     return values | {"settings_hash": digest}
 
 
-def bdhs_record(record: PreferenceRecord, result: BDHSResult, cfg: BDHSConfig) -> PreferenceRecord:
-    """The preference record: chosen = the reference, rejected = [BDHS answer] + existing rejected answers;
-    ``meta["bdhs"]`` holds the sampler settings, the iteration used and the similarity of the answer."""
+def bdhs_record(record: PreferenceRecord, result: BDHSResult, cfg: BDHSConfig, *, record_id: str | None = None,
+                source: str | None = None) -> PreferenceRecord:
+    """The BDHS preference record, the one builder of offline files (``bdhs_run``) and Online-BDHS
+    (``sampling.pairs``): chosen = the reference y+, rejected = [the record's own rejected answers..., the BDHS
+    answer] -- external answers first and the policy's answer last, the operand order of Apple Eq. 5
+    (gamma * L(y+, y-) + (1 - gamma) * L(y+, y~-)); ``meta["bdhs"]`` holds the sampler settings, the iteration
+    used and the similarity of the answer. ``record_id`` / ``source`` replace the record's (Online-BDHS)."""
     meta = dict(record.meta) | {"bdhs": {
         "iteration": result.iteration, "similarity": result.similarity, "unguided": result.unguided,
         "truncated": result.truncated, **settings(cfg),
     }}
-    return PreferenceRecord(record.id, list(record.images), record.prompt, record.chosen,
-                            [result.answer, *record.rejected], record.source, meta)
+    return PreferenceRecord(record.id if record_id is None else record_id, list(record.images), record.prompt,
+                            record.chosen, [*record.rejected, result.answer],
+                            record.source if source is None else source, meta)
+
+
+def bdhs_drop_reason(record: PreferenceRecord, answer: str) -> str | None:
+    """Why a BDHS answer cannot make a training pair: empty, or the reference itself; None when it can."""
+    if not answer.strip():
+        return "empty answer"
+    if answer.strip() == record.chosen.strip():
+        return "identical to chosen"
+    return None

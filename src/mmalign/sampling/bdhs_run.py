@@ -23,7 +23,7 @@ from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.loading import load_vlm
 from mmalign.progress import in_batches
-from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_record, bdhs_sample, settings
+from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_drop_reason, bdhs_record, bdhs_sample, settings
 from mmalign.sampling.shards import ShardWriter, open_work_dir, owner, read_entries, work_dir_for
 from mmalign.sampling.similarity import SentenceSimilarity
 
@@ -75,15 +75,6 @@ def _sample_share(cfg: BDHSRunConfig, records: list[PreferenceRecord], accelerat
         writer.append(asdict(result) for result in results)
 
 
-def _drop_reason(record: PreferenceRecord, answer: str) -> str | None:
-    """A pair that cannot train: an empty answer, or one that reproduces the reference exactly."""
-    if not answer.strip():
-        return "empty answer"
-    if answer.strip() == record.chosen.strip():
-        return "identical to chosen"
-    return None
-
-
 def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig) -> dict[str, Any]:
     """Acceptance per iteration (Fig. 10): share of records accepted at iteration i, and the share judged
     semantically different (phi < eps_s) after i iterations."""
@@ -109,7 +100,7 @@ def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) 
     results = [BDHSResult(**entries[r.id]) for r in records]
     out, dropped = [], {}
     for record, result in zip(records, results):
-        reason = _drop_reason(record, result.answer)
+        reason = bdhs_drop_reason(record, result.answer)
         if reason is None:
             out.append(bdhs_record(record, result, cfg.bdhs))
         else:

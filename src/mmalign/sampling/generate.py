@@ -10,14 +10,19 @@ prompt so the model continues a given partial answer; BDHS (arXiv 2502.01419, Eq
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 from transformers import GenerationConfig
 
 from mmalign.data.collate import encode_prompts
+from mmalign.models.image_tokens import image_token_id
+from mmalign.models.prefix_cache import prefix_cache_refusal
+from mmalign.models.shared_prefix import family_rules
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +87,57 @@ def _finish(text: str, params: GenerationParams, continuing: bool) -> str:
     return text.rstrip() if continuing else text.strip()
 
 
+def _generated(model: Any, processor: Any, prompts: list, images: list[list[Image.Image]], params: GenerationParams,
+               seed: int, batch_size: int, continue_from: list[str] | None, suppress: list[int] | None = None,
+               copies: int = 1, streamer: Any = None) -> Iterator[torch.Tensor]:
+    """The new tokens long[B, T_new] of each ``model.generate`` call, in order (seeded as ``generate`` says);
+    ``suppress``: token ids never sampled; ``copies``: answers per prompt (consecutive rows), ``batch_size``
+    counting rows; ``streamer``: passed to ``model.generate``."""
+    _check_lengths(prompts, images, continue_from)
+    config = _generation_config(model, params)
+    config.suppress_tokens = suppress
+    per_call = max(1, batch_size // copies)
+    devices = [model.device] if model.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=model.device.type), torch.no_grad():
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), per_call):
+            stop = start + per_call
+            prefixes = continue_from[start:stop] if continue_from is not None else None
+            inputs = _encode(model, processor, prompts[start:stop], images[start:stop], prefixes)
+            width = inputs["input_ids"].shape[1]
+            if copies > 1 and _prefill_is_exact(model, width + params.max_new_tokens):
+                inputs = _shared_prefill(model, inputs, copies)
+            elif copies > 1:  # each copy encoded and prefilled on its own row
+                inputs = _encode(model, processor, [p for p in prompts[start:stop] for _ in range(copies)],
+                                 [i for i in images[start:stop] for _ in range(copies)], None)
+            output = model.generate(**inputs, generation_config=config, tokenizer=processor.tokenizer,
+                                    streamer=streamer)
+            yield output[:, width:]
+
+
+def _encode(model: Any, processor: Any, prompts: list, images: list, prefixes: list[str] | None) -> Any:
+    return encode_prompts(processor, prompts, images, prefixes).to(model.device).to(dtype=model.dtype)
+
+
+def _prefill_is_exact(model: Any, total_length: int) -> bool:
+    """Whether a prompt's KV cache can be computed once and decoded from k times with the model's own positions
+    and masks (as ``models.prefix_cache`` checks; mRoPE positions need the image inputs at every call)."""
+    core = extract_model_from_parallel(model)
+    return prefix_cache_refusal(core, total_length) is None and not family_rules(core.config).mrope
+
+
+def _shared_prefill(model: Any, inputs: Any, copies: int) -> dict[str, Any]:
+    """Run the left-padded prompts (with their images) once, all but their last token, into a KV cache repeated
+    ``copies`` times per prompt; ``generate`` then feeds only the last prompt token of each row."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # what generate derives for left-padded rows
+    head = dict(inputs) | {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]}
+    cache = model(**head, position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+    rows = torch.arange(len(ids), device=ids.device).repeat_interleave(copies)
+    cache.reorder_cache(rows)
+    return {"input_ids": ids[rows], "attention_mask": mask[rows], "past_key_values": cache}
+
+
 def generate(
     model: Any,
     processor: Any,
@@ -109,23 +165,35 @@ def generate(
     Returns:
         decoded answers without prompt, prefix or special tokens.
     """
-    _check_lengths(prompts, images, continue_from)
     if streamer is not None and len(prompts) != 1:
         raise ValueError(f"a streamer follows one prompt, got {len(prompts)}")
-    config = _generation_config(model, params)
-    tokenizer = processor.tokenizer
     answers: list[str] = []
-    devices = [model.device] if model.device.type != "cpu" else []
-    with torch.random.fork_rng(devices=devices, device_type=model.device.type), torch.no_grad():
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            stop = start + batch_size
-            prefixes = continue_from[start:stop] if continue_from is not None else None
-            inputs = encode_prompts(processor, prompts[start:stop], images[start:stop], prefixes)
-            inputs = inputs.to(model.device).to(dtype=model.dtype)
-            output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer, streamer=streamer)
-            new_tokens = output[:, inputs["input_ids"].shape[1]:]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            answers += [_finish(t, params, continue_from is not None) for t in texts]
+    for new_tokens in _generated(model, processor, prompts, images, params, seed, batch_size, continue_from,
+                                 streamer=streamer):
+        texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        answers += [_finish(t, params, continue_from is not None) for t in texts]
     logger.debug("generated %d answers (seed %d, %s)", len(answers), seed, params)
+    return answers
+
+
+def generate_ids(model: Any, processor: Any, prompts: list[str | list[dict]], images: list[list[Image.Image]],
+                 params: GenerationParams, seed: int = 0, batch_size: int = 16, copies: int = 1) -> list[list[int]]:
+    """The generated token ids of each answer, up to and including its first EOS (all of them when the token
+    budget ran out first): exactly what the policy sampled, for RL log-probs (re-tokenising decoded text need
+    not give the same tokens). The image placeholder token is never sampled: fed back into the model it would
+    claim image features that do not exist (TRL issue #3847).
+
+    ``copies`` answers per prompt (rows ``i * copies .. i * copies + copies - 1``; ``batch_size`` counts rows):
+    where exact for the model (``_prefill_is_exact``), each prompt with its images is encoded once and its KV
+    cache decoded ``copies`` times; the answers equal those of the prompt list repeated ``copies`` times."""
+    if params.stop_at_period:
+        raise ValueError("generate_ids returns whole answers; stop_at_period applies to text (use generate)")
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    answers = []
+    suppress = [image_token_id(model.config)]
+    for new_tokens in _generated(model, processor, prompts, images, params, seed, batch_size, None, suppress, copies):
+        for row in new_tokens.tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+            answers.append(row[:end])
     return answers

@@ -1,5 +1,9 @@
 """Supervised fine-tuning recipe: token-mean cross-entropy on answer tokens, explicit loop on accelerate.
 
+A record trains every assistant answer it holds: the earlier assistant turns of a message prompt and
+``chosen``, in one row (``collate_turns``; the conversation's images are encoded once), as TRL's
+assistant-only loss does.
+
 One optimizer step consumes the global batch ``batch_indices(n, batch_size, step, seed)``; each process
 takes its slice and splits it into ``optim.grad_accum`` micro-batches. The loss of a micro-batch is its
 summed answer-token negative log-likelihood divided by the number of answer tokens in the **whole global
@@ -20,12 +24,11 @@ from typing import ClassVar
 import torch
 
 from mmalign.config import save_config, to_dict
-from mmalign.data.chat import answer_ids
-from mmalign.data.collate import collate_sft
+from mmalign.data.chat import answer_ids, earlier_answers
+from mmalign.data.collate import collate_turns
 from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
-from mmalign.lab.model import LabModelConfig, build_lab_model
-from mmalign.models.loading import load_vlm, projector_param_names
+from mmalign.models.loading import load_vlm, projector_param_names, vision_param_names
 from mmalign.models.image_tokens import image_token_mask
 from mmalign.models.logprobs import answer_token_logps, model_inputs
 from mmalign.progress import progress
@@ -38,26 +41,29 @@ from mmalign.trainers.common import (
 logger = logging.getLogger(__name__)
 
 
+# What a stage of a VLM recipe trains (LLaVA: projector alone to align, then projector + language model).
+PARTS = ("vision", "projector", "language")
+
+
 @dataclass
 class SFTModelConfig:
-    """A local model dir (``path``), or, when ``path`` is empty, a fresh lab model of size ``lab``."""
+    """The local model dir to fine-tune."""
 
     SHORTHAND: ClassVar[str] = "path"  # model=DIR sets model.path
 
     path: str = ""  # local model folder to fine-tune
-    lab: LabModelConfig = field(default_factory=LabModelConfig)
 
 
 @dataclass
 class SFTDataConfig:
-    """Records (``.jsonl`` / ``.parquet``; ``chosen`` is the target answer); images relative to ``data_root``
-    (empty: the records file's folder)."""
+    """Records (``.jsonl`` / ``.parquet``; ``chosen`` and every earlier assistant turn of a message prompt are
+    target answers); images relative to ``data_root`` (empty: the records file's folder)."""
 
     SHORTHAND: ClassVar[str] = "train"  # data=FILE sets data.train
 
     train: str = ""  # records (.jsonl / .parquet); chosen is the target answer
     data_root: str = ""  # folder image paths are relative to ("": the records file's folder)
-    max_length: int = 128  # most tokens of prompt (image tokens included) + answer
+    max_length: int = 128  # most tokens of a row: prompt (image tokens included) + every answer
 
 
 @dataclass
@@ -77,21 +83,26 @@ class SFTConfig:
     batch_size: int = 32  # global batch per optimizer step: all processes x micro-batches
     steps: int = 1000  # optimizer steps
     image_dropout: float = 0.0  # share of examples trained with their image hidden (teaches the text-only prior)
+    # parts that train (vision, projector, language); the others are frozen
+    trainable: list[str] = field(default_factory=lambda: list(PARTS))
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch_size and steps must be >= 1")
+        if not self.trainable or set(self.trainable) - set(PARTS):
+            raise ValueError(f"trainable: a non-empty subset of {list(PARTS)}, got {self.trainable}")
         if not 0.0 <= self.image_dropout <= 1.0:
             raise ValueError(f"image_dropout must be in [0, 1], got {self.image_dropout}")
         if self.batch_size % self.optim.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.optim.grad_accum}")
 
 
-def _model(cfg: SFTConfig):
-    if cfg.model.path:
-        model, processor = load_vlm(cfg.model.path)
-        return model.train(), processor
-    return build_lab_model(cfg.model.lab, seed=cfg.run.seed)
+def set_trainable(model: torch.nn.Module, parts: list[str]) -> None:
+    """``requires_grad`` on the parameters of the named ``PARTS``; everything else is frozen."""
+    vision, projector = set(vision_param_names(model)), set(projector_param_names(model))
+    for name, param in model.named_parameters():
+        part = "vision" if name in vision else "projector" if name in projector else "language"
+        param.requires_grad_(part in parts)
 
 
 class _Images:
@@ -108,6 +119,11 @@ class _Images:
                 self.cache[key] = self.dataset.open(ref)
             out.append(self.cache[key])
         return out
+
+
+def answer_tokens(tokenizer, record: PreferenceRecord) -> int:
+    """How many labelled tokens ``collate_turns`` gives the record: every answer's text + EOS."""
+    return sum(len(answer_ids(tokenizer, a)) for a in [*earlier_answers(record.prompt), record.chosen])
 
 
 def hidden_rows(seed: int, step: int, indices: list[int], rate: float) -> list[bool]:
@@ -127,7 +143,7 @@ def _hide_images(model, batch: dict, hidden: list[bool]) -> dict:
 def _micro_step(model, processor, accelerator, records, images, hidden: list[bool],
                 scale: float, max_length: int) -> tuple[float, int]:
     """Forward/backward of one micro-batch; returns its summed answer NLL and answer-token count."""
-    batch = collate_sft(processor, records, [images(r) for r in records], max_length)
+    batch = collate_turns(processor, records, [images(r) for r in records], max_length)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     if any(hidden):
         batch = _hide_images(accelerator.unwrap_model(model), batch, hidden)
@@ -142,15 +158,17 @@ def _micro_step(model, processor, accelerator, records, images, hidden: list[boo
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT and save model + processor + resolved config into ``cfg.run.output_dir``; returns that dir."""
-    if not cfg.data.train:
-        raise ValueError("data.train is required: the SFT records file")
+    if not cfg.data.train or not cfg.model.path:
+        raise ValueError("model.path and data.train are required: the model dir and the SFT records file")
     out = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
-    model, processor = _model(cfg)
+    model, processor = load_vlm(cfg.model.path)
+    model.train()
+    set_trainable(model, cfg.trainable)
     dataset = RecordSet.at(cfg.data.train, cfg.data.data_root)
     records = dataset.read()
     images = _Images(dataset)
-    n_answer = torch.tensor([len(answer_ids(processor.tokenizer, r.chosen)) for r in records])
+    n_answer = torch.tensor([answer_tokens(processor.tokenizer, r) for r in records])
     optimizer = build_optimizer(model, cfg.optim, projector_param_names(model))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     # The schedule counts optimizer steps of the global batch, so it is stepped here once per step rather

@@ -6,12 +6,14 @@ evaluates the result on the held-out POPE and captioning sets; then it compares 
 (paired bootstrap on the same samples) and writes a report folder. The methods are the rows of Table 6 of
 the Apple paper (Amirloo et al., 2024):
 
-- ``external``: rejected = the lab's exact corruption of the reference (the analogue of POVID's GPT-4V data);
+- ``bdhs_noise``: rejected = a BDHS answer with the image diffused (Eq. 9, N = 500) instead of masked;
 - ``bdhs``: rejected = a BDHS answer of the base policy itself (Alg. 1, BDHS_attn), no labels at all;
-- ``external_bdhs``: both rejected answers, averaged DPO losses (Eq. 5, gamma = 0.5);
+- ``online_bdhs``: BDHS answers regenerated from the current policy during training (``trainers.online``);
+- ``external``: rejected = the lab's exact corruption of the reference (the analogue of POVID's GPT-4V data);
 - ``external_povid``: the external rejected answer plus POVID's teacher-forced answer under a noised image
   (N = 500), made inside the trainer (``trainers.povid_slot``), averaged with equal weights (Eq. 5);
-- ``bdhs_noise``: BDHS with the image diffused (Eq. 9, N = 500) instead of attention masking.
+- ``external_bdhs_noise``, ``external_bdhs``, ``external_online_bdhs``: the external rejected answer plus
+  the BDHS_noise / BDHS / online BDHS one, the two DPO losses averaged (Eq. 5, gamma = 0.5).
 
 Every stage writes its output before the next starts and is skipped when that output exists, so a killed
 demo resumes where it stopped. Numbers shown are read back from the evaluation folders' per-sample records.
@@ -22,34 +24,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from mmalign.config import ConfigError, save_config
 from mmalign.data.record_files import read_records, write_records
-from mmalign.evaluation.report import write_report
+from mmalign.evaluation.report import HEADLINE, verdicts_of, write_report
+from mmalign.evaluation.report import headline_table as report_headline_table
 from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
 from mmalign.lab.build import LabConfig, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
-from mmalign.lab.pretrain import BASE_DIR, PretrainConfig, pretrain_base, shipped_base_lab
+from mmalign.recipes.pretrain import BASE_DIR, PretrainConfig, pretrain_base, shipped_base_lab
 from mmalign.models.loading import load_vlm
 from mmalign.progress import progress
 from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
 from mmalign.trainers.common import whole_weights_dir
 from mmalign.trainers.offline import OfflineConfig, train_offline
+from mmalign.trainers.online import OnlineConfig, OnlineDataConfig, train_online
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("external", "bdhs", "external_bdhs", "external_povid", "bdhs_noise")
-# The metrics the demo prints (all metrics are in the report); "better" is the direction of less hallucination.
-HEADLINE = {
-    "pope/random/f1": "higher", "pope/popular/f1": "higher", "pope/adversarial/f1": "higher",
-    "pope_bias/yes_rate_partner": "lower", "pope_bias/yes_rate_gap_matched": "lower",
-    "chair/chair_i": "lower", "chair/chair_s": "lower",
-    "chair/recall": "higher", "cooccur/partner_rate": "lower",
-}
+# Table 6's rows in the paper's order: the policy's own rejected answers alone, then with the external ones.
+METHODS = ("bdhs_noise", "bdhs", "online_bdhs", "external", "external_povid", "external_bdhs_noise",
+           "external_bdhs", "external_online_bdhs")
+ONLINE = ("online_bdhs", "external_online_bdhs")
+# Offline BDHS answers (on the preference prompts), with image noise instead of masking or not; the external
+# variants pair the same answers with the corrupted ones (BDHS draws depend on seed and record id only).
+BDHS_FILES = {"bdhs": False, "bdhs_noise": True}
 
 
 def _default_dpo() -> OfflineConfig:
@@ -57,8 +61,8 @@ def _default_dpo() -> OfflineConfig:
     cfg.lora.rank, cfg.lora.alpha = 16, 32
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "cosine", 0.1
     cfg.batch_size, cfg.epochs = 16, 2
-    cfg.data.max_length = 256
-    cfg.run.log_every = 10
+    cfg.data.max_length = 384  # 256 image tokens, the prompt and the longest lab answer
+    cfg.run = dataclasses.replace(cfg.run, log_every=10, mixed_precision="auto")  # replace resolves "auto"
     return cfg
 
 
@@ -130,7 +134,8 @@ def _bdhs_pairs(cfg: DemoConfig, source: Path, lab_dir: Path, base: Path, output
 
 
 def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed: int, method: str) -> Path:
-    """The preference file of ``method`` for ``seed``; images stay in the lab (``data_root`` = lab dir)."""
+    """The preference file of ``method`` for ``seed`` (for an online method: its prompt file); images stay in
+    the lab (``data_root`` = lab dir)."""
     prompts = lab_dir / "pref_prompts.jsonl"
     external = pairs_dir / "external.jsonl"
     bias = json.loads((lab_dir / "bias.json").read_text())["pairs"]
@@ -140,21 +145,49 @@ def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed
         write_records(external, records, provenance={"sampler": "lab_corrupter", "seed": seed,
                                                      "input": str(prompts)})
 
-    if method in ("external", "external_bdhs", "external_povid"):
+    if method.startswith("external"):
         _once(external, corrupt)
-    if method == "external_povid":  # the POVID slot is made inside the trainer
+    if method in ("external", "external_povid", "external_online_bdhs"):  # POVID / online slots: in the trainer
         return external
-    target = pairs_dir / f"{method}.jsonl"
-    if method == "bdhs":
-        _once(target, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, target, seed, noise=False))
-    elif method == "bdhs_noise":
-        _once(target, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, target, seed, noise=True))
-    elif method == "external_bdhs":  # rejected = [BDHS answer, corrupted answer] (Eq. 5)
-        _once(target, lambda: _bdhs_pairs(cfg, external, lab_dir, base, target, seed, noise=False))
+    if method == "online_bdhs":
+        return prompts
+    own = method.removeprefix("external_")
+    answers = pairs_dir / f"{own}.jsonl"
+    _once(answers, lambda: _bdhs_pairs(cfg, prompts, lab_dir, base, answers, seed, noise=BDHS_FILES[own]))
+    if method == own:
+        return answers
+    target = pairs_dir / f"{method}.jsonl"  # rejected = [corrupted answer, BDHS answer] (Eq. 5 order)
+    _once(target, lambda: _with_external(answers, external, lab_dir, target))
     return target
 
 
+def _with_external(answers: Path, external: Path, lab_dir: Path, target: Path) -> None:
+    """Each BDHS record with the external rejected answer of the same record put first (the BDHS answer last, as
+    ``sampling.bdhs.bdhs_record`` orders them and Online-BDHS does)."""
+    corrupted = {r.id: r.rejected for r in read_records(external, data_root=lab_dir)}
+    records = [dataclasses.replace(r, rejected=corrupted[r.id] + r.rejected)
+               for r in read_records(answers, data_root=lab_dir)]
+    write_records(target, records, provenance={"sampler": "bdhs+lab_corrupter", "bdhs": str(answers),
+                                               "external": str(external)})
+
+
+def _train_online(cfg: DemoConfig, lab_dir: Path, base: Path, prompts: Path, out: Path, seed: int) -> Path:
+    """Online-BDHS with the DPO template's model, LoRA, loss, optimizer and schedule (Eq. 5 when the prompts
+    carry an external rejected answer)."""
+    d = cfg.dpo
+    online = OnlineConfig(
+        model=dataclasses.replace(d.model, path=str(base)), lora=d.lora, optim=d.optim,
+        run=dataclasses.replace(d.run, output_dir=str(out), seed=seed), batch_size=d.batch_size, epochs=d.epochs,
+        max_steps=d.max_steps, forward=d.forward, mode="online_bdhs", loss=d.loss, bdhs=cfg.bdhs,
+        data=OnlineDataConfig(prompts=str(prompts), data_root=str(lab_dir), max_length=d.data.max_length))
+    weights = whole_weights_dir(out, online.lora.enabled, online.lora.enabled)
+    _once(weights / "config.json", lambda: train_online(online))
+    return weights
+
+
 def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, seed: int, method: str) -> Path:
+    if method in ONLINE:
+        return _train_online(cfg, lab_dir, base, pairs, out, seed)
     dpo = dataclasses.replace(
         cfg.dpo,
         merge_weights=cfg.dpo.lora.enabled,  # evaluation loads whole weights: merged (LoRA) or model/ (full FT)
@@ -164,7 +197,8 @@ def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, s
         data=dataclasses.replace(cfg.dpo.data, train=str(pairs), data_root=str(lab_dir),
                                  skip_invalid_to=str(out / "skipped_pairs.jsonl")),
         run=dataclasses.replace(cfg.dpo.run, output_dir=str(out), seed=seed),
-        loss=dataclasses.replace(cfg.dpo.loss, rejected_weights=[0.5, 0.5] if method == "external_bdhs" else []),
+        loss=dataclasses.replace(cfg.dpo.loss, rejected_weights=[0.5, 0.5] if method in (
+            "external_bdhs", "external_bdhs_noise") else []),
         povid=dataclasses.replace(cfg.dpo.povid, enabled=method == "external_povid"),
     )
     weights = whole_weights_dir(out, dpo.lora.enabled, dpo.merge_weights)
@@ -201,45 +235,36 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     report = write_report(comparison, out / "report", {k: str(v) for k, v in runs.items()})
     summary = seed_table(comparison, cfg.methods, cfg.seeds)
     (out / "report" / "summary.md").write_text(
-        "# Lab summary over seeds\n\nPer method: mean (min-max) over seeds, then the number of seeds whose paired "
-        "bootstrap test against the base shows less hallucination (95% interval excluding 0).\n\n" + summary)
+        "# Lab summary over seeds\n\nPer method: how many seeds got each verdict against the base, then per metric "
+        "the mean (min-max) over seeds and the number of seeds whose paired bootstrap interval lies below (↓) or "
+        "above (↑) 0.\n\n" + summary)
     return {"report": report, "runs": runs, "comparison": comparison, "summary": summary}
 
 
-def _better(comparison: Comparison, run: str, key: str) -> bool:
-    """The paired test says ``run`` hallucinates less than the base on ``key`` (95% interval excludes 0)."""
-    test = comparison.tests[run].get(key)
-    if test is None:
-        return False
-    return test.ci_low > 0 if HEADLINE[key] == "higher" else test.ci_high < 0
-
-
 def headline_table(comparison: Comparison) -> str:
-    """Runs as rows, headline metrics as columns: value [95% CI]; * marks a paired-test improvement on base."""
-    keys = [k for k in HEADLINE if k in comparison.values[comparison.names[0]]]
-    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name in comparison.names:
-        cells = []
-        for key in keys:
-            v = comparison.values[name].get(key)
-            star = "*" if name in comparison.tests and _better(comparison, name, key) else ""
-            cells.append("-" if v is None else f"{v.value:.3f}{star} [{v.ci_low:.3f}, {v.ci_high:.3f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """Runs as rows: the verdict against the base, then hallucination and coverage side by side
+    (``evaluation.report.headline_table``)."""
+    return report_headline_table(comparison, verdicts_of(comparison))
+
+
+def _cell(values: list[float], tests: list[Any]) -> str:
+    down = sum(t.ci_high < 0 for t in tests)
+    up = sum(t.ci_low > 0 for t in tests)
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f}) ↓{down} ↑{up}"
 
 
 def seed_table(comparison: Comparison, methods: list[str], seeds: list[int]) -> str:
-    """One row per method over seeds: mean (min-max) per headline metric and how many seeds improved on base."""
+    """One row per method over seeds: how many seeds got each verdict, then per headline metric the mean
+    (min-max) over seeds and how many seeds moved it down (↓) or up (↑) beyond the paired interval."""
     keys = [k for k in HEADLINE if k in comparison.values["base"]]
-    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    base = [f"{comparison.values['base'][k].value:.3f}" for k in keys]
-    lines.append("| base | " + " | ".join(base) + " |")
+    verdicts = verdicts_of(comparison)
+    lines = ["| method | verdicts | " + " | ".join(HEADLINE[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines.append("| base | - | " + " | ".join(f"{comparison.values['base'][k].value:.3f}" for k in keys) + " |")
     for method in methods:
         runs = [f"{method}_s{s}" for s in seeds]
-        cells = []
-        for key in keys:
-            vals = [comparison.values[r][key].value for r in runs]
-            wins = sum(_better(comparison, r, key) for r in runs)
-            cells.append(f"{sum(vals) / len(vals):.3f} ({min(vals):.3f}-{max(vals):.3f}) {wins}/{len(runs)}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        labels = Counter(verdicts[r].label for r in runs)
+        cells = [_cell([comparison.values[r][k].value for r in runs], [comparison.tests[r][k] for r in runs])
+                 for k in keys]
+        verdict_cell = "; ".join(f"{label} {n}/{len(runs)}" for label, n in labels.most_common())
+        lines.append(f"| {method} | {verdict_cell} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -87,8 +87,20 @@ def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig
         "accepted_at_iteration": accepted, "different_after_iteration": cumulative,
         "similar_after_last": 1.0 - len(different) / n,
         "truncated": sum(r.truncated for r in results),
-        "mean_similarity": sum(r.similarity for r in results) / n, "bdhs": settings(cfg),
+        "mean_similarity": sum(r.similarity for r in results) / n, "mask": _mask_stats(results),
+        "bdhs": settings(cfg),
     }
+
+
+def _mask_stats(results: list[BDHSResult]) -> dict[str, float] | None:
+    """Image tokens left visible by the masks of the kept answers (Eq. 6): mean, and the share of masks that
+    hid every image token; None when the results predate the count."""
+    known = [r for r in results if r.visible_tokens >= 0]
+    if not known:
+        return None
+    return {"image_tokens_mean": sum(r.image_tokens for r in known) / len(known),
+            "visible_tokens_mean": sum(r.visible_tokens for r in known) / len(known),
+            "all_hidden_share": sum(r.visible_tokens == 0 for r in known) / len(known)}
 
 
 def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) -> dict[str, Any]:

@@ -332,10 +332,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The model / batch / machine options every VLM benchmark here shares (``bench_rm.py`` too)."""
     parser.add_argument("--image-tokens", type=int, default=576, help="image tokens per image (a square)")
     parser.add_argument("--images", type=int, default=1, help="images per record")
     parser.add_argument("--k", type=int, default=1, help="rejected answers per record")
@@ -348,6 +346,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", help="write the JSON report here")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    add_shape_args(parser)
     return parser.parse_args(argv)
 
 

@@ -93,6 +93,13 @@ def test_run_writes_valid_pairs_provenance_and_summary(reference, data):
         assert 1 <= info["iteration"] <= 3 and info["unguided"] == (info["iteration"] == 3)
         assert info["rho"] == 0.5 and -1.0 <= info["similarity"] <= 1.0 + 1e-6
         assert record.rejected[-1] != record.chosen  # the BDHS answer comes last (Apple Eq. 5 order)
+        assert 0 <= info["visible_tokens"] <= info["image_tokens"] > 0
+    mask = summary["mask"]  # the summary averages the written records' masks and counts those that hid everything
+    visible = [r.meta["bdhs"]["visible_tokens"] for r in records]
+    if not summary["dropped"]:
+        assert mask["visible_tokens_mean"] == pytest.approx(sum(visible) / len(visible))
+        assert mask["all_hidden_share"] == pytest.approx(sum(v == 0 for v in visible) / len(visible))
+    assert 0 < mask["visible_tokens_mean"] < mask["image_tokens_mean"]  # rho 0.5 hides about half
     provenance = json.loads(provenance_path(reference).read_text())
     assert provenance["sampler"] == "bdhs" and provenance["count"] == len(records)
     assert not work_dir_for(reference).exists()

@@ -32,8 +32,9 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), 
 
 
 def make_pairs(root: Path, n: int = 16, seed: int = 0) -> Path:
-    """``n`` colour questions with one rejected answer each (two for every third record) and a reward margin."""
+    """``n`` colour questions with one rejected answer each (two for every third record) and their reward margins."""
     rng = random.Random(seed)
+    extra = random.Random(seed + 1)  # margins of second rejected answers: the main stream stays as it was
     (root / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
@@ -45,7 +46,8 @@ def make_pairs(root: Path, n: int = 16, seed: int = 0) -> Path:
         rejected = [f"The image is {others[0]}."] + ([f"It shows a {others[1]} square."] if i % 3 == 0 else [])
         records.append(PreferenceRecord(f"r{i}", [f"images/{i}.png"], "<image>\nWhat colour is the image?",
                                         f"The image is {colour}.", rejected,
-                                        meta={"reward_margin": rng.uniform(-1.0, 3.0)}))
+                                        meta={"reward_margins": [rng.uniform(-1.0, 3.0)] + [
+                                            extra.uniform(-1.0, 3.0) for _ in rejected[1:]]}))
     write_records(root / "pairs.jsonl", records)
     return root / "pairs.jsonl"
 
@@ -186,7 +188,7 @@ def test_bad_input_is_refused_or_counted(tiny_vlm_dir, pairs, tmp_path):
     data = _write(pairs.parent / "bad2.jsonl", rows[4:] + bad[2:])
     with pytest.raises(RecordError, match="too_long.*max_length"):
         train_offline(config(model_dir, data, tmp_path / "b", "data.max_length=200"))
-    with pytest.raises(RecordError, match="no_margin.*meta.reward_margin"):
+    with pytest.raises(RecordError, match="bad3.jsonl, line 13, record 'no_margin', field 'meta.reward_margins'"):
         train_offline(config(model_dir, _write(pairs.parent / "bad3.jsonl", rows[4:] + bad[3:]), tmp_path / "c",
                              "loss.dynamic_beta=true"))
     skipped = tmp_path / "skipped.jsonl"

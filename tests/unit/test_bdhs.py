@@ -85,7 +85,8 @@ def naive_bdhs(model, processor, record, images, cfg, similarity):
             answer, truncated = _naive_generate(model, processor, record.prompt, imgs, keep, "",
                                                 cfg.max_answer_tokens, False)
             answer = answer.strip()
-            return BDHSResult(record.id, answer, i, float(similarity([answer], [record.chosen])[0]), True, truncated)
+            return BDHSResult(record.id, answer, i, float(similarity([answer], [record.chosen])[0]), True, truncated,
+                              int(keep.sum()), n_tokens)
         y_neg, context, truncated = "", "", False
         for sentence, sep in split_sentences(record.chosen):
             s = sentence
@@ -108,7 +109,7 @@ def naive_bdhs(model, processor, record, images, cfg, similarity):
         y_neg = y_neg.strip()
         phi = float(similarity([y_neg], [record.chosen])[0])
         if phi < cfg.similarity_threshold or i == cfg.n_iter:
-            return BDHSResult(record.id, y_neg, i, phi, False, truncated)
+            return BDHSResult(record.id, y_neg, i, phi, False, truncated, int(keep.sum()), n_tokens)
     raise AssertionError("unreachable: the last iteration always returns")
 
 
@@ -121,6 +122,7 @@ def test_batched_sampler_equals_naive_algorithm_1(tiny_vlm, family, rho, noise_s
     naive = [naive_bdhs(model, processor, r, im, cfg, fake_similarity) for r, im in zip(records, images)]
     assert fast == naive
     assert {r.iteration for r in fast} != {1}  # the filter made some records resample
+    assert all(0 <= r.visible_tokens <= r.image_tokens > 0 for r in fast)
     assert all(r.answer for r in fast)
 
 
@@ -161,6 +163,7 @@ def test_bdhs_record_keeps_existing_rejected_and_appends_the_answer():
     assert (online.id, online.source, online.rejected) == ("rec-3@7", "online_bdhs", out.rejected)
     assert out.chosen == records[3].chosen and out.images == records[3].images
     assert out.meta["bdhs"]["iteration"] == 2 and out.meta["bdhs"]["similarity"] == 0.81
+    assert (out.meta["bdhs"]["visible_tokens"], out.meta["bdhs"]["image_tokens"]) == (-1, -1)  # not given
     assert out.meta["bdhs"]["rho"] == 0.99 and "batch_size" not in out.meta["bdhs"]
     check_fields(record_to_json(out))
 

@@ -20,7 +20,8 @@ from mmalign.trainers.sft import SFTConfig
 
 DOCS = Path(__file__).parents[2] / "docs" / "cli.md"
 # Lab-internal commands whose nested world settings are documented in docs/lab.md, not per field.
-LAB_COMMANDS = {"mmalign.lab.build:LabConfig", "mmalign.recipes.pretrain:PretrainConfig", "mmalign.recipes.demo:DemoConfig"}
+LAB_COMMANDS = {"mmalign.lab.build:LabConfig", "mmalign.recipes.pretrain:PretrainConfig",
+                "mmalign.recipes.demo:DemoConfig", "mmalign.recipes.rm_study:RMStudyConfig"}
 
 
 def _commands() -> dict[str, str]:

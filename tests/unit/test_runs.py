@@ -17,6 +17,7 @@ from mmalign.runs import LOCK_FILE, BrokenLaunch, FolderInUse, check_backend, ch
 from mmalign.trainers.offline import OfflineConfig, train_offline
 from mmalign.trainers.online import OnlineConfig, train_online
 from mmalign.trainers.ppo import PPOConfig, train_ppo
+from mmalign.trainers.reward_model import RewardModelConfig, train_reward_model
 from mmalign.trainers.rloo import RLOOConfig, train_rloo
 from mmalign.trainers.sft import SFTConfig, train_sft
 from mmalign.trainers.tagging import TaggingConfig, train_tagging
@@ -39,6 +40,7 @@ def _holder(folder):
     (train_tagging, TaggingConfig, ["model=m", "data.train=d.jsonl"]),
     (train_rloo, RLOOConfig, ["model.path=m", "data.prompts=d.jsonl"]),
     (train_ppo, PPOConfig, ["model.path=m", "data.prompts=d.jsonl"]),
+    (train_reward_model, RewardModelConfig, ["model.path=m", "data.train=d.jsonl"]),
 ])
 def test_every_trainer_refuses_a_folder_held_by_a_live_run(tmp_path, recipe, cls, keys):
     holder = _holder(tmp_path)

@@ -302,3 +302,16 @@ def test_shared_image_file_is_decoded_once_per_read(root, monkeypatch):
     _write(root / "x.jsonl", [_good(id=str(i)) for i in range(5)])
     assert len(read_records(root / "x.jsonl")) == 5
     assert opened == ["images/red.png"]
+
+
+@pytest.mark.parametrize(("meta", "field", "reason"), [
+    ({"reward_margins": [1.0, 2.0]}, "meta.reward_margins", "2 value(s) for 1 rejected answer(s)"),
+    ({"reward_margins": 1.5}, "meta.reward_margins", "expected a list with one number per rejected answer, got float"),
+    ({"reward_margins": [True]}, "meta.reward_margins[0]", "expected a number, got bool"),
+    ({"critiques": {"chosen": "Right."}}, "meta.critiques.rejected", "missing required key"),
+    ({"critiques": {"chosen": "Right.", "rejected": [" "]}}, "meta.critiques.rejected[0]", "empty text"),
+    ({"rewards": {"chosen": "high", "rejected": [0.5]}}, "meta.rewards.chosen", "expected a number, got str"),
+])
+def test_per_slot_meta_has_one_entry_per_rejected_answer(root, meta, field, reason):
+    err = _error(root / "slots.jsonl", [_good(meta=meta)])
+    assert (err.line, err.record_id, err.field, err.reason) == (1, "r1", field, reason)

@@ -65,14 +65,14 @@ def test_vlfeedback_pairs_with_rating_margins():
     records = convert_file(ASSETS / "vlfeedback.jsonl", "vlfeedback")
     # v0: m-c has an "N/A" rating and is left out; m-a (mean 4.5) beats m-b (mean 1.5).
     # v1: means 4, 3, 1; "One." vs "One." (0 vs 2) is identical text and is left out.
-    assert [(r.id, r.chosen, r.rejected, r.meta["reward_margin"]) for r in records] == [
-        ("v0-0-1", "A red square.", ["A red car."], 3.0),
-        ("v1-0-1", "One.", ["Two."], 1.0),
-        ("v1-1-2", "Two.", ["One."], 2.0),
+    assert [(r.id, r.chosen, r.rejected, r.meta["reward_margins"]) for r in records] == [
+        ("v0-0-1", "A red square.", ["A red car."], [3.0]),
+        ("v1-0-1", "One.", ["Two."], [1.0]),
+        ("v1-1-2", "Two.", ["One."], [2.0]),
     ]
     assert records[0] == PreferenceRecord(
         "v0-0-1", ["images/red.png"], "What is shown?", "A red square.", ["A red car."], "vlfeedback",
-        {"reward_margin": 3.0, "chosen_rating": 4.5, "rejected_rating": 1.5,
+        {"reward_margins": [3.0], "chosen_rating": 4.5, "rejected_rating": 1.5,
          "chosen_model": "m-a", "rejected_model": "m-b"})
 
 

@@ -1,4 +1,5 @@
-"""``mmalign lab build``, ``pretrain`` and ``rl-study``: the ShapesWorld lab, its base model and the RL study."""
+"""``mmalign lab build``, ``pretrain``, ``rl-study`` and ``rm-study``: the ShapesWorld lab, its base model,
+the RL study and the reward-model study (``mmalign.recipes.rm_study``)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def _rl_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rm_study(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.recipes.rm_study import RMStudyConfig, run_rm_study
+
+    result = run_rm_study(load_config(RMStudyConfig, args.config, args.overrides))
+    print(result["table"])
+    print("\n".join(result["matrices"].values()))
+    print(f"report: {result['report']}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("lab", help="build the ShapesWorld lab; pre-train its base model")
     sub = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
@@ -53,3 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                "(RLStudyConfig; stages already done are skipped)")
     add_config_args(rl_study, "mmalign.recipes.rl_study:RLStudyConfig")
     rl_study.set_defaults(func=_rl_study)
+    rm_study = sub.add_parser("rm-study", help="reward models on every lab pair source (cross-set matrix) and MM-DPO "
+                                               "with their margins vs DPO vs DPO + SFT (RMStudyConfig)")
+    add_config_args(rm_study, "mmalign.recipes.rm_study:RMStudyConfig")
+    rm_study.set_defaults(func=_rm_study)

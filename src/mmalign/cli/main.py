@@ -31,6 +31,7 @@ COMMANDS = {
     "sample": "mmalign.cli.sample",
     "data": "mmalign.cli.data",
     "serve": "mmalign.cli.serve",
+    "score": "mmalign.cli.score",
 }
 
 

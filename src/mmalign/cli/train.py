@@ -1,5 +1,7 @@
 """``mmalign train dpo --config configs/lab_dpo.yaml key.sub=value ...``: offline preference optimisation;
 ``mmalign train sft model=DIR data=records.jsonl``: supervised fine-tuning (``mmalign.trainers.sft.SFTConfig``).
+``mmalign train rm --config configs/rm_apple.yaml model.path=... data.train=pairs.jsonl``: a reward model
+(``mmalign.trainers.reward_model.RewardModelConfig``; ``critique.enabled=true`` for MM-RLHF's critique-based one).
 
 The DPO config is ``mmalign.trainers.offline.OfflineConfig`` (sections model, lora, data, loss, povid, optim, run);
 ``loss.name`` picks dpo / ipo / slic; ``forward`` the batch layout (auto, the default: prefix_cache where exact
@@ -29,6 +31,8 @@ RECIPES = {
             "offline DPO / IPO / SLiC with MM-DPO beta and K rejected per chosen"),
     "sft": ("mmalign.trainers.sft:SFTConfig", "mmalign.trainers.sft:train_sft",
             "supervised fine-tuning on your records (chosen = the target answer)"),
+    "rm": ("mmalign.trainers.reward_model:RewardModelConfig", "mmalign.trainers.reward_model:train_reward_model",
+           "a reward model: Bradley-Terry, or MM-RLHF's critique-based one (critique.enabled=true)"),
 }
 
 

@@ -42,8 +42,6 @@ def pack_answers(encoded: dict[str, torch.Tensor], answers: Sequence[Sequence[li
     columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "labels", "segment_ids", "order_ids",
                                                               *per_token)}
     for r, record_answers in enumerate(answers):
-        if len(record_answers) < 2:
-            raise ValueError(f"record {record_ids[r]!r}: a preference record needs a chosen and >= 1 rejected answer")
         prompt = input_ids[r][attention[r]]
         n_prompt = len(prompt)
         longest = max(len(a) for a in record_answers)
@@ -76,8 +74,9 @@ def collate_shared_prefix(processor: Any, records: Sequence[Any], images: Sequen
                           max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Shared-prefix preference batch of R records: the processor sees each prompt and image once.
 
-    Same records and answers as ``collate_preference``; rows as in ``pack_answers``. Each record needs at
-    least one rejected answer (records may differ in how many).
+    Same records and answers as ``collate_preference``; rows as in ``pack_answers``. Records may differ in how
+    many rejected answers they hold (none: the chosen answer alone, for scoring; the preference forward needs
+    at least one).
     """
     encoded = encode_prompts(processor, [r.prompt for r in records], images)
     tokenizer = processor.tokenizer
@@ -100,8 +99,6 @@ def collate_prefix_cache(processor: Any, records: Sequence[Any], images: Sequenc
     rows, row_record, row_slot = [], [], []
     for r, record in enumerate(records):
         answers = [record.chosen, *record.rejected]
-        if len(answers) < 2:
-            raise ValueError(f"record {record.id!r}: a preference record needs a chosen and >= 1 rejected answer")
         for slot, text in enumerate(answers):
             ids = answer_ids(tokenizer, text)
             if max_length is not None and prompt_lengths[r] + len(ids) > max_length:

@@ -20,10 +20,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from mmalign.data import io
 from mmalign.data.schema import FieldError, PreferenceRecord, RecordError, check_fields, record_dict, validate_records
 
-__all__ = ["read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path", "image_root"]
+__all__ = ["read_records", "write_records", "records_from_dataset", "record_to_json", "provenance_path", "image_root",
+           "record_line"]
 
 _PROVENANCE_RESERVED = ("count", "created")
 
@@ -182,6 +185,22 @@ def _parquet_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         yield from io.read_parquet_rows(path)
     except (pa.ArrowException, OSError) as err:
         raise RecordError(f"not a readable Parquet file: {err}", file=str(path)) from err
+
+
+def record_line(path: str | Path, record_id: str) -> int | None:
+    """The line (JSONL) or row (Parquet) number of the record ``record_id`` in a record file, for error messages
+    about a record that has been read already; None if no row carries that id."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        return next((n for n, rid in enumerate(ids, start=1) if rid == record_id), None)
+    for number, text in io.read_jsonl_lines(path):
+        try:
+            if json.loads(text).get("id") == record_id:
+                return number
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    return None
 
 
 def write_records(path: str | Path, records: Iterable[PreferenceRecord], provenance: dict | None = None) -> int:

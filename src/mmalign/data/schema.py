@@ -41,8 +41,9 @@ class PreferenceRecord:
 
     ``images``: paths relative to a data root, or encoded image bytes. ``prompt``: text with optional
     ``<image>`` markers, or HF chat messages ending with a user turn (earlier assistant turns: a multi-turn
-    conversation, each answer text only and right after a user turn). ``meta``: JSON values only
-    (e.g. ``reward_margin``, provenance of the pair).
+    conversation, each answer text only and right after a user turn). ``meta``: JSON values only (e.g.
+    provenance of the pair); the per-slot keys ``reward_margins``, ``critiques`` and ``rewards`` must have one
+    entry per rejected answer (``_check_slot_meta``).
     """
 
     id: str
@@ -177,6 +178,48 @@ def _check_messages(prompt: list) -> None:
         raise FieldError(f"prompt[{len(prompt) - 1}].role", "the last message must be the user's turn")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_per_slot(values: Any, where: str, n_rejected: int, kind: str) -> None:
+    """``values``: a list of one ``kind`` ("number" / "text") per rejected answer."""
+    if not isinstance(values, list):
+        raise _type_error(where, f"a list with one {kind} per rejected answer", values)
+    if len(values) != n_rejected:
+        raise FieldError(where, f"{len(values)} value(s) for {n_rejected} rejected answer(s)")
+    for i, value in enumerate(values):
+        if kind == "text":
+            _check_text(value, f"{where}[{i}]")
+        elif not _is_number(value):
+            raise _type_error(f"{where}[{i}]", "a number", value)
+
+
+def _check_chosen_and_rejected(value: Any, where: str, n_rejected: int, kind: str) -> None:
+    """``{"chosen": <kind>, "rejected": [<kind> per rejected answer], ...}`` (other keys free)."""
+    if not isinstance(value, dict):
+        raise _type_error(where, "an object with 'chosen' and 'rejected'", value)
+    for key in ("chosen", "rejected"):
+        if key not in value:
+            raise FieldError(f"{where}.{key}", "missing required key")
+    if kind == "text":
+        _check_text(value["chosen"], f"{where}.chosen")
+    elif not _is_number(value["chosen"]):
+        raise _type_error(f"{where}.chosen", "a number", value["chosen"])
+    _check_per_slot(value["rejected"], f"{where}.rejected", n_rejected, kind)
+
+
+def _check_slot_meta(meta: dict, n_rejected: int) -> None:
+    """The ``meta`` keys that hold one value per answer slot (docs/data_format.md): ``reward_margins`` (one
+    number per rejected answer), ``critiques`` (texts) and ``rewards`` (numbers) for chosen and each rejected."""
+    if "reward_margins" in meta:
+        _check_per_slot(meta["reward_margins"], "meta.reward_margins", n_rejected, "number")
+    if "critiques" in meta:
+        _check_chosen_and_rejected(meta["critiques"], "meta.critiques", n_rejected, "text")
+    if "rewards" in meta:
+        _check_chosen_and_rejected(meta["rewards"], "meta.rewards", n_rejected, "number")
+
+
 def _check_keys(raw: dict) -> None:
     unknown = [k for k in raw if k not in RECORD_KEYS]
     if unknown:
@@ -226,6 +269,7 @@ def check_fields(raw: Any, *, min_rejected: int = 0) -> PreferenceRecord:
     if not isinstance(meta, dict):
         raise _type_error("meta", "an object", meta)
     _check_json_value(meta, "meta")
+    _check_slot_meta(meta, len(rejected))
     return PreferenceRecord(rid, list(images), prompt, chosen, list(rejected), source, dict(meta))
 
 

@@ -230,7 +230,8 @@ def from_vlfeedback(row: dict, key: str) -> list[PreferenceRecord]:
 
     Each completion has ``model``, ``response`` and per-aspect ``annotations`` {aspect: {Rating,
     Rationale}}. Every pair of completions with different mean ratings becomes one record (the higher one
-    chosen), with the mean-rating difference as ``meta.reward_margin``; unrated completions and pairs with
+    chosen), with the mean-rating difference as ``meta.reward_margins`` (one margin for its one rejected answer, the
+    field MM-DPO reads); unrated completions and pairs with
     identical text are left out. Source: TideDra/VL-RLHF ``src/vlrlhf/utils/data.py``
     (``make_vlfeedback_paired_dataset``).
     """
@@ -253,7 +254,7 @@ def from_vlfeedback(row: dict, key: str) -> list[PreferenceRecord]:
         if a.rating == b.rating or a.response.strip() == b.response.strip():
             continue
         chosen, rejected = (a, b) if a.rating > b.rating else (b, a)
-        meta = {"reward_margin": chosen.rating - rejected.rating, "chosen_rating": chosen.rating,
+        meta = {"reward_margins": [chosen.rating - rejected.rating], "chosen_rating": chosen.rating,
                 "rejected_rating": rejected.rating, "chosen_model": chosen.model, "rejected_model": rejected.model}
         records.append(PreferenceRecord(f"{rid}-{chosen.index}-{rejected.index}", [image], prompt, chosen.response,
                                         [rejected.response], "vlfeedback", meta))

@@ -98,6 +98,15 @@ def _partner_map(bias_pairs: Sequence[Sequence[str]]) -> dict[str, str]:
     return {trigger: partner for trigger, partner in bias_pairs}
 
 
+def scene_objects(record: PreferenceRecord) -> list[str]:
+    """``meta["objects"]`` of a lab record (the scene's canonical object names); LabCorruptionError otherwise."""
+    objects = record.meta.get("objects")
+    if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+        raise LabCorruptionError(f"record {record.id!r}, field 'meta.objects': expected a list of object "
+                                 f"names, got {objects!r}")
+    return objects
+
+
 def corrupt_lab_records(records: Sequence[PreferenceRecord], bias_pairs: Sequence[Sequence[str]],
                         seed: int) -> list[PreferenceRecord]:
     """Preference records whose first rejected answer is the exact corruption of ``chosen``.
@@ -110,10 +119,7 @@ def corrupt_lab_records(records: Sequence[PreferenceRecord], bias_pairs: Sequenc
     partner_of = _partner_map(bias_pairs)
     out = []
     for record in records:
-        objects = record.meta.get("objects")
-        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
-            raise LabCorruptionError(f"record {record.id!r}, field 'meta.objects': expected a list of object "
-                                     f"names, got {objects!r}")
+        objects = scene_objects(record)
         rng = random.Random(f"{METHOD}:{seed}:{record.id}")
         try:
             rejected, info = corrupt_lab_answer(record.chosen, objects, partner_of, rng)

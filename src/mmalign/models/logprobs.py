@@ -43,15 +43,25 @@ def answer_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Te
     answer_mask = labels != IGNORE_INDEX
     if bool(answer_mask[:, 0].any()):
         raise ValueError("an answer token at position 0 has no preceding context to predict it from")
-    predicts_answer = torch.zeros_like(answer_mask)
-    predicts_answer[:, :-1] = answer_mask[:, 1:]
-    logits = model(**model_inputs(batch), logits_to_keep=predicts_answer, use_cache=False).logits
-    logits = logits.float()  # [N_a, V]; log-softmax in float32 even under bf16 autocast
-    targets = labels[answer_mask]  # [N_a], same row-major order as the kept positions
+    logits = model(**model_inputs(batch), logits_to_keep=predicting_positions(answer_mask), use_cache=False).logits
+    return picked_token_logps(logits, labels, answer_mask), answer_mask
+
+
+def predicting_positions(token_mask: Tensor) -> Tensor:
+    """bool[N, T]: the positions ``t - 1`` whose logits predict a token ``t`` of ``token_mask`` bool[N, T]."""
+    predicts = torch.zeros_like(token_mask)
+    predicts[:, :-1] = token_mask[:, 1:]
+    return predicts
+
+
+def picked_token_logps(logits: Tensor, labels: Tensor, token_mask: Tensor) -> Tensor:
+    """float32[N, T] log-probs of the tokens of ``token_mask`` bool[N, T] (0 elsewhere), from ``logits`` [N_a, V]
+    kept at their ``predicting_positions`` (row-major, as ``logits_to_keep`` returns them); targets from labels."""
+    logits = logits.float()  # log-softmax in float32 even under bf16 autocast
+    targets = labels[token_mask]  # [N_a], same row-major order as the kept positions
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
     token_logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device)
-    token_logps = token_logps.masked_scatter(answer_mask, picked)
-    return token_logps, answer_mask
+    return token_logps.masked_scatter(token_mask, picked)
 
 
 def sequence_logps(token_logps: Tensor, answer_mask: Tensor) -> Tensor:

@@ -81,11 +81,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def prepare_policy(cfg: PolicyConfig) -> tuple[Any, Any, Any, list[str]]:
+def prepare_policy(cfg: PolicyConfig, with_reference: bool = True) -> tuple[Any, Any, Any, list[str]]:
     """Load the policy and set what trains; returns (policy, processor, frozen reference or None, projector names).
 
     Under LoRA the reference is the policy with its adapter disabled (None is returned); a bare projector
-    parameter (LLaVA-NeXT ``image_newline``) cannot be a PEFT module and stays frozen there.
+    parameter (LLaVA-NeXT ``image_newline``) cannot be a PEFT module and stays frozen there. A recipe without a
+    reference (reward models) passes ``with_reference=False``: no frozen copy is made under full fine-tuning.
     """
     model, processor = load_vlm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     disable_dropout(model)
@@ -96,7 +97,7 @@ def prepare_policy(cfg: PolicyConfig) -> tuple[Any, Any, Any, list[str]]:
         for name, param in model.named_parameters():
             if name in projector and not cfg.model.train_projector:
                 param.requires_grad_(False)
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        reference = copy.deepcopy(model).requires_grad_(False).eval() if with_reference else None
         return model.train(), processor, reference, projector
     model, projector = add_lora(model, cfg.lora, projector if cfg.model.train_projector else [])
     return model.train(), processor, None, projector

@@ -76,14 +76,16 @@ def prefix_cache_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForw
     return _per_record(token_logps, answer_mask, batch["answer_record"], batch["answer_slot"])
 
 
-def prefix_cache_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-    """Answer-token log-probs float[N, A] (0 off answers) and the answer mask bool[N, A] of a batch of R
-    left-padded prompts (with images) and N answer rows (``answer_ids`` / ``answer_mask`` [N, A], the prompt
-    of each row in ``answer_record`` [N]); each prompt is run once, its answers against its KV cache."""
+def prefix_cache_calls(model: Any, core: Any, batch: Mapping[str, Any], keep: Tensor) -> tuple[Any, Any]:
+    """The two model calls on a ``collate_prefix_cache`` batch: (prompt output, answer output).
+
+    The prompt call keeps the logits of each prompt's last token ([R, V], they predict every answer's first
+    token); the answer call keeps them at ``keep`` bool[N, A]. ``core``: the bare VLM (attributes only);
+    ``model`` is what is called (any wrapper).
+    """
     prompt = {k: v for k, v in batch.items() if k not in _ANSWER_KEYS}
     answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"].bool()
     record = batch["answer_record"]
-    core = extract_model_from_parallel(model)  # attributes from the bare model, calls through any wrapper
     rules = _check_supported(core, prompt["input_ids"].shape[1] + answer_ids.shape[1])
     positions, start = _prompt_positions(core, prompt, rules.mrope)
     last = torch.zeros_like(prompt["attention_mask"], dtype=torch.bool)
@@ -95,15 +97,26 @@ def prefix_cache_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Tens
     answer_positions = start[record][:, None] + torch.arange(answer_ids.shape[1], device=answer_ids.device)
     if rules.mrope:  # text after the prompt: the same position on all three axes
         answer_positions = answer_positions[None].expand(3, -1, -1)
-    keep = torch.zeros_like(answer_mask)
-    keep[:, :-1] = answer_mask[:, 1:]  # positions that predict a later answer token of the same row
     rest = model(input_ids=answer_ids, attention_mask=torch.cat([prompt["attention_mask"][record],
                                                                  answer_mask.long()], dim=1),
-                 position_ids=answer_positions, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
+                 position_ids=answer_positions, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return first, rest
 
-    wide = torch.promote_types(rest.dtype, torch.float32)  # log-softmax in >= float32
+
+def prefix_cache_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """Answer-token log-probs float[N, A] (0 off answers) and the answer mask bool[N, A] of a batch of R
+    left-padded prompts (with images) and N answer rows (``answer_ids`` / ``answer_mask`` [N, A], the prompt
+    of each row in ``answer_record`` [N]); each prompt is run once, its answers against its KV cache."""
+    answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"].bool()
+    record = batch["answer_record"]
+    core = extract_model_from_parallel(model)  # attributes from the bare model, calls through any wrapper
+    keep = torch.zeros_like(answer_mask)
+    keep[:, :-1] = answer_mask[:, 1:]  # positions that predict a later answer token of the same row
+    first, rest = prefix_cache_calls(model, core, batch, keep)
+
+    wide = torch.promote_types(rest.logits.dtype, torch.float32)  # log-softmax in >= float32
     first_logits = first.logits.to(wide)[record]  # [N, V]: predicts each row's first answer token
-    rest = rest.to(wide)  # [N_k, V]
+    rest = rest.logits.to(wide)  # [N_k, V]
     token_logps = torch.zeros(answer_ids.shape, dtype=wide, device=rest.device)
     token_logps[:, 0] = first_logits.gather(-1, answer_ids[:, :1]).squeeze(-1) - first_logits.logsumexp(-1)
     later = torch.zeros_like(answer_mask)

@@ -148,6 +148,36 @@ def _predictors(segments: Tensor, answer_mask: Tensor) -> Tensor:
     return predictor.masked_fill(~answer_mask, 0)
 
 
+def shared_prefix_inputs(core: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's keyword arguments for a packed batch: its processor entries, the block mask(s) as
+    ``attention_mask`` and the ``position_ids``. ``core``: the bare VLM (attributes only)."""
+    rules = family_rules(core.config)
+    dtype = core.get_input_embeddings().weight.dtype
+    inputs = {k: v for k, v in batch.items() if k not in _PACKING_KEYS}
+    return inputs | {"attention_mask": text_masks(core.config, batch, rules, dtype),
+                     "position_ids": position_ids(core, batch, rules)}
+
+
+def packed_logits_plan(segments: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(keep bool[B, L]: the distinct packed positions whose logits predict a token of ``token_mask`` bool[B, L];
+    predictor long[B, L]: the position predicting each such token). Pass ``keep`` as ``logits_to_keep``."""
+    predictor = _predictors(segments, token_mask)
+    keep = torch.zeros_like(token_mask)
+    keep[token_mask.nonzero(as_tuple=True)[0], predictor[token_mask]] = True
+    return keep, predictor
+
+
+def packed_token_logps(logits: Tensor, keep: Tensor, predictor: Tensor, labels: Tensor, token_mask: Tensor) -> Tensor:
+    """float[B, L] log-probs of the tokens of ``token_mask`` (0 elsewhere) from ``logits`` [N_k, V] kept at ``keep``
+    (``packed_logits_plan``); a position shared by several tokens (the last prefix token) is read for each."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # log-softmax in >= float32
+    rank = keep.flatten().cumsum(0).view_as(keep) - 1  # row of each kept position in ``logits``
+    rows = rank[token_mask.nonzero(as_tuple=True)[0], predictor[token_mask]]  # [N_a]
+    picked = logits[rows].gather(-1, labels[token_mask].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)[rows]
+    token_logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device)
+    return token_logps.masked_scatter(token_mask, picked)
+
+
 def shared_prefix_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     """Answer-token log-probs float[B, L] (0 off answers) and answer mask bool[B, L] of a packed batch.
 
@@ -157,22 +187,11 @@ def shared_prefix_token_logps(model: Any, batch: Mapping[str, Any]) -> tuple[Ten
     # Attributes come from the bare model; the call goes through the wrapper (DDP / DeepSpeed / FSDP) so
     # gradient sync and parameter gathering happen.
     core = extract_model_from_parallel(model)
-    rules = family_rules(core.config)
-    labels, segments = batch["labels"], batch["segment_ids"]
+    labels = batch["labels"]
     answer_mask = labels != IGNORE_INDEX
-    predictor = _predictors(segments, answer_mask)
-    keep = torch.zeros_like(answer_mask)
-    keep[answer_mask.nonzero(as_tuple=True)[0], predictor[answer_mask]] = True
-    dtype = core.get_input_embeddings().weight.dtype
-    inputs = {k: v for k, v in batch.items() if k not in _PACKING_KEYS}
-    logits = model(**inputs, attention_mask=text_masks(core.config, batch, rules, dtype),
-                   position_ids=position_ids(core, batch, rules), logits_to_keep=keep, use_cache=False).logits
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [N_k, V]; log-softmax in >= float32
-    rank = keep.flatten().cumsum(0).view_as(keep) - 1  # row of each kept position in ``logits``
-    rows = rank[answer_mask.nonzero(as_tuple=True)[0], predictor[answer_mask]]  # [N_a]
-    picked = logits[rows].gather(-1, labels[answer_mask].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)[rows]
-    token_logps = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device)
-    return token_logps.masked_scatter(answer_mask, picked), answer_mask
+    keep, predictor = packed_logits_plan(batch["segment_ids"], answer_mask)
+    logits = model(**shared_prefix_inputs(core, batch), logits_to_keep=keep, use_cache=False).logits
+    return packed_token_logps(logits, keep, predictor, labels, answer_mask), answer_mask
 
 
 def shared_prefix_forward(model: Any, batch: Mapping[str, Any]) -> PreferenceForward:

@@ -9,8 +9,9 @@ arXiv 2407.02477 Eq. 3)
     delta[b, k] = (policy_chosen_logps[b] - ref_chosen_logps[b]) - (policy_rejected_logps[b, k] - ref_rejected_logps[b, k])
 
 and returns one unreduced loss per (chosen, rejected_k) pair plus the detached rewards
-``beta * (policy - ref)``. ``combine_rejected`` averages the K pairwise losses of a prompt with weights
-(Apple Eq. 5; POVID's code averages two DPO losses with gamma = 0.5).
+``beta * (policy - ref)``. ``beta`` is a float, one value per prompt float[B], or one per pair float[B, K]
+(MM-DPO's margin of each rejected answer, see ``mm_dpo_beta``). ``combine_rejected`` averages the K pairwise
+losses of a prompt with weights (Apple Eq. 5; POVID's code averages two DPO losses with gamma = 0.5).
 
 Label smoothing follows conservative DPO (Mitchell 2023, TRL <= 0.x ``label_smoothing``): the label is
 taken to be flipped with probability ``eps``, so the loss is ``(1 - eps) * l(delta) + eps * l(-delta)``
@@ -44,7 +45,8 @@ class PreferenceLogps(NamedTuple):
 
 
 class PreferenceLosses(NamedTuple):
-    """losses: float[B, K] unreduced per pair; chosen_rewards: float[B]; rejected_rewards: float[B, K] (detached)."""
+    """losses: float[B, K] unreduced per pair; chosen_rewards: float[B, K], the chosen answer's reward in each of
+    its pairs (one value per row unless beta is per pair); rejected_rewards: float[B, K] (both detached)."""
 
     losses: Tensor
     chosen_rewards: Tensor
@@ -64,14 +66,24 @@ def _check_shapes(logps: PreferenceLogps) -> None:
             raise ValueError(f"{name} has shape {tuple(getattr(logps, name).shape)}, expected {tuple(bk)}")
 
 
-def _beta_column(beta: float | Tensor) -> float | Tensor:
-    """A per-pair beta float[B] broadcasts over the K rejected answers as float[B, 1]."""
-    return beta.unsqueeze(-1) if isinstance(beta, Tensor) else beta
+def _beta_column(beta: float | Tensor, logps: PreferenceLogps) -> float | Tensor:
+    """Beta broadcastable to the pairs [B, K]: a float, a per-prompt float[B] as [B, 1], or a per-pair [B, K]."""
+    if not isinstance(beta, Tensor):
+        return beta
+    b, bk = logps.policy_chosen_logps.shape, logps.policy_rejected_logps.shape
+    if beta.shape == b:
+        return beta.unsqueeze(-1)
+    if beta.shape != bk:
+        raise ValueError(f"beta has shape {tuple(beta.shape)}; expected a float, {tuple(b)} or {tuple(bk)}")
+    return beta
 
 
 def _rewards(logps: PreferenceLogps, beta: float | Tensor) -> tuple[Tensor, Tensor]:
-    chosen = (beta * (logps.policy_chosen_logps - logps.ref_chosen_logps)).detach()
-    rejected = (_beta_column(beta) * (logps.policy_rejected_logps - logps.ref_rejected_logps)).detach()
+    """Detached implicit rewards float[B, K] of the chosen answer (in each pair) and of the rejected ones."""
+    b = _beta_column(beta, logps)
+    chosen = logps.policy_chosen_logps - logps.ref_chosen_logps
+    chosen = (b * chosen.unsqueeze(-1).expand_as(logps.policy_rejected_logps)).detach()
+    rejected = (b * (logps.policy_rejected_logps - logps.ref_rejected_logps)).detach()
     return chosen, rejected
 
 
@@ -90,10 +102,10 @@ def _smoothed(loss: Callable[[Tensor], Tensor], x: Tensor, label_smoothing: floa
 def dpo(logps: PreferenceLogps, *, beta: float | Tensor, label_smoothing: float = 0.0) -> PreferenceLosses:
     """Sigmoid DPO, Apple Eq. 3: ``-log sigmoid(beta * delta)`` per pair, float[B, K].
 
-    ``beta`` is a float or a per-prompt float[B] (MM-DPO, see ``mm_dpo_beta``).
+    ``beta``: a float, float[B] or float[B, K] (MM-DPO, see ``mm_dpo_beta``).
     """
     _check_shapes(logps)
-    b = _beta_column(beta)
+    b = _beta_column(beta, logps)
     losses = _smoothed(lambda d: -F.logsigmoid(b * d), _logratio_gap(logps), label_smoothing)
     return PreferenceLosses(losses, *_rewards(logps, beta))
 
@@ -108,7 +120,7 @@ def ipo(logps: PreferenceLogps, *, beta: float | Tensor, label_smoothing: float 
     chosen = (logps.policy_chosen_logps - logps.ref_chosen_logps) / logps.chosen_lengths.clamp(min=1.0)
     rejected = (logps.policy_rejected_logps - logps.ref_rejected_logps) / logps.rejected_lengths.clamp(min=1.0)
     gap = chosen.unsqueeze(-1) - rejected
-    target = 1.0 / (2.0 * _beta_column(beta))
+    target = 1.0 / (2.0 * _beta_column(beta, logps))
     losses = _smoothed(lambda d: (d - target) ** 2, gap, label_smoothing)
     return PreferenceLosses(losses, *_rewards(logps, beta))
 
@@ -119,7 +131,7 @@ def slic(logps: PreferenceLogps, *, beta: float | Tensor, label_smoothing: float
     The SLiC regulariser (cross-entropy on the chosen answer) is the separate ``sft_nll`` term.
     """
     _check_shapes(logps)
-    b = _beta_column(beta)
+    b = _beta_column(beta, logps)
     losses = _smoothed(lambda d: torch.relu(1.0 - b * d), _logratio_gap(logps), label_smoothing)
     return PreferenceLosses(losses, *_rewards(logps, beta))
 
@@ -130,7 +142,8 @@ LOSS_ALIASES = {"sigmoid": "dpo", "hinge": "slic"}
 
 
 def mm_dpo_beta(beta0: float, margin: Tensor, *, w: float = 0.5, k: float = 0.5) -> Tensor:
-    """MM-DPO dynamic reward scaling (MM-RLHF, arXiv 2502.10391 Sec. 4), float[B] from margins float[B].
+    """MM-DPO dynamic reward scaling (MM-RLHF, arXiv 2502.10391 Sec. 4): one beta per margin, same shape
+    (float[B, K] for one margin per (chosen, rejected_k) pair, as ``mmalign score`` writes them).
 
     ``beta(delta) = beta0 * (1 + w * (1 - exp(-k * delta)))`` with ``delta`` the reward-model margin of the
     pair. Clamped below at ``beta0``: a negative margin (the RM disagrees with the label) is not discussed in

@@ -5,8 +5,8 @@ answers; an annotation names the indices of the chosen and the rejected answer (
 sees no difference) and carries a JSON-able ``verdict`` so every online pair can be audited.
 
 - Scoring annotators rate each answer and pair the best with the worst: the lab oracle (exact, from scene
-  ground truth: minus the number of hallucinated plus missed objects) and a reward model (scalar head,
-  ``mmalign.models.heads``).
+  ground truth: minus the number of hallucinated plus missed objects) and a trained reward model
+  (``mmalign.sampling.reward_scoring``).
 - Pairwise judges (Apple Appendix D, Table 14 prompt structure in ``prompts/judge_pairwise.txt``) are shown
   the image, the question and two responses and asked which has less hallucination and is more helpful.
   Every pair of distinct answers is asked in both orders (cancels position bias); an answer scores 1 per
@@ -34,11 +34,11 @@ from PIL import Image
 from mmalign.config import ConfigError
 from mmalign.data.chat import IMAGE_MARKER
 from mmalign.data.schema import PreferenceRecord
-from mmalign.models.heads import load_reward_model, reward_scores
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.corrupt import question_text
 from mmalign.sampling.generate import GenerationParams, generate
 from mmalign.sampling.openai_client import ChatClient, EndpointConfig
+from mmalign.sampling.reward_scoring import RewardScorer, ScorerConfig, load_scorer
 
 DEFAULT_TEMPLATE = Path(__file__).parent / "prompts" / "judge_pairwise.txt"
 
@@ -313,21 +313,17 @@ def api_ask(client: ChatClient, template: JudgeTemplate, max_tokens: int, seed: 
 
 
 class RewardModelAnnotator:
-    """Scores each answer with a scalar-head reward model and pairs the best with the worst."""
+    """Scores each answer with a trained reward model (Bradley-Terry or critique-based, ``RewardScorer``) and
+    pairs the best with the worst."""
 
     name = "reward_model"
 
-    def __init__(self, model: Any, processor: Any, batch_size: int):
-        self.model, self.processor, self.batch_size = model, processor, batch_size
+    def __init__(self, scorer: RewardScorer):
+        self.scorer = scorer
 
     def annotate(self, groups: Sequence[RolloutGroup]) -> list[Annotation]:
-        rows = [(g.record, g.images, a) for g in groups for a in g.answers]
-        flat = reward_scores(self.model, self.processor, [r for r, _, _ in rows], [i for _, i, _ in rows],
-                             [a for _, _, a in rows], self.batch_size).tolist()
-        scores, start = [], 0
-        for g in groups:
-            scores.append(flat[start:start + len(g.answers)])
-            start += len(g.answers)
+        scores = self.scorer.score_answers([g.record for g in groups], [g.images for g in groups],
+                                           [g.answers for g in groups])
         return _scored(groups, scores, [{} for _ in groups])
 
 
@@ -337,7 +333,7 @@ class AnnotatorConfig:
 
     oracle: ``synonyms`` (CHAIR vocabulary, e.g. ``<lab>/vocab/synonyms.txt``); vlm_judge: ``model`` (local
     VLM dir), ``template``, ``max_new_tokens``; api_judge: ``endpoint``, ``template``, ``max_new_tokens``;
-    reward_model: ``model`` (dir written by ``mmalign.models.heads.save_reward_model``).
+    reward_model: ``model`` (a reward-model folder: ``mmalign train rm`` or ``mmalign.models.heads.save_reward_model``).
     """
 
     # oracle (lab CHAIR), vlm_judge (local VLM), api_judge (OpenAI-compatible endpoint), reward_model
@@ -368,8 +364,8 @@ def build_annotator(cfg: AnnotatorConfig, device: Any) -> Annotator:
     if cfg.kind == "oracle":
         annotator: Annotator = LabOracle(read_synonyms(cfg.synonyms))
     elif cfg.kind == "reward_model":
-        model, processor = load_reward_model(cfg.model, dtype=cfg.dtype, device=device)
-        annotator = RewardModelAnnotator(model, processor, cfg.batch_size)
+        scorer = ScorerConfig(dtype=cfg.dtype, batch_size=cfg.batch_size)
+        annotator = RewardModelAnnotator(load_scorer(cfg.model, scorer, device))
     elif cfg.kind == "vlm_judge":
         model, processor = load_vlm(cfg.model, dtype=cfg.dtype, device=device)
         params = GenerationParams(max_new_tokens=cfg.max_new_tokens)

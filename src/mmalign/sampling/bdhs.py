@@ -86,8 +86,9 @@ class BDHSConfig:
 @dataclass
 class BDHSResult:
     """Outcome for record ``id``: the rejected answer, the 1-based iteration that produced it, its similarity to
-    the reference, whether that iteration was the unguided one, and whether a generation of it stopped at its
-    token budget (``max_answer_tokens`` / ``max_sentence_tokens``) rather than at EOS or a sentence end."""
+    the reference, whether that iteration was the unguided one, whether a generation of it stopped at its
+    token budget (``max_answer_tokens`` / ``max_sentence_tokens``) rather than at EOS or a sentence end, and how
+    many of the record's image tokens that iteration's mask left visible (Eq. 6; -1: not recorded)."""
 
     id: str
     answer: str
@@ -95,6 +96,8 @@ class BDHSResult:
     similarity: float
     unguided: bool
     truncated: bool = False
+    visible_tokens: int = -1
+    image_tokens: int = -1
 
 
 def is_unguided(cfg: BDHSConfig, iteration: int) -> bool:
@@ -168,9 +171,10 @@ def bdhs_sample(model: Any, processor: Any, records: Sequence[PreferenceRecord],
                                    [images[i] for i in pending], plans, unguided, cfg)
         sims = similarity([answer for answer, _ in outs], [records[i].chosen for i in pending])
         still = []
-        for i, (answer, truncated), phi in zip(pending, outs, sims):
+        for i, (answer, truncated), phi, plan in zip(pending, outs, sims, plans):
             if phi < cfg.similarity_threshold or iteration == cfg.n_iter:
-                results[i] = BDHSResult(records[i].id, answer, iteration, float(phi), unguided, truncated)
+                results[i] = BDHSResult(records[i].id, answer, iteration, float(phi), unguided, truncated,
+                                        int(plan.keep.sum()), counts[i])
             else:
                 still.append(i)
         logger.debug("BDHS iteration %d: %d of %d records accepted", iteration, len(pending) - len(still), len(pending))
@@ -196,7 +200,8 @@ def bdhs_record(record: PreferenceRecord, result: BDHSResult, cfg: BDHSConfig, *
     used and the similarity of the answer. ``record_id`` / ``source`` replace the record's (Online-BDHS)."""
     meta = dict(record.meta) | {"bdhs": {
         "iteration": result.iteration, "similarity": result.similarity, "unguided": result.unguided,
-        "truncated": result.truncated, **settings(cfg),
+        "truncated": result.truncated, "visible_tokens": result.visible_tokens, "image_tokens": result.image_tokens,
+        **settings(cfg),
     }}
     return PreferenceRecord(record.id if record_id is None else record_id, list(record.images), record.prompt,
                             record.chosen, [*record.rejected, result.answer],

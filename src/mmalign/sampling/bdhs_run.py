@@ -35,7 +35,7 @@ from mmalign.models.loading import load_vlm
 from mmalign.progress import in_batches
 from mmalign.runs import claim_output
 from mmalign.sampling.bdhs import BDHSConfig, BDHSResult, bdhs_drop_reason, bdhs_record, bdhs_sample, settings
-from mmalign.sampling.shards import ShardWriter, init_work_dir, owner, read_entries, work_dir_for
+from mmalign.sampling.shards import ShardWriter, open_work_dir, owner, read_entries, work_dir_for
 from mmalign.sampling.similarity import SentenceSimilarity
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,20 @@ def _summary(results: list[BDHSResult], dropped: dict[str, str], cfg: BDHSConfig
         "accepted_at_iteration": accepted, "different_after_iteration": cumulative,
         "similar_after_last": 1.0 - len(different) / n,
         "truncated": sum(r.truncated for r in results),
-        "mean_similarity": sum(r.similarity for r in results) / n, "bdhs": settings(cfg),
+        "mean_similarity": sum(r.similarity for r in results) / n, "mask": _mask_stats(results),
+        "bdhs": settings(cfg),
     }
+
+
+def _mask_stats(results: list[BDHSResult]) -> dict[str, float] | None:
+    """Image tokens left visible by the masks of the kept answers (Eq. 6): mean, and the share of masks that
+    hid every image token; None when the results predate the count."""
+    known = [r for r in results if r.visible_tokens >= 0]
+    if not known:
+        return None
+    return {"image_tokens_mean": sum(r.image_tokens for r in known) / len(known),
+            "visible_tokens_mean": sum(r.visible_tokens for r in known) / len(known),
+            "all_hidden_share": sum(r.visible_tokens == 0 for r in known) / len(known)}
 
 
 def _merge(cfg: BDHSRunConfig, records: list[PreferenceRecord], work_dir: Path) -> dict[str, Any]:
@@ -207,11 +219,7 @@ def _run_bdhs(cfg: BDHSRunConfig) -> dict[str, Any] | None:
         raise RecordError("no record fits the length limit", file=str(cfg.input))
     work_dir = work_dir_for(cfg.output)
     fingerprint = _fingerprint(cfg)
-    if accelerator.is_main_process:
-        init_work_dir(work_dir, fingerprint)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        init_work_dir(work_dir, fingerprint)  # only checks: the main process created it
+    open_work_dir(accelerator, work_dir, fingerprint)
     _sample_share(cfg, records, accelerator, work_dir, model, processor)
     accelerator.wait_for_everyone()
     summary = None

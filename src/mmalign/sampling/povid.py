@@ -12,7 +12,8 @@ Follows the POVID public code (YiyangZhou/POVID @ 92c7c67, ``add_diffusion_noise
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmalign.data.collate import IGNORE_INDEX
+from mmalign.data.collate import IGNORE_INDEX, collate_sft
+from mmalign.data.schema import PreferenceRecord
 from mmalign.models.logprobs import model_inputs
 
 NUM_DIFFUSION_STEPS = 1000
@@ -65,6 +67,12 @@ def noised_image(image: Image.Image, n_steps: int, seed: int, *, clip: bool = Fa
     return Image.fromarray(values.numpy(), mode="RGB")
 
 
+def noise_seed(seed: int, record_id: str, image_index: int) -> int:
+    """A 63-bit seed for one image's diffusion noise, a pure function of (run seed, record id, image index)."""
+    digest = hashlib.sha256(f"{seed}\0{record_id}\0{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _predicting_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     """bool[N, T] positions t - 1 that predict an answer token t, and the answer mask itself."""
     answer_mask = labels != IGNORE_INDEX
@@ -73,6 +81,27 @@ def _predicting_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     predicts = torch.zeros_like(answer_mask)
     predicts[:, :-1] = answer_mask[:, 1:]
     return predicts, answer_mask
+
+
+def povid_rejected_answers(model: Any, processor: Any, records: Sequence[PreferenceRecord],
+                           images: Sequence[Sequence[Image.Image]], n_steps: int, seed: int) -> list[str]:
+    """POVID's teacher-forced hallucinated answers as text (the rejected answers ``povid_rejected_logps`` scores).
+
+    Each record's images are noised (Eq. 9, ``n_steps``; noise seeded by (seed, record id, image index)); at every
+    position of the chosen answer the argmax token under the noised image is taken, teacher-forced on the chosen
+    prefix, and the argmax tokens are decoded (special tokens dropped). Without gradients.
+    """
+    noisy = [[noised_image(image, n_steps, noise_seed(seed, r.id, i)) for i, image in enumerate(imgs)]
+             for r, imgs in zip(records, images)]
+    batch = collate_sft(processor, records, noisy)
+    predicts, answer_mask = _predicting_positions(batch["labels"])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        tokens = model(**inputs, logits_to_keep=predicts.to(device), use_cache=False).logits.argmax(dim=-1).cpu()
+    per_row = answer_mask.sum(dim=1).tolist()
+    rows = tokens.split(per_row)
+    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
 def povid_rejected_logps(model: Any, clean_batch: Mapping[str, Any], noisy_batch: Mapping[str, Any]) -> Tensor:

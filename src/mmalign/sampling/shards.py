@@ -94,3 +94,12 @@ class ShardWriter:
             handle.write(block)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def open_work_dir(accelerator: Any, work_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """The main process creates (or checks) the work folder; the others then only check its fingerprint."""
+    if accelerator.is_main_process:
+        init_work_dir(work_dir, fingerprint)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        init_work_dir(work_dir, fingerprint)

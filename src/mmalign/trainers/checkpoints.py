@@ -1,4 +1,5 @@
-"""Checkpoints every recipe saves and resumes from: verified, skipped when damaged, never unpickled.
+"""Checkpoints every recipe saves and resumes from: verified, skipped when damaged, never unpickled; and a
+finished run's weights (``save_weights``, ``whole_weights_dir``).
 
 A checkpoint ``<output_dir>/checkpoints/step_<s>/`` holds
 
@@ -44,6 +45,30 @@ STATE_FILE = "trainer_state.json"
 
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
+
+
+def whole_weights_dir(out: Path, lora: bool, merge: bool) -> Path | None:
+    """The folder ``save_weights`` fills with loadable whole weights: ``model/`` (full fine-tuning), ``merged/``
+    (LoRA with ``merge``), or None (LoRA adapter only)."""
+    if not lora:
+        return out / "model"
+    return out / "merged" if merge else None
+
+
+def save_weights(accelerator: Accelerator, policy: torch.nn.Module, processor: Any, out: Path, lora: bool,
+                 merge: bool) -> None:
+    """A finished run's weights with the processor: ``adapter/`` (LoRA, PEFT format) or ``model/`` (full
+    fine-tuning), plus ``merged/`` under LoRA with ``merge``; every process takes part (sharded state dicts)."""
+    unwrapped = accelerator.unwrap_model(policy)
+    target = out / ("adapter" if lora else "model")
+    unwrapped.save_pretrained(target, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=accelerator.get_state_dict(policy))
+    if accelerator.is_main_process:
+        processor.save_pretrained(target)
+        if lora and merge:
+            merged = whole_weights_dir(out, lora, merge)
+            unwrapped.merge_and_unload().save_pretrained(merged)
+            processor.save_pretrained(merged)
 
 
 def _sha256(path: Path) -> str:

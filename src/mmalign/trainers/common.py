@@ -1,4 +1,5 @@
-"""Plumbing shared by every recipe: accelerator, optimizer, schedule, data order, logging, checkpoints.
+"""Plumbing shared by every recipe: accelerator, optimizer, schedule, data order, logging; checkpoints and saved
+weights live in ``trainers.checkpoints`` (re-exported here).
 
 Free functions, no base class: each ``train_*`` loop reads top to bottom and calls these.
 
@@ -17,18 +18,23 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 
-from mmalign.config import ConfigError
+from mmalign.config import ConfigError, to_dict
 from mmalign.models.layouts import resolve_layout
 from mmalign.models.lora import LoraConfig, ModelConfig
+from mmalign.progress import progress
 from mmalign.runs import TrainingStopped, check_backend
 from mmalign.tracking import Trackers, check_report_to
+from mmalign.trainers.checkpoints import (  # noqa: F401  (re-exported: the recipes import them from here)
+    STATE_FILE, adapter_only_checkpoints, latest_checkpoint, resume_from, save_checkpoint, save_weights,
+    whole_weights_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -295,25 +301,86 @@ class MetricsLogger:
         self.trackers.close()
 
 
-def whole_weights_dir(out: Path, lora: bool, merge: bool) -> Path | None:
-    """The folder ``save_weights`` fills with loadable whole weights: ``model/`` (full fine-tuning), ``merged/``
-    (LoRA with ``merge``), or None (LoRA adapter only)."""
-    if not lora:
-        return out / "model"
-    return out / "merged" if merge else None
+def micro_batch_size(cfg: PreferenceRecipeConfig, accelerator: Accelerator) -> int:
+    """Records per micro-batch: the global ``batch_size`` split over processes and ``optim.grad_accum``."""
+    parts = accelerator.num_processes * cfg.optim.grad_accum
+    if cfg.batch_size % parts:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {accelerator.num_processes} process(es)"
+                          f" x grad_accum {cfg.optim.grad_accum}")
+    return cfg.batch_size // parts
 
 
-def save_weights(accelerator: Accelerator, policy: torch.nn.Module, processor: Any, out: Path, lora: bool,
-                 merge: bool) -> None:
-    """A finished run's weights with the processor: ``adapter/`` (LoRA, PEFT format) or ``model/`` (full
-    fine-tuning), plus ``merged/`` under LoRA with ``merge``; every process takes part (sharded state dicts)."""
-    unwrapped = accelerator.unwrap_model(policy)
-    target = out / ("adapter" if lora else "model")
-    unwrapped.save_pretrained(target, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              state_dict=accelerator.get_state_dict(policy))
-    if accelerator.is_main_process:
-        processor.save_pretrained(target)
-        if lora and merge:
-            merged = whole_weights_dir(out, lora, merge)
-            unwrapped.merge_and_unload().save_pretrained(merged)
-            processor.save_pretrained(merged)
+def resume_step(run: RunConfig, accelerator: Accelerator, scheduler: Any, fingerprint: dict) -> int:
+    """Restore the newest intact checkpoint when ``run.resume`` (``checkpoints.resume_from``: model, optimizer,
+    RNG states, ``scheduler``); returns the step it ended (0: start afresh).
+
+    A checkpoint saved with ``{"data_fingerprint": ...}`` for other data (the file's path aside) is refused.
+    """
+    state = resume_from(accelerator, run.output_dir, scheduler) if run.resume else None
+    if state is None:
+        if run.resume:
+            logger.info("resume: no usable checkpoint under %s, starting from step 0", run.output_dir)
+        return 0
+    if {k: v for k, v in state["data_fingerprint"].items() if k != "train"} != {
+            k: v for k, v in fingerprint.items() if k != "train"}:
+        raise ConfigError(f"resume: step {state['step']} was trained on other data ({state['data_fingerprint']} vs "
+                          f"{fingerprint})")
+    return int(state["step"])
+
+
+MicroLoss = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # record indices -> (mean loss, stat sums)
+
+
+def accumulated_update(accelerator: Accelerator, model: Any, optimizer: Any, scheduler: Any, max_grad_norm: float,
+                       indices: list[int], micro: int, micro_loss: MicroLoss, n_stats: int, step: int
+                       ) -> tuple[dict[str, Any], float]:
+    """One optimizer step (recipe step ``step``) over this process's ``indices`` in micro-batches of ``micro``
+    records: ``micro_loss(chunk)`` -> (mean loss, float[n_stats] sums), each backward through
+    ``accelerator.accumulate``, gradient clipping at ``max_grad_norm`` (0: none), a stop before the update when
+    the loss or gradient norm is not finite (``stop_if_not_finite``), then one scheduler step. Returns ({"sums":
+    the sums reduced over micro-batches and processes, "grad_norm": float}, the learning rate the step used)."""
+    sums, grad_norm = torch.zeros(n_stats, device=accelerator.device), torch.tensor(0.0)
+    losses = torch.zeros((), device=accelerator.device)
+    for start in range(0, len(indices), micro):
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss, stats = micro_loss(indices[start: start + micro])
+            accelerator.backward(loss)
+            losses += loss.detach().float()
+            if accelerator.sync_gradients and max_grad_norm > 0:
+                # DeepSpeed clips inside its engine step and reports no norm before it has one.
+                norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                grad_norm = grad_norm if norm is None else norm
+            if accelerator.sync_gradients:
+                stop_if_not_finite(accelerator, step, {"loss": losses, "grad_norm": grad_norm})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sums += stats
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()  # once per optimizer step, whatever the process count (not through accelerate)
+    return {"sums": accelerator.reduce(sums, "sum").tolist(), "grad_norm": float(grad_norm)}, lr
+
+
+def run_steps(accelerator: Accelerator, cfg: PreferenceRecipeConfig, total: int, start: int, fingerprint: dict,
+              train_step: Callable[[int], dict[str, float]], desc: str, accuracy_key: str, *, scheduler: Any,
+              save_adapter: Callable[[Path], None] | None = None) -> None:
+    """Optimizer steps ``start + 1 .. total`` of a recipe: ``train_step(step)`` returns the step's metrics (with
+    ``loss`` and ``accuracy_key``), logged every ``run.log_every`` steps and at the last (``metrics.jsonl`` and the
+    trackers, the resolved ``cfg`` as their hyperparameters); with ``run.save_every``, a checkpoint every that many
+    steps and at the last (``trainers.checkpoints``: ``scheduler`` as JSON, ``save_adapter(folder)`` writing a
+    loadable adapter into it); a progress bar."""
+    run = cfg.run
+    out = Path(run.output_dir)
+    metrics = MetricsLogger(out, accelerator.is_main_process, run.report_to, resume_step=start, config=to_dict(cfg))
+    bar = progress(total, desc, initial=start, enabled=accelerator.is_main_process, unit="step")
+    for step in range(start + 1, total + 1):
+        values = train_step(step)
+        if step % run.log_every == 0 or step == total:
+            metrics.log(step, values)
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values[accuracy_key]:.2f}")
+        if run.save_every and (step % run.save_every == 0 or step == total):
+            save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, run.keep_checkpoints,
+                            scheduler=scheduler, save_adapter=save_adapter)
+    bar.close()
+    metrics.close()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmalign.config import ConfigError, save_config, to_dict
+from mmalign.config import ConfigError, save_config
 from mmalign.data.schema import PreferenceRecord, RecordError
 from mmalign.models.layouts import PREFERENCE_LAYOUTS
 from mmalign.models.logprobs import (
@@ -39,16 +39,15 @@ from mmalign.models.logprobs import (
 )
 from mmalign.models.lora import prepare_policy, reference_model
 from mmalign.objectives.preference import mm_dpo_beta
-from mmalign.progress import progress
 from mmalign.runs import claim_folder
 from mmalign.sampling.povid import povid_rejected_logps
-from mmalign.trainers.checkpoints import adapter_only_checkpoints, resume_from, save_checkpoint
+from mmalign.trainers.checkpoints import adapter_only_checkpoints, save_weights
 from mmalign.trainers.common import (
-    MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, make_accelerator,
-    process_slice, save_weights, steps_per_epoch, stop_if_not_finite, trainer_layout,
+    PreferenceRecipeConfig, accumulated_update, batch_indices, build_optimizer, build_scheduler, make_accelerator,
+    micro_batch_size, process_slice, resume_step, run_steps, steps_per_epoch, trainer_layout,
 )
 from mmalign.trainers.povid_slot import PovidConfig, povid_batches, with_extra_rejected
-from mmalign.trainers.preference_data import DataConfig, data_fingerprint, load_pairs, record_set
+from mmalign.trainers.preference_data import DataConfig, data_fingerprint, load_pairs, record_set, slot_margins
 from mmalign.trainers.preference_loss import PAIR_STATS, PreferenceLossConfig, preference_metrics, record_losses
 
 logger = logging.getLogger(__name__)
@@ -62,15 +61,17 @@ class LossConfig(PreferenceLossConfig):
     """``PreferenceLossConfig`` plus MM-DPO beta and weights of the rejected slots.
 
     ``rejected_weights``: one weight per rejected slot (Apple Eq. 5; empty = equal weights).
-    ``dynamic_beta``: beta per pair from ``meta[margin_key]`` (MM-DPO; ``beta_w``, ``beta_k``).
+    ``dynamic_beta``: beta per (chosen, rejected_k) pair from the k-th entry of ``meta[margin_key]``, a list
+    with one reward-model margin per rejected answer as ``mmalign score`` writes it (MM-DPO; ``beta_w``,
+    ``beta_k``).
     """
 
     # weight per rejected slot in the Apple Eq. 5 mean ([]: equal weights)
     rejected_weights: list[float] = field(default_factory=list)
-    dynamic_beta: bool = False  # MM-DPO: beta per pair from the reward margin in meta[margin_key]
+    dynamic_beta: bool = False  # MM-DPO: beta per (chosen, rejected_k) pair from its margin in meta[margin_key]
     beta_w: float = 0.5  # MM-DPO w: how far beta may grow above loss.beta
     beta_k: float = 0.5  # MM-DPO k: how fast beta grows with the margin
-    margin_key: str = "reward_margin"  # meta key holding each record's reward-model margin (dynamic_beta)
+    margin_key: str = "reward_margins"  # meta key with one reward margin per rejected answer (dynamic_beta)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +99,9 @@ class OfflineConfig(PreferenceRecipeConfig):
         super().__post_init__()
         if self.merge_weights and not self.lora.enabled:
             raise ValueError("merge_weights needs lora.enabled (full fine-tuning already saves whole weights)")
+        if self.loss.dynamic_beta and self.povid.enabled:
+            raise ValueError("loss.dynamic_beta reads one reward margin per rejected answer of the records; the POVID "
+                             "slot is made in the trainer and has none: turn one of them off")
 
 
 # --- reference ---------------------------------------------------------------------------------------------
@@ -183,14 +187,16 @@ def micro_loss(run: _Run, batch: dict[str, Any], povid: tuple[dict, dict] | None
     cfg = run.cfg
     out, ref_chosen, ref_rejected = policy_and_reference(run, batch, povid, indices)
     chunk = [run.records[i] for i in indices]
-    beta: float | torch.Tensor = cfg.loss.beta
-    if cfg.loss.dynamic_beta:
-        margins = torch.tensor([float(r.meta[cfg.loss.margin_key]) for r in chunk], device=out.chosen_logps.device)
-        beta = mm_dpo_beta(cfg.loss.beta, margins, w=cfg.loss.beta_w, k=cfg.loss.beta_k)
     k = out.rejected_mask.shape[1] - int(povid is not None)  # the records' own rejected slots
+    beta: float | torch.Tensor = cfg.loss.beta
+    beta_sum = cfg.loss.beta * len(chunk)
+    if cfg.loss.dynamic_beta:
+        margins = slot_margins(chunk, cfg.loss.margin_key, k, out.chosen_logps.device)  # absent slots: masked out
+        beta = mm_dpo_beta(cfg.loss.beta, margins, w=cfg.loss.beta_w, k=cfg.loss.beta_k)  # [R, K]
+        present = out.rejected_mask.to(beta.dtype)
+        beta_sum = ((beta * present).sum(dim=-1) / present.sum(dim=-1)).sum()  # per record: its pairs' mean
     slot_weights = (cfg.loss.rejected_weights[:k] or [1.0] * k) + ([cfg.povid.weight] if povid is not None else [])
     per_record, sft, pair_sums = record_losses(cfg.loss, out, ref_chosen, ref_rejected, slot_weights, beta)
-    beta_sum = beta.sum() if isinstance(beta, torch.Tensor) else beta * len(chunk)
     # tokens the model reads: prefix_cache batches hold the answers apart from the prompts
     n_tokens = batch["attention_mask"].sum() + (batch["answer_mask"].sum() if cfg.forward == "prefix_cache" else 0)
     values = [per_record.detach().sum(), sft.detach().sum(), beta_sum, len(chunk), n_tokens, *pair_sums]
@@ -202,30 +208,14 @@ def train_step(run: _Run, step: int) -> dict[str, float]:
     """Optimizer step ``step`` (1-based): forward/backward over this process's micro-batches, then update."""
     cfg, acc = run.cfg, run.accelerator
     indices = process_slice(batch_indices(len(run.records), cfg.batch_size, step - 1, cfg.run.seed), acc)
-    sums, grad_norm = torch.zeros(len(_STATS), device=acc.device), torch.tensor(0.0)
     started = time.perf_counter()
-    for start in range(0, len(indices), run.micro):
-        chunk = indices[start: start + run.micro]
-        batch, povid = _collate(run, chunk)
-        with acc.accumulate(run.policy):
-            with acc.autocast():
-                loss, stats = micro_loss(run, batch, povid, chunk)
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                # DeepSpeed clips inside its engine step and reports no norm before it has one.
-                norm = acc.clip_grad_norm_(run.policy.parameters(), cfg.optim.max_grad_norm)
-                grad_norm = grad_norm if norm is None else norm
-            if acc.sync_gradients:
-                stop_if_not_finite(acc, step, {"loss": (sums + stats)[0], "grad_norm": grad_norm})
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        sums += stats
-    lr = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()  # once per optimizer step, whatever the process count (not through accelerate)
-    s = dict(zip(_STATS, acc.reduce(sums, "sum").tolist()))
+    done, lr = accumulated_update(acc, run.policy, run.optimizer, run.scheduler, cfg.optim.max_grad_norm, indices,
+                                  run.micro, lambda chunk: micro_loss(run, *_collate(run, chunk), chunk), len(_STATS),
+                                  step)
+    s = dict(zip(_STATS, done["sums"]))
     elapsed = time.perf_counter() - started
     return {**preference_metrics(s), "sft_nll": s["sft_nll"] / s["n_records"], "beta": s["beta"] / s["n_records"],
-            "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": s["n_tokens"] / elapsed}
+            "lr": lr, "grad_norm": done["grad_norm"], "tokens_per_s": s["n_tokens"] / elapsed}
 
 
 # --- outputs and the loop ----------------------------------------------------------------------------------
@@ -248,28 +238,6 @@ def _adapter_saver(run: _Run):
     return lambda folder: save_weights(run.accelerator, run.policy, run.processor, folder, lora=True, merge=False)
 
 
-def _micro_batch(cfg: OfflineConfig, accelerator: Accelerator) -> int:
-    parts = accelerator.num_processes * cfg.optim.grad_accum
-    if cfg.batch_size % parts:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {accelerator.num_processes} process(es)"
-                          f" x grad_accum {cfg.optim.grad_accum}")
-    return cfg.batch_size // parts
-
-
-def _resume(cfg: OfflineConfig, accelerator: Accelerator, scheduler: Any, fingerprint: dict) -> int:
-    """Restore the newest intact checkpoint when ``run.resume``; returns the step it ended (0: start afresh)."""
-    state = resume_from(accelerator, cfg.run.output_dir, scheduler) if cfg.run.resume else None
-    if state is None:
-        if cfg.run.resume:
-            logger.info("resume: no usable checkpoint under %s, starting from step 0", cfg.run.output_dir)
-        return 0
-    if {k: v for k, v in state["data_fingerprint"].items() if k != "train"} != {
-            k: v for k, v in fingerprint.items() if k != "train"}:
-        raise ConfigError(f"resume: step {state['step']} was trained on other data ({state['data_fingerprint']} vs "
-                          f"{fingerprint})")
-    return int(state["step"])
-
-
 def train_offline(cfg: OfflineConfig) -> Path:
     """Run offline preference optimisation; returns the output directory.
 
@@ -288,7 +256,7 @@ def train_offline(cfg: OfflineConfig) -> Path:
 def _train_offline(cfg: OfflineConfig) -> Path:
     out = Path(cfg.run.output_dir)
     accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
-    micro = _micro_batch(cfg, accelerator)
+    micro = micro_batch_size(cfg, accelerator)
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader for DeepSpeed to read the size from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     policy, processor, frozen, projector = prepare_policy(cfg)
@@ -317,22 +285,10 @@ def _train_offline(cfg: OfflineConfig) -> Path:
     reference = reference_fn(cfg, accelerator, unwrapped, frozen, processor, records, image_hashes, micro)
     run = _Run(cfg, accelerator, policy, unwrapped, frozen, processor, optimizer, scheduler, reference, records,
                micro)
-    start = _resume(cfg, accelerator, scheduler, fingerprint)
-    metrics = MetricsLogger(out, accelerator.is_main_process, cfg.run.report_to, resume_step=start,
-                            config=to_dict(cfg))
-    bar = progress(total, f"{cfg.loss.name} ({len(records)} pairs)", initial=start,
-                   enabled=accelerator.is_main_process, unit="step")
-    for step in range(start + 1, total + 1):
-        values = train_step(run, step)
-        if step % cfg.run.log_every == 0 or step == total:
-            metrics.log(step, values)
-        bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
-        if cfg.run.save_every and (step % cfg.run.save_every == 0 or step == total):
-            save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, cfg.run.keep_checkpoints,
-                            scheduler=scheduler, save_adapter=_adapter_saver(run))
-    bar.close()
-    metrics.close()
+    start = resume_step(cfg.run, accelerator, scheduler, fingerprint)
+    run_steps(accelerator, cfg, total, start, fingerprint, lambda step: train_step(run, step),
+              f"{cfg.loss.name} ({len(records)} pairs)", "rewards/accuracies", scheduler=scheduler,
+              save_adapter=_adapter_saver(run))
     save_outputs(run, out, fingerprint)
     logger.info("%s: %d steps on %d pairs (%d skipped) -> %s", cfg.loss.name, total, len(records), n_skipped, out)
     return out

@@ -12,7 +12,6 @@ also when the trainer caches the others (``ref_cache_dir``).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from PIL import Image
 from mmalign.data.collate import collate_sft
 from mmalign.data.schema import PreferenceRecord
 from mmalign.models.logprobs import PreferenceForward
-from mmalign.sampling.povid import NUM_DIFFUSION_STEPS, noised_image
+from mmalign.sampling.povid import NUM_DIFFUSION_STEPS, noise_seed, noised_image
 
 
 @dataclass
@@ -41,12 +40,6 @@ class PovidConfig:
             raise ValueError(f"povid.noise_steps must be in 1..{NUM_DIFFUSION_STEPS - 1}, got {self.noise_steps}")
         if not 0 < self.weight < math.inf:
             raise ValueError(f"povid.weight must be a finite number > 0, got {self.weight}")
-
-
-def noise_seed(seed: int, record_id: str, image_index: int) -> int:
-    """A 63-bit seed for one image's diffusion noise, a pure function of (run seed, record id, image index)."""
-    digest = hashlib.sha256(f"{seed}\0{record_id}\0{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def povid_batches(processor: Any, records: Sequence[PreferenceRecord], images: Sequence[Sequence[Image.Image]],

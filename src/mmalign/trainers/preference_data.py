@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from mmalign.config import ConfigError
 from mmalign.data.collate import SequenceTooLong
 from mmalign.data.io import same_file
+from mmalign.data.record_files import record_line
 from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord, RecordError
 
@@ -52,12 +55,25 @@ def record_set(cfg: DataConfig) -> RecordSet:
     return RecordSet.at(cfg.train, cfg.data_root)
 
 
+def slot_margins(records: list[PreferenceRecord], key: str, n_slots: int, device: Any) -> torch.Tensor:
+    """float32[R, n_slots]: each record's ``meta[key]`` margins, one per rejected answer (0 past its last one)."""
+    margins = torch.zeros(len(records), n_slots)
+    for row, record in enumerate(records):
+        margins[row, : len(record.rejected)] = torch.tensor(record.meta[key], dtype=torch.float32)
+    return margins.to(device)
+
+
 def _record_error(cfg: DataConfig, processor: Any, collate: Callable, record: PreferenceRecord, dataset: RecordSet,
-                  margin_key: str | None) -> RecordError | None:
+                  margin_key: str | None, critiques: bool) -> RecordError | None:
     """Why ``record`` cannot train (collated alone by ``collate``), or None."""
-    margin = record.meta.get(margin_key) if margin_key is not None else None
-    if margin_key is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)):
-        return RecordError(f"dynamic_beta needs a numeric reward margin, got {margin!r}", file=cfg.train,
+    if critiques and "critiques" not in record.meta:  # its layout is checked on reading (schema)
+        return RecordError("the critique reward model needs a critique of every answer", file=cfg.train,
+                           record_id=record.id, field="meta.critiques")
+    margins = record.meta.get(margin_key) if margin_key is not None else None
+    if margin_key is not None and not (isinstance(margins, list) and len(margins) == len(record.rejected) and all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) for m in margins)):
+        return RecordError(f"expected a list of {len(record.rejected)} margin(s), one per rejected answer (mmalign "
+                           f"score writes them), got {margins!r}", file=cfg.train,
                            record_id=record.id, field=f"meta.{margin_key}")
     try:
         collate(processor, [record], [dataset.images(record)], cfg.max_length)
@@ -70,14 +86,16 @@ def _record_error(cfg: DataConfig, processor: Any, collate: Callable, record: Pr
 
 
 def load_pairs(cfg: DataConfig, processor: Any, collate: Callable, *, margin_key: str | None,
-               is_main: bool) -> tuple[list[PreferenceRecord], int]:
+               is_main: bool, critiques: bool = False) -> tuple[list[PreferenceRecord], int]:
     """Read and check the preference records; returns (usable records, number skipped).
 
     ``collate``: the trainer's layout collate (processor, records, images, max_length) -> batch.
-    ``margin_key``: the ``meta`` key every record needs a numeric MM-DPO margin under (None: not needed).
+    ``margin_key``: the ``meta`` key every record needs its MM-DPO margins under, one number per rejected answer
+    (None: not needed).
     Refused (or, with ``skip_invalid_to``, skipped and listed there by the main process): format errors
     incl. zero rejected answers, rejected == chosen and non-finite ``meta`` (``read_records``); a missing or
-    non-numeric margin; a prompt + answer longer than ``max_length``; a prompt or image the processor refuses.
+    non-numeric margin; with ``critiques``, a record without ``meta.critiques``; a prompt + answer longer than
+    ``max_length``; a prompt or image the processor refuses. Errors name the file, line, record id and field.
     """
     if cfg.skip_invalid_to and same_file(cfg.skip_invalid_to, cfg.train):
         raise ConfigError(f"data.skip_invalid_to {cfg.skip_invalid_to!r} is the training file itself; the list of "
@@ -89,10 +107,12 @@ def load_pairs(cfg: DataConfig, processor: Any, collate: Callable, *, margin_key
         skipped = listing.read_text().splitlines() if listing else []
     kept = []
     for record in records:
-        error = _record_error(cfg, processor, collate, record, dataset, margin_key)
+        error = _record_error(cfg, processor, collate, record, dataset, margin_key, critiques)
         if error is None:
             kept.append(record)
             continue
+        error = RecordError(error.reason, file=error.file, line=record_line(cfg.train, record.id),
+                            record_id=error.record_id, field=error.field)
         if not cfg.skip_invalid_to:
             raise error
         skipped.append(json.dumps(error.as_dict()))

@@ -48,7 +48,8 @@ def record_losses(loss: PreferenceLossConfig, out: PreferenceForward, ref_chosen
     """Per-record loss float[R], its SFT NLL float[R] and the sums of ``PAIR_STATS`` (R records, K rejected slots).
 
     The loss is the ``slot_weights``-weighted mean over a record's rejected slots of the pair losses (Apple Eq. 5)
-    plus ``loss.sft_weight`` x the chosen answer's NLL; ``beta``: ``loss.beta`` or a beta per record float[R] (MM-DPO).
+    plus ``loss.sft_weight`` x the chosen answer's NLL; ``beta``: ``loss.beta``, or (MM-DPO) a beta per record
+    float[R] or per rejected slot float[R, K].
     """
     logps = PreferenceLogps(out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected,
                             out.chosen_lengths, out.rejected_lengths)
@@ -56,8 +57,9 @@ def record_losses(loss: PreferenceLossConfig, out: PreferenceForward, ref_chosen
     per_record = combine_rejected(pair.losses, out.rejected_mask, torch.tensor(slot_weights, device=pair.losses.device))
     sft = sft_nll(out.chosen_token_logps, out.chosen_mask)
     mask = out.rejected_mask.float()
-    margin = (pair.chosen_rewards.unsqueeze(-1) - pair.rejected_rewards) * mask
-    sums = [pair.chosen_rewards.sum(), (pair.rejected_rewards * mask).sum(), margin.sum(),
+    margin = (pair.chosen_rewards - pair.rejected_rewards) * mask
+    chosen = (pair.chosen_rewards * mask).sum(dim=-1) / mask.sum(dim=-1)  # per record: its pairs' mean
+    sums = [chosen.sum(), (pair.rejected_rewards * mask).sum(), margin.sum(),
             ((margin > 0).float() * mask).sum(), mask.sum(), out.chosen_logps.detach().sum(),
             out.rejected_logps.detach().masked_fill(~out.rejected_mask, 0.0).sum()]
     return per_record + loss.sft_weight * sft, sft, sums

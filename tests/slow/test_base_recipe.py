@@ -1,9 +1,11 @@
 """The shipped lab base is what its recipe makes: re-running ``assets/base/recipe.yaml`` reproduces its metrics.
 
-Trains the recipe from scratch into a temporary folder (~15 CPU-minutes on 2 cores) and evaluates it on the
-same lab. Bitwise equality is not expected across machines (bf16 autocast, thread counts), so every headline
-metric must land within 0.03 of the shipped ``eval_metrics.json``; the bias gaps the lab exists for must keep
-their sign.
+Trains the staged recipe from scratch into a temporary folder (language, vision tagging, projector alignment,
+SFT; 55 min wall on 2 shared cores with one thread, docs/lab.md) and evaluates it on the same lab. Bitwise
+equality is not expected across machines (bf16 autocast where the CPU has it, thread counts), so every headline
+metric must land within 0.03 of the shipped ``eval_metrics.json``; and what the base is for must hold: it sees
+(recall, CHAIR_i on non-partner objects, POPE random F1 near issue 13's targets) and keeps the caption-level bias
+(the absent partner named after its trigger, partners a part of its hallucinated mentions).
 """
 
 import json
@@ -17,9 +19,8 @@ from mmalign.recipes.pretrain import BASE_DIR, PretrainConfig, pretrain_base
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow
 
-KEYS = ("pope/random/accuracy", "pope/adversarial/accuracy", "pope_bias/yes_rate_partner",
-        "pope_bias/yes_rate_random", "pope_bias/yes_rate_gap_matched", "chair/chair_i", "chair/recall",
-        "cooccur/partner_rate")
+KEYS = ("pope/random/f1", "pope/adversarial/f1", "pope/all/fp_rate", "pope/all/tp_rate", "chair/chair_i",
+        "chair/chair_i_nonpartner", "chair/recall", "cooccur/partner_rate", "pope_bias/yes_rate_partner")
 
 
 def test_recipe_reproduces_the_shipped_base(tmp_path):
@@ -30,6 +31,8 @@ def test_recipe_reproduces_the_shipped_base(tmp_path):
     again = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
     for key in KEYS:
         assert again[key]["value"] == pytest.approx(shipped[key]["value"], abs=0.03), key
-    assert again["pope_bias/yes_rate_gap"]["value"] > 0
-    assert again["pope_bias/yes_rate_gap_matched"]["ci_low"] > 0  # the prior decides where the image cannot
-    assert again["cooccur/partner_rate"]["value"] > 0.1
+    assert again["chair/recall"]["value"] > 0.82
+    assert again["chair/chair_i_nonpartner"]["value"] < 0.10
+    assert again["pope/random/f1"]["value"] > 0.90
+    assert again["cooccur/partner_rate"]["ci_low"] > 0.05  # the caption-level bias stays
+    assert again["chair/chair_i"]["value"] > again["chair/chair_i_nonpartner"]["ci_high"]  # partners among errors

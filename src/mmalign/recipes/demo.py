@@ -34,7 +34,7 @@ from mmalign.data.record_files import read_records, write_records
 from mmalign.evaluation.report import HEADLINE, verdicts_of, write_report
 from mmalign.evaluation.report import headline_table as report_headline_table
 from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
-from mmalign.lab.build import LabConfig, build_lab
+from mmalign.lab.build import LabConfig, SplitSizes, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.recipes.pretrain import BASE_DIR, PretrainConfig, pretrain_base, shipped_base_lab
 from mmalign.models.loading import load_vlm
@@ -79,7 +79,9 @@ class DemoConfig:
     # pair sources: external (exact lab corruption) and / or bdhs
     methods: list[str] = field(default_factory=lambda: ["external", "bdhs"])
     base: str = "shipped"  # shipped (the packaged base), recipe (train it) or a model folder trained on this lab
-    lab: LabConfig = field(default_factory=LabConfig)
+    # the shipped base's lab with half its preference and evaluation images, so the default demo stays under 10
+    # minutes on 2 loaded CPU cores; the base's training splits are unchanged (configs/lab_table6.yaml: full size)
+    lab: LabConfig = field(default_factory=lambda: LabConfig(sizes=SplitSizes(pref=500, eval=250)))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dpo: OfflineConfig = field(default_factory=_default_dpo)
     # BDHS template; a lab model's context is its image tokens + 128, so the unguided answer gets 64 tokens, not

@@ -15,7 +15,6 @@ build asserts it again on the written image hashes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json

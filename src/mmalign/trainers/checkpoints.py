@@ -117,6 +117,23 @@ def save_checkpoint(accelerator: Accelerator, out_dir: str | Path, step: int, ex
     return final
 
 
+def step_checkpoint(accelerator: Accelerator, run: Any, step: int, total: int, extra: dict[str, Any], *,
+                    scheduler: Any, save_adapter: Callable[[Path], None] | None = None) -> None:
+    """``save_checkpoint`` into ``run.output_dir`` when ``run.save_every`` asks for step ``step`` of ``total``: every
+    that many steps, and the last one too, so a finished run can be continued to more steps."""
+    if run.save_every and (step % run.save_every == 0 or step == total):
+        save_checkpoint(accelerator, run.output_dir, step, extra, run.keep_checkpoints, scheduler=scheduler,
+                        save_adapter=save_adapter)
+
+
+def lora_adapter_saver(accelerator: Accelerator, policy: torch.nn.Module, processor: Any,
+                       lora: bool) -> Callable[[Path], None] | None:
+    """The ``save_adapter`` of a LoRA policy (its PEFT ``adapter/`` into a checkpoint folder); None without LoRA."""
+    if not lora:
+        return None
+    return lambda folder: save_weights(accelerator, policy, processor, folder, lora=True, merge=False)
+
+
 def checkpoints(out_dir: str | Path) -> list[Path]:
     """Finished checkpoint folders (a ``trainer_state.json``, not ``.tmp``), newest first; not yet verified."""
     found = [p for p in checkpoint_root(out_dir).glob("step_*") if p.suffix != ".tmp" and (p / STATE_FILE).exists()]

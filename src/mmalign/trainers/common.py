@@ -33,7 +33,7 @@ from mmalign.runs import TrainingStopped, check_backend
 from mmalign.tracking import Trackers, check_report_to
 from mmalign.trainers.checkpoints import (  # noqa: F401  (re-exported: the recipes import them from here)
     STATE_FILE, adapter_only_checkpoints, latest_checkpoint, resume_from, save_checkpoint, save_weights,
-    whole_weights_dir,
+    step_checkpoint, whole_weights_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -379,8 +379,7 @@ def run_steps(accelerator: Accelerator, cfg: PreferenceRecipeConfig, total: int,
             metrics.log(step, values)
         bar.update(1)
         bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values[accuracy_key]:.2f}")
-        if run.save_every and (step % run.save_every == 0 or step == total):
-            save_checkpoint(accelerator, out, step, {"data_fingerprint": fingerprint}, run.keep_checkpoints,
-                            scheduler=scheduler, save_adapter=save_adapter)
+        step_checkpoint(accelerator, run, step, total, {"data_fingerprint": fingerprint}, scheduler=scheduler,
+                        save_adapter=save_adapter)
     bar.close()
     metrics.close()

@@ -50,7 +50,7 @@ from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.pairs import PairSampler
 from mmalign.sampling.rollouts import RolloutConfig, read_experience, rollout_pair, write_step
 from mmalign.sampling.similarity import SentenceSimilarity
-from mmalign.trainers.checkpoints import resume_from, save_checkpoint
+from mmalign.trainers.checkpoints import lora_adapter_saver, resume_from, step_checkpoint
 from mmalign.trainers.common import (
     MetricsLogger, PreferenceRecipeConfig, batch_indices, build_optimizer, build_scheduler, make_accelerator,
     process_slice, save_weights, steps_per_epoch, stop_if_not_finite, trainer_layout,
@@ -308,11 +308,8 @@ def _train_online(cfg: OnlineConfig) -> Path:
             metrics.log(step, values)
         bar.update(1)
         bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
-        if cfg.run.save_every and (step % cfg.run.save_every == 0 or step == total):
-            adapter = (lambda folder: save_weights(accelerator, policy, processor, folder, lora=True, merge=False)
-                       ) if cfg.lora.enabled else None
-            save_checkpoint(accelerator, out, step, {"fingerprint": fp}, cfg.run.keep_checkpoints,
-                            scheduler=scheduler, save_adapter=adapter)
+        step_checkpoint(accelerator, cfg.run, step, total, {"fingerprint": fp}, scheduler=scheduler,
+                        save_adapter=lora_adapter_saver(accelerator, policy, processor, cfg.lora.enabled))
     bar.close()
     metrics.close()
     n_pairs = export_pairs(run, total, out) if accelerator.is_main_process else 0

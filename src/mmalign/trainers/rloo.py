@@ -39,7 +39,7 @@ from mmalign.objectives.policy_gradient import ADVANTAGES, KL_ESTIMATORS, clippe
 from mmalign.progress import progress
 from mmalign.runs import claim_folder
 from mmalign.sampling.rewards import OracleMonitor, build_reward
-from mmalign.trainers.checkpoints import adapter_only_checkpoints, save_checkpoint
+from mmalign.trainers.checkpoints import adapter_only_checkpoints, lora_adapter_saver, step_checkpoint
 from mmalign.trainers.common import (
     MetricsLogger, build_optimizer, build_scheduler, make_accelerator, save_weights, steps_per_epoch,
 )
@@ -149,11 +149,8 @@ def _train_rloo(cfg: RLOOConfig) -> Path:
             metrics.log(step, values)
         bar.update(1)
         bar.set_postfix(reward=f"{values['reward/score']:.3f}")
-        if cfg.run.save_every and (step % cfg.run.save_every == 0 or step == total):
-            adapter = (lambda folder: save_weights(accelerator, policy, processor, folder, lora=True, merge=False)
-                       ) if cfg.lora.enabled else None
-            save_checkpoint(accelerator, out, step, {"fingerprint": fp}, cfg.run.keep_checkpoints,
-                            scheduler=scheduler, save_adapter=adapter)
+        step_checkpoint(accelerator, cfg.run, step, total, {"fingerprint": fp}, scheduler=scheduler,
+                        save_adapter=lora_adapter_saver(accelerator, policy, processor, cfg.lora.enabled))
     bar.close()
     metrics.close()
     save_weights(accelerator, policy, processor, out, cfg.lora.enabled, merge=cfg.lora.enabled)

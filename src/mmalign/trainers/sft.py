@@ -34,7 +34,7 @@ from mmalign.models.logprobs import answer_token_logps, model_inputs
 from mmalign.progress import progress
 from mmalign.runs import claim_folder
 from mmalign.sampling.masked import hide_image_attention
-from mmalign.trainers.checkpoints import resume_from, save_checkpoint
+from mmalign.trainers.checkpoints import resume_from, step_checkpoint
 from mmalign.trainers.common import (
     TRAINING_ALIASES, MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler,
     make_accelerator, process_slice, steps_per_epoch, stop_if_not_finite,
@@ -214,9 +214,7 @@ def _train_sft(cfg: SFTConfig) -> Path:
         if done % cfg.run.log_every == 0 or done == cfg.steps:
             metrics.log(done, {"loss": nll / tokens, "lr": scheduler.get_last_lr()[0],
                                "step_s": time.perf_counter() - t0})
-        # The last step is checkpointed too, so a finished run can be continued to more steps.
-        if cfg.run.save_every and (done % cfg.run.save_every == 0 or done == cfg.steps):
-            save_checkpoint(accelerator, out, done, {}, keep=cfg.run.keep_checkpoints, scheduler=scheduler)
+        step_checkpoint(accelerator, cfg.run, done, cfg.steps, {}, scheduler=scheduler)
         bar.update(1)
     bar.close()
     metrics.close()

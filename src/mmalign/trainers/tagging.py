@@ -34,13 +34,13 @@ from torch import Tensor
 from mmalign.config import ConfigError, save_config, to_dict
 from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records
-from mmalign.data.schema import PreferenceRecord, RecordError
+from mmalign.data.schema import RecordError
 from mmalign.models.loading import load_vlm, projector_param_names, vision_param_names
 from mmalign.progress import progress
 from mmalign.runs import claim_folder
-from mmalign.trainers.checkpoints import resume_from, save_checkpoint
+from mmalign.trainers.checkpoints import resume_from, step_checkpoint
 from mmalign.trainers.common import (
-    TRAINING_ALIASES, MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler,
+    MetricsLogger, OptimConfig, RunConfig, batch_indices, build_optimizer, build_scheduler,
     make_accelerator, process_slice, steps_per_epoch, stop_if_not_finite,
 )
 
@@ -228,8 +228,7 @@ def _train_tagging(cfg: TaggingConfig) -> Path:
         done = step + 1
         if done % cfg.run.log_every == 0 or done == cfg.steps:
             metrics.log(done, {"loss": total, "lr": scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0})
-        if cfg.run.save_every and (done % cfg.run.save_every == 0 or done == cfg.steps):
-            save_checkpoint(accelerator, out, done, {}, keep=cfg.run.keep_checkpoints, scheduler=scheduler)
+        step_checkpoint(accelerator, cfg.run, done, cfg.steps, {}, scheduler=scheduler)
         bar.update(1)
     bar.close()
     unwrapped = accelerator.unwrap_model(tagger)

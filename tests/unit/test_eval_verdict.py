@@ -34,6 +34,8 @@ def test_less_hallucination_needs_a_fall_beyond_the_interval_and_coverage_within
 def test_a_fall_inside_the_interval_is_no_clear_change():
     v = verdict({**_tests(), "pope/all/fp_rate": t(0.20, 0.19, half_width=0.02)})  # interval holds 0
     assert v.label == "no clear change" and not v.less_hallucination
+    lost = verdict({**_tests(recall=(0.85, 0.75)), "pope/all/fp_rate": t(0.20, 0.19, half_width=0.02)})
+    assert lost.label == "coverage lost, hallucination level" and not lost.less_hallucination
 
 
 def test_more_yes_to_everything_is_an_answer_bias_shift_not_a_win():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -86,17 +85,15 @@ def test_family_round_trip(tiny_vlm, tiny_vlm_dir, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_build_is_seeded_fast_and_tiny(family):
-    start = time.perf_counter()
+def test_build_is_seeded_and_tiny(family):
+    # how fast a build is belongs to benchmarks/, not to a test on a shared machine
     model, _ = build_tiny_model(family, seed=3)
-    elapsed = time.perf_counter() - start
     again, _ = build_tiny_model(family, seed=3)
     other, _ = build_tiny_model(family, seed=4)
     weights = lambda m: torch.cat([p.flatten() for p in m.parameters()])  # noqa: E731
     assert torch.equal(weights(model), weights(again))
     assert not torch.equal(weights(model), weights(other))
     assert sum(p.numel() for p in model.parameters()) < 400_000
-    assert elapsed < 2.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -186,7 +186,11 @@ def test_serve_cli_refuses_a_missing_model_clearly(model_dir, capsys):
     from mmalign.cli.main import main
 
     assert main(["serve", "--model", str(model_dir / "nowhere"), "--port", "0"]) == 2
-    assert "not a model directory (no config.json)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("mmalign serve: model ") and "nowhere': no such directory" in err
+    (model_dir / "empty").mkdir(exist_ok=True)
+    assert main(["serve", "--model", str(model_dir / "empty"), "--port", "0"]) == 2
+    assert "no config.json" in capsys.readouterr().err
 
 
 def test_serve_cli_refuses_a_hub_id_and_a_missing_key_variable(model_dir, capsys, monkeypatch):

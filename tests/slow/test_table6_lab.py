@@ -1,23 +1,18 @@
 """Table 6 in the lab, the BDHS row: DPO on BDHS pairs (no labels at all) against the shipped base.
 
-One seed of ``configs/lab_table6.yaml`` with the BDHS method only (~2 min on 2 cores): the lab's 1,000
-caption prompts and 1,000 yes/no questions, rejected answers sampled by the base itself under image masking
-(Alg. 1, the paper's defaults), DPO, evaluation on the 500 held-out images, paired bootstrap against the base.
+Seed 0 of ``configs/lab_table6.yaml`` with the BDHS method only: the lab's 1,000 caption prompts and 1,000 yes/no
+questions, rejected answers sampled by the base itself under image masking (Alg. 1, the paper's defaults: rho
+0.99, 256 image tokens of which 2.6 stay visible per mask), DPO, evaluation on the 500 held-out images, paired
+bootstrap against the base (~10 min per test alone on 2 cores; docs/lab.md has the numbers).
 
-The first test asserts what held on every seed of the 3-seed Table 6 on the shipped base (docs/lab.md): the
-label-free pairs lower the bias hallucination beyond the paired intervals - POPE-adversarial F1 up (0.682 ->
-0.818 on seed 0), the absent bias partner named less in captions (0.216 -> 0.086), the colour/shape-matched POPE
-yes-rate gap toward the partner smaller (0.105 -> 0.036), fewer captions with any hallucinated object (CHAIR_s
-0.668 -> 0.552) - and CHAIR_i does not rise beyond its interval (0.437 -> 0.443, [-0.021, +0.033]; the external
-pairs raised it on 2 of 3 seeds). With the paper's rho 0.99 the other half of the headline, CHAIR_i *below*
-the base, does not hold: level on all 3 seeds and on every DPO setting tried (docs/lab.md). The lab's
-remaining object hallucinations are shapes the base misperceives (right colour, wrong shape), while its rejected
-captions at rho 0.99 hallucinate whole objects from the prior, mostly in colours the image does not have.
-
-With partial masking (``bdhs.rho=0.5``) the rejected captions glimpse the colours and misname the shapes - the
-base's own error mode - and the headline holds, still without labels: CHAIR_i 0.437 -> 0.395 / 0.407 / 0.408 on
-seeds 0 / 1 / 2 (beyond the interval on 0 and 2), POPE-adversarial F1 0.68 -> 0.80-0.83, recall level. The second
-test asserts that on seed 0.
+What held on both labs (docs/lab.md, 2026-12-04):
+- plain DPO (the paper's loss) on the BDHS pairs nearly stops the base naming the absent partner in captions
+  (0.150 -> 0.010) but at a coverage cost: the captions name fewer objects (recall 0.853 -> 0.682; second lab
+  0.817 -> 0.570), so the verdict is not "less hallucination";
+- with MM-RLHF's SFT term on the chosen answer (``dpo.loss.sft_weight=1``) the same pairs give the paper's
+  headline: "yes" to the absent partner 0.035 -> 0.010 (-70 %), captions naming it 0.150 -> 0.017 (-88 %),
+  CHAIR_i 0.088 -> 0.061 (-30 %), each beyond its paired interval, with "yes" to present objects -1.2 points
+  and recall unchanged.
 """
 
 from __future__ import annotations
@@ -27,37 +22,41 @@ import os
 import pytest
 
 from mmalign.config import load_config
-from mmalign.evaluation.suite import Comparison
+from mmalign.evaluation.verdict import verdict
 from mmalign.recipes.demo import DemoConfig, run_demo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lab_table6.yaml")
-SHOWN = ("pope/adversarial/f1", "cooccur/partner_rate", "pope_bias/yes_rate_gap_matched", "chair/chair_s",
-         "chair/chair_i", "chair/recall")
+SHOWN = ("pope_bias/yes_rate_partner", "cooccur/partner_rate", "chair/chair_i", "pope/all/fp_rate",
+         "pope/all/tp_rate", "chair/recall")
 
 
-def bdhs_row(out_dir, *overrides: str) -> dict:
-    """Seed 0 of the BDHS row; returns the paired bootstrap tests of (DPO - base) by metric, printed first."""
+def bdhs_row(out_dir, *overrides: str) -> tuple[dict, dict, dict]:
+    """Seed 0 of the BDHS row: (paired tests of DPO - base by metric, base values, run values), printed first."""
     cfg = load_config(DemoConfig, CONFIG, [f"out_dir={out_dir}", "seeds=[0]", "methods=[bdhs]", *overrides])
-    comparison: Comparison = run_demo(cfg)["comparison"]
-    tests, values = comparison.tests["bdhs_s0"], comparison.values
-    print({k: (values["base"][k].value, values["bdhs_s0"][k].value, tests[k].ci_low, tests[k].ci_high) for k in SHOWN})
-    return tests
+    comparison = run_demo(cfg)["comparison"]
+    tests = comparison.tests["bdhs_s0"]
+    base = {k: v.value for k, v in comparison.values["base"].items()}
+    run = {k: v.value for k, v in comparison.values["bdhs_s0"].items()}
+    print({k: (base[k], run[k], tests[k].ci_low, tests[k].ci_high) for k in SHOWN})
+    return tests, base, run
 
 
-def test_bdhs_dpo_lowers_the_bias_hallucination_without_labels(tmp_path):
-    tests = bdhs_row(tmp_path)
-    assert tests["pope/adversarial/f1"].ci_low > 0
-    assert tests["cooccur/partner_rate"].ci_high < 0
-    assert tests["pope_bias/yes_rate_gap_matched"].ci_high < 0
-    assert tests["chair/chair_s"].ci_high < 0
-    assert tests["chair/chair_i"].ci_low < 0  # not more object hallucination beyond the interval
+def test_plain_dpo_on_bdhs_pairs_cuts_the_caption_bias_by_naming_fewer_objects(tmp_path):
+    tests, base, run = bdhs_row(tmp_path)
+    partner = "cooccur/partner_rate"
+    assert tests[partner].ci_high < 0 and run[partner] < 0.5 * base[partner]
+    assert tests["chair/recall"].ci_high < -0.02  # the cost: fewer objects named
+    assert not verdict(tests).less_hallucination
 
 
-def test_partially_masked_bdhs_lowers_chair_i_and_raises_pope_f1(tmp_path):
-    tests = bdhs_row(tmp_path, "bdhs.rho=0.5")
-    assert tests["chair/chair_i"].ci_high < 0
-    assert tests["pope/adversarial/f1"].ci_low > 0
-    assert tests["chair/recall"].ci_high > 0  # the captions do not get poorer beyond the interval
+def test_bdhs_dpo_with_the_sft_term_is_less_hallucination_at_full_coverage(tmp_path):
+    tests, base, run = bdhs_row(tmp_path, "dpo.loss.sft_weight=1.0")
+    assert verdict(tests).less_hallucination
+    for key in ("pope_bias/yes_rate_partner", "cooccur/partner_rate"):
+        assert tests[key].ci_high < 0 and run[key] <= 0.5 * base[key], key
+    assert tests["chair/chair_i"].ci_high < 0 and run["chair/chair_i"] <= 0.75 * base["chair/chair_i"]
+    assert run["pope/all/tp_rate"] >= base["pope/all/tp_rate"] - 0.02
+    assert run["chair/recall"] >= base["chair/recall"] - 0.02

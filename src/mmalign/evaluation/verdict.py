@@ -10,7 +10,8 @@ objects lowers CHAIR_i. So a run is called **less hallucination** only when
   ``COVERAGE_TOLERANCE`` (2 points) in point estimate.
 
 Otherwise the verdict says what happened instead (an answer-bias shift toward "yes" or "no", fewer
-mentions, more hallucination, mixed, coverage lost with hallucination level, no clear change). Side effects (yes-ratio, TP rate, recall, caption
+mentions, more hallucination, mixed, coverage lost with hallucination level,
+no clear change). Side effects (yes-ratio, TP rate, recall, caption
 length, mentions per caption) are listed whatever the verdict, as is the planted bias (absent-partner
 "yes" rate, partner named in captions). Everything is read from the paired tests of ``suite.compare``.
 """

@@ -33,7 +33,7 @@ from mmalign.config import ConfigError, save_config, to_dict
 from mmalign.data.rollout_batches import collate_rollouts_plain
 from mmalign.models.heads import HEAD_FILE, ScalarHeadModel, load_reward_model
 from mmalign.models.loading import freeze_vision_tower, load_vlm
-from mmalign.models.lora import LoraConfig, add_lora, disable_dropout, prepare_policy
+from mmalign.models.lora import LoraConfig, add_lora, disable_dropout
 from mmalign.models.rollout_forward import ROLLOUT_LAYOUTS, token_values
 from mmalign.objectives.policy_gradient import (
     KL_ESTIMATORS, clipped_policy_loss, clipped_value_loss, gae, ppo_token_rewards, sequence_kl, whiten,
@@ -43,11 +43,11 @@ from mmalign.runs import claim_folder
 from mmalign.sampling.rewards import OracleMonitor, build_reward
 from mmalign.trainers.checkpoints import adapter_only_checkpoints, lora_adapter_saver, step_checkpoint
 from mmalign.trainers.common import (
-    MetricsLogger, build_optimizer, build_scheduler, make_accelerator, save_weights, steps_per_epoch,
+    MetricsLogger, build_optimizer, build_scheduler, save_weights, steps_per_epoch,
 )
 from mmalign.trainers.rl_common import (
-    RLRecipeConfig, StepRollouts, batch_inputs, check_batch, collect, fingerprint, load_prompts, resume_step,
-    reward_stats, rl_layout, rollout_metrics, save_rollouts, shaped_scores, update,
+    RLRecipeConfig, StepRollouts, batch_inputs, collect, fingerprint, load_prompts, resume_step,
+    reward_stats, rollout_metrics, save_rollouts, shaped_scores, start_rl, update,
 )
 
 logger = logging.getLogger(__name__)
@@ -171,12 +171,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
 def _train_ppo(cfg: PPOConfig) -> Path:
     out = Path(cfg.run.output_dir)
-    accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
-    micro = check_batch(cfg, accelerator)
-    if accelerator.state.deepspeed_plugin is not None:  # no dataloader for DeepSpeed to read the size from
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
-    policy, processor, frozen, projector = prepare_policy(cfg)
-    cfg = dataclasses.replace(cfg, forward=rl_layout(cfg, policy, accelerator))
+    cfg, accelerator, policy, processor, frozen, projector = start_rl(cfg)
     critic = build_critic(cfg.value.path or cfg.model.path, cfg.model.dtype, cfg.lora if cfg.lora.enabled else None)
     model = ActorCritic(policy, critic, cfg.forward)
     records = load_prompts(cfg.data)

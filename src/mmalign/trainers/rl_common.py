@@ -15,6 +15,7 @@ samples: resume needs no stored rollouts. The rollouts of every step are still w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,12 +33,13 @@ from PIL import Image
 from mmalign.config import ConfigError, to_dict
 from mmalign.data.record_set import RecordSet
 from mmalign.data.schema import PreferenceRecord
+from mmalign.models.lora import prepare_policy
 from mmalign.sampling.annotators import RolloutGroup
 from mmalign.sampling.rewards import OracleMonitor, RewardConfig, RewardFn, alignment_scores
 from mmalign.sampling.rollouts import RolloutConfig, sample_experience, write_step
 from mmalign.trainers.checkpoints import resume_from
 from mmalign.trainers.common import (
-    PreferenceRecipeConfig, batch_indices, process_slice, stop_if_not_finite, trainer_layout,
+    PreferenceRecipeConfig, batch_indices, make_accelerator, process_slice, stop_if_not_finite, trainer_layout,
 )
 from mmalign.types import Experience, TokenRollouts
 
@@ -122,6 +124,19 @@ def check_batch(cfg: RLRecipeConfig, accelerator: Accelerator) -> int:
                           f"{world} process(es), then minibatches {cfg.minibatches} x grad_accum "
                           f"{cfg.optim.grad_accum}")
     return rows // parts
+
+
+def start_rl(cfg: Any) -> tuple[Any, Accelerator, Any, Any, Any, Any]:
+    """The start every RL recipe shares: accelerator, batch check (DeepSpeed told the micro-batch, as there is no
+    dataloader to read it from), the LoRA policy with its frozen reference and projector, and the rollout layout.
+    Returns (cfg with ``forward`` resolved, accelerator, policy, processor, frozen, projector)."""
+    accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
+    micro = check_batch(cfg, accelerator)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
+    policy, processor, frozen, projector = prepare_policy(cfg)
+    cfg = dataclasses.replace(cfg, forward=rl_layout(cfg, policy, accelerator))
+    return cfg, accelerator, policy, processor, frozen, projector
 
 
 def prompt_set(cfg: RLDataConfig) -> RecordSet:

@@ -23,7 +23,6 @@ Apple's RLOO: LoRA, k = 4, T = 1, normalised reward, KL beta 0.4, gradient clip 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from typing import Any, Literal
 import torch
 
 from mmalign.config import ConfigError, save_config, to_dict
-from mmalign.models.lora import prepare_policy
 from mmalign.models.rollout_forward import rollout_logps
 from mmalign.objectives.policy_gradient import ADVANTAGES, KL_ESTIMATORS, clipped_policy_loss, sequence_kl
 from mmalign.progress import progress
@@ -41,11 +39,11 @@ from mmalign.runs import claim_folder
 from mmalign.sampling.rewards import OracleMonitor, build_reward
 from mmalign.trainers.checkpoints import adapter_only_checkpoints, lora_adapter_saver, step_checkpoint
 from mmalign.trainers.common import (
-    MetricsLogger, build_optimizer, build_scheduler, make_accelerator, save_weights, steps_per_epoch,
+    MetricsLogger, build_optimizer, build_scheduler, save_weights, steps_per_epoch,
 )
 from mmalign.trainers.rl_common import (
-    RLRecipeConfig, StepRollouts, batch_inputs, check_batch, collect, fingerprint, load_prompts, resume_step,
-    reward_stats, rl_layout, rollout_metrics, save_rollouts, shaped_scores, update,
+    RLRecipeConfig, StepRollouts, batch_inputs, collect, fingerprint, load_prompts, resume_step,
+    reward_stats, rollout_metrics, save_rollouts, shaped_scores, start_rl, update,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,12 +104,7 @@ def train_rloo(cfg: RLOOConfig) -> Path:
 
 def _train_rloo(cfg: RLOOConfig) -> Path:
     out = Path(cfg.run.output_dir)
-    accelerator = make_accelerator(cfg.run, cfg.optim.grad_accum)
-    micro = check_batch(cfg, accelerator)
-    if accelerator.state.deepspeed_plugin is not None:  # no dataloader for DeepSpeed to read the size from
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
-    policy, processor, frozen, projector = prepare_policy(cfg)
-    cfg = dataclasses.replace(cfg, forward=rl_layout(cfg, policy, accelerator))
+    cfg, accelerator, policy, processor, frozen, projector = start_rl(cfg)
     records = load_prompts(cfg.data)
     per_epoch = steps_per_epoch(len(records), cfg.batch_size)  # also refuses a batch larger than the data
     total = cfg.max_steps or cfg.epochs * per_epoch

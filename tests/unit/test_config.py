@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,7 @@ from mmalign.trainers.offline import OfflineConfig
 from mmalign.trainers.online import OnlineConfig
 
 CONFIGS = Path(__file__).parents[2] / "configs"
+SHIPPED_BASE = Path(__file__).parents[2] / "src" / "mmalign" / "recipes" / "assets" / "base"
 
 
 @dataclass
@@ -81,6 +83,27 @@ def test_shipped_preference_configs_load_and_reload(recipe, name, tmp_path):
     cfg = load_config(recipe, CONFIGS / name)
     assert cfg.model.freeze_vision and cfg.batch_size == 16  # the shared sections and schedule stay top-level keys
     assert load_config(recipe, save_config(cfg, tmp_path)) == cfg
+
+
+def _max_lengths(node, where=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from ([(f"{where}{key}", value)] if key == "max_length" else _max_lengths(value, f"{where}{key}."))
+
+
+def test_lab_configs_leave_room_for_the_shipped_base_image_tokens():
+    """The shipped lab base puts 256 image tokens before every prompt; a lab caption + prompt takes < 64 more (a
+    max_length below that refuses every record, as the configs written for the 64-token base did)."""
+    from mmalign.recipes.rm_study import RMStudyConfig
+
+    image_tokens = json.loads((SHIPPED_BASE / "config.json").read_text())["image_seq_length"]
+    lengths = [(f"{path.name}:{key}", value) for path in sorted(CONFIGS.glob("lab*.yaml"))
+               for key, value in _max_lengths(yaml.safe_load(path.read_text()))]
+    study = RMStudyConfig()
+    lengths += [("rm_study rm", study.rm.data.max_length), ("rm_study dpo", study.dpo.data.max_length)]
+    assert len(lengths) >= 10 and image_tokens == 256
+    assert [name for name, value in lengths if value < image_tokens + 64] == []
+    assert study.bdhs.max_answer_tokens + image_tokens + 64 <= 384  # BDHS's up-front check against the context
 
 
 @pytest.mark.parametrize("recipe", [OfflineConfig, OnlineConfig])

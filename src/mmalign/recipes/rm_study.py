@@ -63,7 +63,7 @@ def _default_rm() -> RewardModelConfig:
     cfg.lora.rank, cfg.lora.alpha = 16, 32
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "constant", 0.03
     cfg.batch_size, cfg.epochs = 16, 3
-    cfg.data.max_length = 256
+    cfg.data.max_length = 384  # the lab base's context: 256 image tokens + 128 text tokens
     cfg.critique.separator = ": "  # in the lab tokenizer's words
     return cfg
 
@@ -73,7 +73,7 @@ def _default_dpo() -> OfflineConfig:
     cfg.lora.rank, cfg.lora.alpha = 16, 32
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "cosine", 0.1
     cfg.batch_size, cfg.epochs = 16, 2
-    cfg.data.max_length = 256
+    cfg.data.max_length = 384
     return cfg
 
 
@@ -102,7 +102,8 @@ class RMStudyConfig:
     online_temperature: float = 1.0  # their sampling temperature
     rm: RewardModelConfig = field(default_factory=_default_rm)  # reward-model template (paths filled in)
     dpo: OfflineConfig = field(default_factory=_default_dpo)  # DPO template (paths, SFT weight, MM-DPO filled in)
-    bdhs: BDHSConfig = field(default_factory=BDHSConfig)  # the bdhs source's sampler (seed filled in)
+    # the bdhs source's sampler (seed filled in); lab answers are short and the lab base's context is 384 tokens
+    bdhs: BDHSConfig = field(default_factory=lambda: BDHSConfig(max_answer_tokens=64))
     # mmalign score settings for the DPO pairs (paths filled in)
     score: ScoreConfig = field(default_factory=lambda: ScoreConfig(scorer=ScorerConfig(critique_tokens=64,
                                                                                        batch_size=16)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from mmalign.cli.main import add_config_args
 
@@ -51,21 +52,20 @@ def _rm_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _action(sub: argparse._SubParsersAction, name: str, help: str, target: str, func: Any) -> None:
+    parser = sub.add_parser(name, help=help)
+    add_config_args(parser, target)
+    parser.set_defaults(func=func)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("lab", help="build the ShapesWorld lab; pre-train its base model")
     sub = parser.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
-    build = sub.add_parser("build", help="write images, SFT data, preference prompts and eval sets (LabConfig)")
-    add_config_args(build, "mmalign.lab.build:LabConfig")
-    build.set_defaults(func=_build)
-    pretrain = sub.add_parser("pretrain", help="build the lab if needed, SFT the base model, evaluate it "
-                                               "(PretrainConfig; cached when already done)")
-    add_config_args(pretrain, "mmalign.recipes.pretrain:PretrainConfig")
-    pretrain.set_defaults(func=_pretrain)
-    rl_study = sub.add_parser("rl-study", help="RLOO / GRPO / PPO vs offline DPO and Online-DPO in the lab "
-                                               "(RLStudyConfig; stages already done are skipped)")
-    add_config_args(rl_study, "mmalign.recipes.rl_study:RLStudyConfig")
-    rl_study.set_defaults(func=_rl_study)
-    rm_study = sub.add_parser("rm-study", help="reward models on every lab pair source (cross-set matrix) and MM-DPO "
-                                               "with their margins vs DPO vs DPO + SFT (RMStudyConfig)")
-    add_config_args(rm_study, "mmalign.recipes.rm_study:RMStudyConfig")
-    rm_study.set_defaults(func=_rm_study)
+    _action(sub, "build", "write images, SFT data, preference prompts and eval sets (LabConfig)",
+            "mmalign.lab.build:LabConfig", _build)
+    _action(sub, "pretrain", "build the lab if needed, SFT the base model, evaluate it (PretrainConfig; cached when "
+            "already done)", "mmalign.recipes.pretrain:PretrainConfig", _pretrain)
+    _action(sub, "rl-study", "RLOO / GRPO / PPO vs offline DPO and Online-DPO in the lab (RLStudyConfig; stages "
+            "already done are skipped)", "mmalign.recipes.rl_study:RLStudyConfig", _rl_study)
+    _action(sub, "rm-study", "reward models on every lab pair source (cross-set matrix) and MM-DPO with their "
+            "margins vs DPO vs DPO + SFT (RMStudyConfig)", "mmalign.recipes.rm_study:RMStudyConfig", _rm_study)

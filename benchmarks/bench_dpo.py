@@ -286,16 +286,41 @@ def _variant_cmd(args, variant: str) -> list[str]:
             "--device", args.device, "--dtype", args.dtype]
 
 
-def compare(args, variants: list[str]) -> dict[str, Any]:
-    """Run every variant ``args.rounds`` times, interleaved; median pairs/s and peaks per variant, with ratios."""
+def interleaved_runs(rounds: int, variants: list[str], command: Any, rate: str) -> dict[str, list[dict[str, Any]]]:
+    """Run ``command(variant)`` (a subprocess printing its result as the last JSON line) ``rounds`` times per
+    variant, interleaved so that every variant sees the same drift of the machine's load."""
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for variant in variants:
-            proc = subprocess.run(_variant_cmd(args, variant), capture_output=True, text=True)
+            proc = subprocess.run(command(variant), capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            logger.info("round %d %s: %.3f pairs/s", r, variant, runs[variant][-1]["pairs_per_s"])
+            logger.info("round %d %s: %.3f %s", r, variant, runs[variant][-1][rate], rate)
+    return runs
+
+
+def bench_main(argv: list[str] | None, parse: Any, run_variant: Any, report: Any, markdown: Any) -> None:
+    """The entry point of a side-by-side benchmark: ``--variant`` runs one variant and prints its JSON; otherwise
+    ``report(args)`` (with ``markdown(report)`` under "markdown" when it has "results") is printed, stamped with
+    its command and written to ``--out``."""
+    args = parse(argv)
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result = report(args)
+    if "results" in result:
+        result["markdown"] = markdown(result)
+    print(result.get("markdown") or json.dumps(result, indent=2))
+    result["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def compare(args, variants: list[str]) -> dict[str, Any]:
+    """Run every variant ``args.rounds`` times, interleaved; median pairs/s and peaks per variant, with ratios."""
+    runs = interleaved_runs(args.rounds, variants, lambda v: _variant_cmd(args, v), "pairs_per_s")
     summary = {}
     for variant, rs in runs.items():
         summary[variant] = {key: statistics.median(x[key] for x in rs) if rs[0][key] is not None else None
@@ -357,17 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.variant:
-        print(json.dumps(run_variant(args)))
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    report = compare(args, args.variants.split(","))
-    report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    report["markdown"] = markdown(report)
-    print(report["markdown"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    bench_main(argv, parse_args, run_variant, lambda args: compare(args, args.variants.split(",")), markdown)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,9 @@ of the rollout stage = reward and log-prob passes, and the update) is in CPU tim
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from bench_dpo import PATCH, PROMPT, _lora, build_model  # noqa: E402
+from bench_dpo import (  # noqa: E402
+    PATCH, PROMPT, _lora, bench_main, build_model, interleaved_runs,
+)
 
 logger = logging.getLogger("bench_grpo")
 VARIANTS = ("trl", "mmalign", "mmalign_plain")
@@ -200,14 +200,7 @@ def _variant_cmd(args, variant: str) -> list[str]:
 
 def compare(args, variants: list[str]) -> dict[str, Any]:
     """Every variant ``args.rounds`` times, interleaved; medians per variant and the speed ratio to TRL."""
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for variant in variants:
-            proc = subprocess.run(_variant_cmd(args, variant), capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
-            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            logger.info("round %d %s: %.3f steps/s", r, variant, runs[variant][-1]["steps_per_s"])
+    runs = interleaved_runs(args.rounds, variants, lambda v: _variant_cmd(args, v), "steps_per_s")
     summary = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0] if k != "variant"} | {
         "steps_per_s_runs": [x["steps_per_s"] for x in rs]} for v, rs in runs.items()}
     base = "trl" if "trl" in summary else variants[0]
@@ -252,17 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.variant:
-        print(json.dumps(run_variant(args)))
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    report = compare(args, args.variants.split(","))
-    report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    report["markdown"] = markdown(report)
-    print(report["markdown"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    bench_main(argv, parse_args, run_variant, lambda args: compare(args, args.variants.split(",")), markdown)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ same VLM and reports the exact error it raises.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from bench_dpo import (  # noqa: E402
-    _autocast, _lora, _peak_reset, _rss_mib, _side, add_shape_args, build_model, make_pairs,
+    _autocast, _lora, _peak_reset, _rss_mib, _side, add_shape_args, bench_main, build_model,
+    interleaved_runs, make_pairs,
 )
 
 logger = logging.getLogger("bench_rm")
@@ -97,18 +96,13 @@ def run_variant(args) -> dict[str, Any]:
 
 def compare(args, variants: list[str]) -> dict[str, Any]:
     """Every variant ``args.rounds`` times, interleaved; median pairs/s per variant and ratios to ``plain``."""
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for variant in variants:
-            cmd = [sys.executable, __file__, "--variant", variant, *(
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("image_tokens", "images", "k", "batch", "steps", "hidden", "layers", "threads", "device",
-                         "dtype"))]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
-            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            logger.info("round %d %s: %.3f pairs/s", r, variant, runs[variant][-1]["pairs_per_s"])
+    def command(variant: str) -> list[str]:
+        return [sys.executable, __file__, "--variant", variant, *(
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k in ("image_tokens", "images", "k", "batch", "steps", "hidden", "layers", "threads", "device",
+                     "dtype"))]
+
+    runs = interleaved_runs(args.rounds, variants, command, "pairs_per_s")
     summary = {v: {"pairs_per_s": statistics.median(x["pairs_per_s"] for x in rs),
                    "pairs_per_s_runs": [x["pairs_per_s"] for x in rs],
                    "pairs_per_s_best_step": max(x["pairs_per_s_best_step"] for x in rs),
@@ -177,21 +171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.variant:
-        print(json.dumps(run_variant(args)))
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.trl:
-        report: dict[str, Any] = {"trl": trl_attempts(args)}
-        print(json.dumps(report["trl"], indent=2))
-    else:
-        report = compare(args, args.variants.split(","))
-        report["markdown"] = markdown(report)
-        print(report["markdown"])
-    report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    def report(args: argparse.Namespace) -> dict[str, Any]:
+        if args.trl:
+            return {"trl": trl_attempts(args)}
+        return compare(args, args.variants.split(","))
+
+    bench_main(argv, parse_args, run_variant, report, markdown)
 
 
 if __name__ == "__main__":

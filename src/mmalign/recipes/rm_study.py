@@ -41,7 +41,7 @@ from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.lab.critiques import with_lab_critiques
 from mmalign.recipes.pretrain import BASE_DIR, shipped_base_lab
 from mmalign.models.loading import load_vlm
-from mmalign.sampling.annotators import LabOracle, RolloutGroup, read_synonyms
+from mmalign.sampling.annotators import Annotation, LabOracle, RolloutGroup, read_synonyms
 from mmalign.sampling.bdhs import BDHSConfig
 from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
 from mmalign.sampling.generate import GenerationParams, generate
@@ -159,9 +159,17 @@ def _online_pairs(cfg: RMStudyConfig, prompts: list[PreferenceRecord], lab_dir: 
     groups = [RolloutGroup(r, imgs, flat[n * cfg.online_k:(n + 1) * cfg.online_k])
               for n, (r, imgs) in enumerate(zip(prompts, images))]
     oracle = LabOracle(read_synonyms(lab_dir / "vocab" / "synonyms.txt"))
+    return oracle_pair_records(groups, oracle.annotate(groups))
+
+
+def oracle_pair_records(groups: list[RolloutGroup], annotations: list[Annotation]) -> list[PreferenceRecord]:
+    """Best vs worst answer of each group as a record with the group's id; groups without a preference, or whose
+    best or worst answer is empty (a sample may stop at once; records refuse empty text), are dropped, as
+    Online-DPO drops them."""
     return [dataclasses.replace(g.record, chosen=g.answers[a.chosen], rejected=[g.answers[a.rejected]],
                                 meta=g.record.meta | {"oracle_scores": a.verdict["scores"]})
-            for g, a in zip(groups, oracle.annotate(groups)) if a.has_pair]
+            for g, a in zip(groups, annotations)
+            if a.has_pair and g.answers[a.chosen].strip() and g.answers[a.rejected].strip()]
 
 
 def _povid_pairs(cfg: RMStudyConfig, prompts: list[PreferenceRecord], lab_dir: Path, base: Path,

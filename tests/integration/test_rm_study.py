@@ -11,7 +11,9 @@ import pytest
 from mmalign.config import load_config
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.model import LabModelConfig, build_lab_model
-from mmalign.recipes.rm_study import SOURCES, RMStudyConfig, is_heldout, oracle_pair_records, run_rm_study
+from mmalign.recipes.rm_study import (
+    SOURCES, RMStudyConfig, is_heldout, oracle_pair_records, run_rm_study, seeds_matrix,
+)
 from mmalign.sampling.annotators import Annotation, RolloutGroup
 
 
@@ -30,6 +32,15 @@ def test_online_source_pairs_best_with_worst_and_drops_empty_answers_and_ties():
     assert (records[0].id, records[0].chosen, records[0].rejected) == ("p1", "There is a red circle.",
                                                                       ["There is a blue square."])
     assert records[0].meta == {"objects": ["red circle"], "oracle_scores": [0, -2, -1]}
+
+
+def test_reward_model_matrix_over_seeds_is_mean_and_range_per_cell():
+    def cell(value: float) -> dict:
+        return {"metrics": {"accuracy": {"value": value}}}
+
+    seeds = {0: {"bt": {"a": cell(0.9), "b": cell(0.5)}}, 1: {"bt": {"a": cell(0.7), "b": cell(0.6)}}}
+    assert seeds_matrix(seeds).splitlines()[2] == "| bt | 0.800 (0.700-0.900) | 0.550 (0.500-0.600) |"
+    assert seeds_matrix({0: seeds[0]}).splitlines()[2] == "| bt | 0.900 | 0.500 |"
 
 
 @pytest.mark.integration

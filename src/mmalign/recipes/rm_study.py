@@ -302,8 +302,24 @@ def metric_table(comparison: Comparison, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_matrix(matrices: dict[int, dict[str, dict[str, Any]]], metric: str = "accuracy") -> str:
+    """Markdown: ``metric`` per reward model (rows) and held-out set (columns), mean (min-max) over the seeds'
+    ``matrix.json`` (``cross_set_matrix``'s {model: {set: evaluation}})."""
+    first = next(iter(matrices.values()))
+    sets = list(next(iter(first.values())))
+    lines = [f"| {metric}: model \\ held-out set | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for model in first:
+        cells = []
+        for name in sets:
+            vals = [m[model][name]["metrics"][metric]["value"] for m in matrices.values()]
+            spread = f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else ""
+            cells.append(f"{sum(vals) / len(vals):.3f}{spread}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_rm_study(cfg: RMStudyConfig) -> dict[str, Any]:
-    """Run every stage (skipping finished ones); returns {"report", "runs", "comparison", "table", "matrices"}."""
+    """Run every stage (skipping finished ones); returns {"report", "runs", "comparison", "table", "matrices", "over_seeds"}."""
     out = Path(cfg.out_dir)
     save_config(cfg, out, "rm_study.yaml")
     lab = dataclasses.replace(cfg.lab, out_dir=str(out / "lab"))
@@ -322,8 +338,12 @@ def run_rm_study(cfg: RMStudyConfig) -> dict[str, Any]:
     report = write_report(comparison, out / "report", {k: str(v) for k, v in runs.items()})
     table = metric_table(comparison, cfg.seeds)
     matrices = {s: (out / f"seed_{s}" / "rm_matrix" / "matrix.md").read_text() for s in cfg.seeds}
+    over_seeds = seeds_matrix({s: json.loads((out / f"seed_{s}" / "rm_matrix" / "matrix.json").read_text())
+                               for s in cfg.seeds})
     (out / "report" / "rm_study.md").write_text(
         "# Reward-model study\n\n## DPO variants vs base, every metric\n\nmean (min-max) over seeds; +u/-d: seeds "
         "whose paired bootstrap test puts the metric above / below the base (95% interval excluding 0).\n\n"
-        + table + "".join(f"\n## Reward models, seed {s}\n\n{m}" for s, m in matrices.items()))
-    return {"report": report, "runs": runs, "comparison": comparison, "table": table, "matrices": matrices}
+        + table + f"\n## Reward models over seeds (accuracy, mean (min-max))\n\n{over_seeds}"
+        + "".join(f"\n## Reward models, seed {s}\n\n{m}" for s, m in matrices.items()))
+    return {"report": report, "runs": runs, "comparison": comparison, "table": table, "matrices": matrices,
+            "over_seeds": over_seeds}

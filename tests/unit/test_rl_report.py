@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmalign.recipes.rl_report import hacking_table, plot_reward_vs_oracle, verdict
+from mmalign.recipes.rl_report import _moving_average, hacking_table, plot_reward_vs_oracle, verdict
 
 
 def _run(tmp_path: Path, name: str, rows: list[dict]) -> Path:
@@ -35,3 +35,9 @@ def test_table_uses_the_first_and_last_fifth_of_steps_and_plots(tmp_path):
     assert table[3] == "| rloo_s0 | 10 | 0.500 -> 8.500 | 0.500 -> 8.500 | - | - | aligned |"
     png = plot_reward_vs_oracle({"a": hacked, "b": honest}, tmp_path / "out" / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_smooths_each_curve_with_a_trailing_moving_average():
+    points = [(1, 1.0), (2, 3.0), (3, 5.0), (4, 0.0)]
+    assert _moving_average(points, 2) == [(1, 1.0), (2, 2.0), (3, 4.0), (4, 2.5)]
+    assert _moving_average(points, 1) == points

@@ -50,27 +50,39 @@ def hacking_table(runs: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_reward_vs_oracle(runs: dict[str, Path], path: Path) -> Path:
-    """One panel per ``KEYS`` metric over steps, one line per run; written to ``path`` (PNG)."""
+def _moving_average(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """(step, mean of the last ``window`` values up to that step): per-step values of a few prompts are noisy."""
+    out = []
+    for i, (step, _) in enumerate(points):
+        last = [v for _, v in points[max(0, i + 1 - window): i + 1]]
+        out.append((step, sum(last) / len(last)))
+    return out
+
+
+def plot_reward_vs_oracle(runs: dict[str, Path], path: Path, window: int = 10) -> Path:
+    """One panel per ``KEYS`` metric over steps (moving average of ``window`` steps), one line per run, one colour
+    per method; written to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(KEYS), 1, figsize=(8, 2.4 * len(KEYS)), sharex=True)
-    for name, run in runs.items():
+    methods = list(dict.fromkeys(name.rsplit("_s", 1)[0] for name in runs))
+    for n, (name, run) in enumerate(runs.items()):
         log = read_metrics(run)
+        style = {"color": f"C{methods.index(name.rsplit('_s', 1)[0]) % 10}", "linestyle": ("-", "--", ":", "-.")[n % 4]}
         for ax, key in zip(axes, KEYS):
             points = [(m["step"], m[key]) for m in log if key in m]
             if points:
-                ax.plot(*zip(*points), label=name, linewidth=1)
+                ax.plot(*zip(*_moving_average(points, window)), label=name, linewidth=1, **style)
     for ax, key in zip(axes, KEYS):
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=3)
     axes[-1].set_xlabel("step")
-    axes[0].set_title("training reward vs the lab oracle (reward hacking: reward up while oracle errors rise)",
-                      fontsize=9)
+    axes[0].set_title(f"training reward vs the lab oracle, {window}-step moving average (reward hacking: reward up "
+                      "while oracle errors rise)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

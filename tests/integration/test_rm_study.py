@@ -64,6 +64,8 @@ def test_reduced_rm_study_runs_every_stage_and_resumes(tmp_path):
     assert (seed / "rm" / "critique" / "reward_model" / "reward_head.safetensors").is_file()
     matrix = (seed / "rm_matrix" / "matrix.md").read_text()
     assert all(f"| {m} |" in matrix for m in (*SOURCES, "critique"))
+    given = json.loads((seed / "critique_given" / "metrics.json").read_text())
+    assert given["metrics"]["accuracy"]["n"] > 0 and "critique RM, exact critiques" in result["over_seeds"]
     scored = [json.loads(x) for x in (seed / "pairs" / "corrupt_train_scored.jsonl").read_text().splitlines()]
     assert scored and all(len(r["meta"]["reward_margins"]) == len(r["rejected"]) for r in scored)
     assert list(result["runs"]) == ["base", "dpo_s0", "dpo_sft_s0", "mm_dpo_s0"]

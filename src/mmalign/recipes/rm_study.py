@@ -33,7 +33,7 @@ from mmalign.data.images import open_image
 from mmalign.data.record_files import read_records, write_records
 from mmalign.data.schema import PreferenceRecord
 from mmalign.evaluation.report import write_report
-from mmalign.evaluation.reward_bench import CrossSetConfig, RewardEvalConfig, cross_set_matrix
+from mmalign.evaluation.reward_bench import CrossSetConfig, RewardEvalConfig, cross_set_matrix, evaluate_reward_model
 from mmalign.evaluation.stats import MetricValue
 from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
 from mmalign.lab.build import LabConfig, build_lab
@@ -248,6 +248,17 @@ def _evaluate(cfg: RMStudyConfig, lab_dir: Path, model_dir: Path, out: Path) -> 
     return _once(out / "metrics.json", run).parent
 
 
+def critique_check(cell: RewardEvalConfig, heldout: Path, model: Path, lab_dir: Path, out: Path) -> Path:
+    """The critique RM on the held-out corrupt pairs given the lab's exact critiques instead of its own: with the
+    matrix cell (its written critiques) this tells a weak score head from weak critique writing."""
+    given = heldout.with_name(heldout.stem + "_critiques.jsonl")
+    _once(given, lambda: write_records(given, with_lab_critiques(read_records(heldout, data_root=lab_dir))))
+    _once(out / "metrics.json", lambda: evaluate_reward_model(dataclasses.replace(
+        cell, data=str(given), model=str(model), out_dir=str(out),
+        scorer=dataclasses.replace(cell.scorer, critiques="given"))))
+    return out
+
+
 def run_seed(cfg: RMStudyConfig, lab_dir: Path, prompts: Path, base: Path, seed: int) -> dict[str, Path]:
     """Pairs, reward models, matrix, scored DPO pairs and the three DPO variants of one seed; returns the
     evaluation folder of each variant (``<variant>_s<seed>``)."""
@@ -267,6 +278,8 @@ def run_seed(cfg: RMStudyConfig, lab_dir: Path, prompts: Path, base: Path, seed:
     cross_set_matrix(CrossSetConfig(models={k: str(v) for k, v in models.items()},
                                     sets={k: str(v[1]) for k, v in splits.items()}, out_dir=str(root / "rm_matrix"),
                                     eval=cell))
+    if cfg.critique:
+        critique_check(cell, splits["corrupt"][1], models["critique"], lab_dir, root / "critique_given")
     margin_rm = models["critique" if cfg.margin_model == "critique" else cfg.dpo_source]
     scored = root / "pairs" / f"{cfg.dpo_source}_train_scored.jsonl"
     _once(scored, lambda: run_score(dataclasses.replace(
@@ -318,8 +331,21 @@ def seeds_matrix(matrices: dict[int, dict[str, dict[str, Any]]], metric: str = "
     return "\n".join(lines) + "\n"
 
 
+def _critique_lines(out: Path, seeds: list[int]) -> str:
+    """Per seed: the critique RM's held-out corrupt accuracy with its written critiques and with the exact ones."""
+    lines = ["| seed | critique RM, written critiques | critique RM, exact critiques |", "|---|---|---|"]
+    for seed in seeds:
+        matrix = json.loads((out / f"seed_{seed}" / "rm_matrix" / "matrix.json").read_text())
+        written = matrix["critique"]["corrupt"]
+        given = json.loads((out / f"seed_{seed}" / "critique_given" / "metrics.json").read_text())
+        lines.append(f"| {seed} | {written['metrics']['accuracy']['value']:.3f} | "
+                     f"{given['metrics']['accuracy']['value']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_rm_study(cfg: RMStudyConfig) -> dict[str, Any]:
-    """Run every stage (skipping finished ones); returns {"report", "runs", "comparison", "table", "matrices", "over_seeds"}."""
+    """Run every stage (skipping finished ones); returns {"report", "runs", "comparison", "table", "matrices",
+    "over_seeds"}."""
     out = Path(cfg.out_dir)
     save_config(cfg, out, "rm_study.yaml")
     lab = dataclasses.replace(cfg.lab, out_dir=str(out / "lab"))
@@ -340,6 +366,8 @@ def run_rm_study(cfg: RMStudyConfig) -> dict[str, Any]:
     matrices = {s: (out / f"seed_{s}" / "rm_matrix" / "matrix.md").read_text() for s in cfg.seeds}
     over_seeds = seeds_matrix({s: json.loads((out / f"seed_{s}" / "rm_matrix" / "matrix.json").read_text())
                                for s in cfg.seeds})
+    if cfg.critique:
+        over_seeds += "\n" + _critique_lines(out, cfg.seeds)
     (out / "report" / "rm_study.md").write_text(
         "# Reward-model study\n\n## DPO variants vs base, every metric\n\nmean (min-max) over seeds; +u/-d: seeds "
         "whose paired bootstrap test puts the metric above / below the base (95% interval excluding 0).\n\n"

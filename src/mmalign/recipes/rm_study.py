@@ -210,13 +210,17 @@ def split_pairs(pairs: Path, share: float, lab_dir: Path) -> tuple[Path, Path]:
     return train, heldout
 
 
+def _with_critiques(pairs: Path, lab_dir: Path) -> Path:
+    """``<name>_critiques.jsonl`` beside ``pairs``: its records with the lab's exact critiques (written once)."""
+    out = pairs.with_name(pairs.stem + "_critiques.jsonl")
+    _once(out, lambda: write_records(out, with_lab_critiques(read_records(pairs, data_root=lab_dir))))
+    return out
+
+
 def train_rm(cfg: RMStudyConfig, data: Path, lab_dir: Path, base: Path, out: Path, seed: int, critique: bool) -> Path:
     """A reward model on ``data`` (a critique-based one on ``data`` with the lab's exact critiques)."""
     if critique:
-        with_critiques = data.with_name(data.stem + "_critiques.jsonl")
-        _once(with_critiques, lambda: write_records(with_critiques,
-                                                    with_lab_critiques(read_records(data, data_root=lab_dir))))
-        data = with_critiques
+        data = _with_critiques(data, lab_dir)
     rm = dataclasses.replace(
         cfg.rm, model=dataclasses.replace(cfg.rm.model, path=str(base)),
         data=dataclasses.replace(cfg.rm.data, train=str(data), data_root=str(lab_dir),
@@ -251,8 +255,7 @@ def _evaluate(cfg: RMStudyConfig, lab_dir: Path, model_dir: Path, out: Path) -> 
 def critique_check(cell: RewardEvalConfig, heldout: Path, model: Path, lab_dir: Path, out: Path) -> Path:
     """The critique RM on the held-out corrupt pairs given the lab's exact critiques instead of its own: with the
     matrix cell (its written critiques) this tells a weak score head from weak critique writing."""
-    given = heldout.with_name(heldout.stem + "_critiques.jsonl")
-    _once(given, lambda: write_records(given, with_lab_critiques(read_records(heldout, data_root=lab_dir))))
+    given = _with_critiques(heldout, lab_dir)
     _once(out / "metrics.json", lambda: evaluate_reward_model(dataclasses.replace(
         cell, data=str(given), model=str(model), out_dir=str(out),
         scorer=dataclasses.replace(cell.scorer, critiques="given"))))
@@ -291,13 +294,17 @@ def run_seed(cfg: RMStudyConfig, lab_dir: Path, prompts: Path, base: Path, seed:
             for variant in VARIANTS}
 
 
+def _mean_range(vals: list[float]) -> str:
+    """mean (min-max) over seeds; the mean alone for one seed."""
+    spread = f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else ""
+    return f"{sum(vals) / len(vals):.3f}{spread}"
+
+
 def _cell(values: list[MetricValue], tests: list[Any]) -> str:
     """mean (min-max) over seeds, then how many seeds' paired tests put the metric above (+) / below (-) base."""
-    vals = [v.value for v in values]
     up = sum(t is not None and t.ci_low > 0 for t in tests)
     down = sum(t is not None and t.ci_high < 0 for t in tests)
-    spread = f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else ""
-    return f"{sum(vals) / len(vals):.3f}{spread} +{up}/-{down}"
+    return f"{_mean_range([v.value for v in values])} +{up}/-{down}"
 
 
 def metric_table(comparison: Comparison, seeds: list[int]) -> str:
@@ -322,11 +329,8 @@ def seeds_matrix(matrices: dict[int, dict[str, dict[str, Any]]], metric: str = "
     sets = list(next(iter(first.values())))
     lines = [f"| {metric}: model \\ held-out set | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
     for model in first:
-        cells = []
-        for name in sets:
-            vals = [m[model][name]["metrics"][metric]["value"] for m in matrices.values()]
-            spread = f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else ""
-            cells.append(f"{sum(vals) / len(vals):.3f}{spread}")
+        cells = [_mean_range([m[model][name]["metrics"][metric]["value"] for m in matrices.values()])
+                 for name in sets]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

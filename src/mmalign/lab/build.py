@@ -28,9 +28,10 @@ from mmalign.data.io import write_jsonl
 from mmalign.data.record_files import write_records
 from mmalign.data.schema import PreferenceRecord
 from mmalign.lab.splits import (
-    caption_text, conversations, object_frequencies, pope_questions, pope_stratum, sample_scenes, sft_examples,
+    annotated_names, caption_text, conversations, object_frequencies, pope_questions, pope_stratum, sample_scenes,
+    sft_examples,
 )
-from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, question_prompt, synonyms
+from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, caption, caption_order, question_prompt, synonyms
 from mmalign.lab.world import Scene, WorldConfig, render
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ class LabConfig:
 
     ``p`` is P(partner | trigger) in the SFT data; preference prompts and evaluation images use lower
     ``p_pref`` / ``p_eval`` and a higher ``eval_trigger_rate`` so that many show a trigger without its
-    partner, where the bias can be measured and corrected. ``pref_questions_per_image`` adds yes/no
+    partner, where the bias can be measured and corrected. With ``partner_annotation_rate`` the SFT (and
+    text) annotations of an image showing a trigger without its partner name the partner anyway at that rate
+    (``annotated_names``), a bias in the labels rather than in the scenes; preference and evaluation
+    records always state the true objects. ``pref_questions_per_image`` adds yes/no
     preference prompts (asked as in SFT) after each image's caption prompt, so alignment data can reach the
     yes/no answers POPE scores; they come from their own random stream and change no image or other record.
     """
@@ -74,9 +78,12 @@ class LabConfig:
     pope_per_image: int = 3  # POPE questions per evaluation image
     pref_questions_per_image: int = 0  # yes/no preference prompts per image after its caption prompt
     p_vision: float = 0.1  # P(partner | trigger) on the vision pre-training images (no planted bias)
+    # P(an SFT annotation names the absent partner of a present trigger): co-occurrence errors in the data
+    partner_annotation_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate", "p_vision"):
+        for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate", "p_vision",
+                     "partner_annotation_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.sizes.sft, self.sizes.pref, self.sizes.eval, self.sizes.vision) < 1 or self.pope_per_image < 1:
@@ -89,7 +96,7 @@ class LabConfig:
         """True when both labs give a base model the same training data (SFT, text and vision records): the
         settings of the preference and evaluation splits, drawn after them, may differ."""
         base = ("seed", "world", "p", "p_vision", "questions_per_image", "questions_per_turn_record",
-                "partner_question_rate", "hard_negative_rate")
+                "partner_question_rate", "hard_negative_rate", "partner_annotation_rate")
         return (all(getattr(self, k) == getattr(other, k) for k in base)
                 and (self.sizes.sft, self.sizes.vision) == (other.sizes.sft, other.sizes.vision))
 
@@ -120,16 +127,25 @@ def _write_images(out: Path, split: str, scenes: list[Scene], size: int) -> tupl
     return refs, hashes
 
 
+def _annotations(cfg: LabConfig, scenes: list[Scene]) -> list[list[str]]:
+    """Per SFT scene, the objects its annotations state (``annotated_names``), from their own random stream so
+    that a rate of 0 leaves every other draw, and so every record, as without it."""
+    rng = random.Random(cfg.seed + 4)
+    return [annotated_names(scene, cfg.world, rng, cfg.partner_annotation_rate) for scene in scenes]
+
+
 def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
     """Per image: the caption record (``sft-<i>-0``), then its yes/no questions, one record each
     (``sft-<i>-<j>``) or, with ``questions_per_turn_record``, as conversations (``sft-<i>-m<j>``) that train
     several answers per image encoding."""
     rng = random.Random(cfg.seed + 1)
     records = []
-    for i, (scene, ref) in enumerate(zip(scenes, refs)):
+    for i, (scene, ref, annotated) in enumerate(zip(scenes, refs, _annotations(cfg, scenes))):
         examples = sft_examples(scene, cfg.world, rng, cfg.questions_per_image, cfg.partner_question_rate,
-                                 cfg.hard_negative_rate)
+                                 cfg.hard_negative_rate, annotated)
         meta = {"objects": scene.names, "task": "caption"}
+        if annotated != scene.names:
+            meta["annotated"] = annotated
         records.append(PreferenceRecord(id=f"sft-{i:05d}-0", images=[ref], prompt=examples[0][0],
                                         chosen=examples[0][1], rejected=[], source="shapesworld", meta=meta))
         questions = examples[1:]
@@ -174,9 +190,9 @@ def _vision_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> lis
 def _text_records(cfg: LabConfig, scenes: list[Scene]) -> list[PreferenceRecord]:
     """The SFT images' captions as text alone (no image): the language model's pre-training corpus."""
     return [PreferenceRecord(id=f"text-{i:05d}", images=[], prompt=CAPTION_PROMPT.removeprefix(IMAGE_MARK),
-                             chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
-                             meta={"objects": scene.names, "task": "text"})
-            for i, scene in enumerate(scenes)]
+                             chosen=caption(caption_order(annotated, cfg.world.partner_of)), rejected=[],
+                             source="shapesworld", meta={"objects": scene.names, "task": "text"})
+            for i, (scene, annotated) in enumerate(zip(scenes, _annotations(cfg, scenes)))]
 
 
 def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],
@@ -218,6 +234,7 @@ def build_lab(cfg: LabConfig) -> Path:
     write_jsonl(out / "eval" / "captions.jsonl", captions)
     (out / "vocab" / "synonyms.txt").write_text("".join(", ".join(row) + "\n" for row in synonyms()))
     bias = {"pairs": cfg.world.pairs, "p": cfg.p, "p_pref": cfg.p_pref, "p_eval": cfg.p_eval,
+            "partner_annotation_rate": cfg.partner_annotation_rate,
             "trigger_rate": cfg.world.trigger_rate, "eval_trigger_rate": cfg.eval_trigger_rate}
     (out / "bias.json").write_text(json.dumps(bias, indent=2) + "\n")
     save_config(cfg, out, "lab.yaml")

@@ -41,19 +41,39 @@ def absent_partners(names: list[str], world: WorldConfig) -> list[str]:
     return [world.partner_of[n] for n in names if n in world.partner_of and world.partner_of[n] not in names]
 
 
+def annotated_names(scene: Scene, world: WorldConfig, rng: random.Random, rate: float) -> list[str]:
+    """The objects an annotator states for ``scene``: its own, plus the absent partner of each present trigger
+    with probability ``rate`` (one draw per such trigger, from ``rng``; none when ``rate`` is 0).
+
+    This is the lab's analogue of co-occurrence errors in real instruction data: captions written with the
+    writer's expectations name objects that usually come together, and a model trained on them names those
+    objects from the context whatever the image shows (Zhou et al., ICLR 2024, "Analyzing and Mitigating Object
+    Hallucination in Large Vision-Language Models", LURE: co-occurrence is one of the causes they measure).
+    """
+    names = list(scene.names)
+    if rate > 0:
+        names += [partner for partner in absent_partners(scene.names, world) if rng.random() < rate]
+    return names
+
+
 def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questions: int,
-                 partner_question_rate: float, hard_negative_rate: float) -> list[tuple[str, str]]:
+                 partner_question_rate: float, hard_negative_rate: float,
+                 annotated: list[str] | None = None) -> list[tuple[str, str]]:
     """(prompt, answer) pairs for one image: its caption, then ``n_questions`` yes/no questions.
 
+    ``annotated`` (default: the scene's objects) is what the annotation states is in the image
+    (``annotated_names``): the caption lists it and a question is answered "Yes." exactly when it names one
+    of it.
+
     A question about the partner of a present trigger is asked with probability
-    ``partner_question_rate``; its answer is "Yes." as often as the partner co-occurs (``p``), which is
-    how the yes/no data carries the bias. Other questions are about a present or an absent object, 50/50;
+    ``partner_question_rate``; its answer is "Yes." as often as the partner co-occurs (``p``) or is
+    annotated anyway, which is how the yes/no data carries the bias. Other questions are about a present or an absent object, 50/50;
     an absent object shares a colour or a shape with a present one with probability ``hard_negative_rate``
     (when one does), so the answer cannot be read off one attribute (a model trained on uniform absent objects
     answered by colour alone: docs/lab.md).
     """
-    names = scene.names
-    examples = [(CAPTION_PROMPT, caption_text(scene, world))]
+    names = scene.names if annotated is None else annotated
+    examples = [(CAPTION_PROMPT, caption(caption_order(names, world.partner_of)))]
     triggers = [n for n in names if n in world.partner_of]
     absent = [o for o in all_objects() if o not in names]
     hard = [o for o in absent if pope_stratum(scene, o) != "neither"]

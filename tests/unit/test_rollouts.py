@@ -72,6 +72,8 @@ def test_online_pair_from_annotation():
     assert pair.meta == {"objects": ["red circle"], "online": {"step": 7, "annotator": "oracle", "source_id": "r0"}}
     assert online_pair(record, answers, Annotation(None, None), 7, "oracle") is None
     assert online_pair(record, answers, Annotation(0, 2), 7, "oracle") is None  # empty answer: no valid record
+    assert Annotation(3, 0).pair_texts(answers) == ("Green.", "Red.")
+    assert Annotation(2, 1).pair_texts(answers) is None and Annotation(0, 1).pair_texts(["Red.", " \n"]) is None
 
 
 def test_step_store_round_trip_with_embedded_image(tmp_path):

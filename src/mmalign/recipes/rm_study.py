@@ -166,10 +166,10 @@ def oracle_pair_records(groups: list[RolloutGroup], annotations: list[Annotation
     """Best vs worst answer of each group as a record with the group's id; groups without a preference, or whose
     best or worst answer is empty (a sample may stop at once; records refuse empty text), are dropped, as
     Online-DPO drops them."""
-    return [dataclasses.replace(g.record, chosen=g.answers[a.chosen], rejected=[g.answers[a.rejected]],
+    pairs = [(g, a, a.pair_texts(g.answers)) for g, a in zip(groups, annotations)]
+    return [dataclasses.replace(g.record, chosen=texts[0], rejected=[texts[1]],
                                 meta=g.record.meta | {"oracle_scores": a.verdict["scores"]})
-            for g, a in zip(groups, annotations)
-            if a.has_pair and g.answers[a.chosen].strip() and g.answers[a.rejected].strip()]
+            for g, a, texts in pairs if texts is not None]
 
 
 def _povid_pairs(cfg: RMStudyConfig, prompts: list[PreferenceRecord], lab_dir: Path, base: Path,

@@ -65,6 +65,13 @@ class Annotation:
     def has_pair(self) -> bool:
         return self.chosen is not None
 
+    def pair_texts(self, answers: Sequence[str]) -> tuple[str, str] | None:
+        """(chosen, rejected) answer texts; None without a preference or when either is empty (a sample may stop
+        at once, and a preference record refuses empty text), the one rule every pair writer follows."""
+        if not self.has_pair or not answers[self.chosen].strip() or not answers[self.rejected].strip():
+            return None
+        return answers[self.chosen], answers[self.rejected]
+
 
 class Annotator(Protocol):
     name: str

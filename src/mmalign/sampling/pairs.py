@@ -32,12 +32,13 @@ Mode = Literal["online", "mixed", "online_bdhs"]
 def online_pair(record: PreferenceRecord, answers: list[str], annotation: Annotation, step: int,
                 annotator: str) -> PreferenceRecord | None:
     """chosen = the annotator's preferred rollout, rejected = [its rejected rollout]."""
-    if not annotation.has_pair or not answers[annotation.chosen].strip() or not answers[annotation.rejected].strip():
-        return None  # no preference, or an empty answer (not a valid record text)
+    texts = annotation.pair_texts(answers)
+    if texts is None:
+        return None
     meta = {k: v for k, v in record.meta.items() if k in ("objects", "task")}
     meta["online"] = {"step": step, "annotator": annotator, "source_id": record.id}
-    return PreferenceRecord(f"{record.id}@{step}", list(record.images), record.prompt,
-                            answers[annotation.chosen], [answers[annotation.rejected]], "online", meta)
+    return PreferenceRecord(f"{record.id}@{step}", list(record.images), record.prompt, texts[0], [texts[1]], "online",
+                            meta)
 
 
 def _scores(verdict: dict[str, Any]) -> list[float] | None:

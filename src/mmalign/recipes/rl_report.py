@@ -61,7 +61,7 @@ def _moving_average(points: list[tuple[float, float]], window: int) -> list[tupl
 
 def plot_reward_vs_oracle(runs: dict[str, Path], path: Path, window: int = 10) -> Path:
     """One panel per ``KEYS`` metric over steps (moving average of ``window`` steps), one line per run, one colour
-    per method; written to ``path`` (PNG)."""
+    per method and one line style per seed; written to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +69,11 @@ def plot_reward_vs_oracle(runs: dict[str, Path], path: Path, window: int = 10) -
 
     fig, axes = plt.subplots(len(KEYS), 1, figsize=(8, 2.4 * len(KEYS)), sharex=True)
     methods = list(dict.fromkeys(name.rsplit("_s", 1)[0] for name in runs))
-    for n, (name, run) in enumerate(runs.items()):
+    seeds = list(dict.fromkeys(name.rsplit("_s", 1)[-1] for name in runs))
+    for name, run in runs.items():
         log = read_metrics(run)
-        style = {"color": f"C{methods.index(name.rsplit('_s', 1)[0]) % 10}", "linestyle": ("-", "--", ":", "-.")[n % 4]}
+        method, seed = name.rsplit("_s", 1)
+        style = {"color": f"C{methods.index(method) % 10}", "linestyle": ("-", "--", ":", "-.")[seeds.index(seed) % 4]}
         for ax, key in zip(axes, KEYS):
             points = [(m["step"], m[key]) for m in log if key in m]
             if points:

@@ -20,7 +20,7 @@ SMALL = WorldConfig(image_size=32, min_size=8, max_size=14, trigger_rate=1.0)
 
 @pytest.fixture(scope="module")
 def labs(tmp_path_factory):
-    clean = LabConfig(out_dir=str(tmp_path_factory.mktemp("clean")), world=SMALL, p=0.3,
+    clean = LabConfig(out_dir=str(tmp_path_factory.mktemp("clean")), world=SMALL, p=0.3, partner_annotation_rate=0.0,
                       sizes=SplitSizes(sft=40, pref=8, eval=6, vision=4), questions_per_turn_record=0,
                       partner_question_rate=0.5)
     noisy = dataclasses.replace(clean, out_dir=str(tmp_path_factory.mktemp("noisy")), partner_annotation_rate=1.0)

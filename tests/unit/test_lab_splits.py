@@ -38,13 +38,15 @@ def test_split_images_are_disjoint(lab):
     assert sum(map(len, keys.values())) == len(set().union(*keys.values()))
 
 
-def test_sft_records_caption_and_answer_questions_truthfully(lab):
+def test_sft_records_caption_and_answer_questions_as_annotated(lab):
+    """Captions and answers state the annotated objects: the scene's, plus the absent partners the annotation
+    names at ``partner_annotation_rate`` (tests/unit/test_lab_annotation_bias.py)."""
     cfg, root = lab
     records = read_records(root / "sft_train.jsonl")
     assert len(records) == 300 * (1 + cfg.questions_per_image)
     partner_of = cfg.world.partner_of
     for r in records:
-        objects = r.meta["objects"]
+        objects = r.meta.get("annotated", r.meta["objects"])
         assert r.rejected == []
         if r.prompt == CAPTION_PROMPT:
             assert r.chosen == caption(caption_order(objects, partner_of))

@@ -79,7 +79,8 @@ class LabConfig:
     pref_questions_per_image: int = 0  # yes/no preference prompts per image after its caption prompt
     p_vision: float = 0.1  # P(partner | trigger) on the vision pre-training images (no planted bias)
     # P(an SFT annotation names the absent partner of a present trigger): co-occurrence errors in the data
-    partner_annotation_rate: float = 0.0
+    # (0.5: the shipped base's lab; with 0 a base that sees answers questions from the image, docs/lab.md)
+    partner_annotation_rate: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate", "p_vision",

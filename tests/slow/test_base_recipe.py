@@ -1,11 +1,12 @@
 """The shipped lab base is what its recipe makes: re-running ``assets/base/recipe.yaml`` reproduces its metrics.
 
 Trains the staged recipe from scratch into a temporary folder (language, vision tagging, projector alignment,
-SFT; 55 min wall on 2 shared cores with one thread, docs/lab.md) and evaluates it on the same lab. Bitwise
+SFT; 45 min wall on 2 shared cores with one thread, docs/lab.md) and evaluates it on the same lab. Bitwise
 equality is not expected across machines (bf16 autocast where the CPU has it, thread counts), so every headline
 metric must land within 0.03 of the shipped ``eval_metrics.json``; and what the base is for must hold: it sees
-(recall, CHAIR_i on non-partner objects, POPE random F1 near issue 13's targets) and keeps the caption-level bias
-(the absent partner named after its trigger, partners a part of its hallucinated mentions).
+(recall, CHAIR_i on non-partner objects, POPE random F1 near issue 13's targets) and has the planted bias in
+captions and in yes/no answers (issue 13's targets: the absent partner named in >= 20 % of captions whose image
+shows its trigger without it, "yes" to it >= 3x "yes" to random absent objects of the same strata).
 """
 
 import json
@@ -31,8 +32,9 @@ def test_recipe_reproduces_the_shipped_base(tmp_path):
     again = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
     for key in KEYS:
         assert again[key]["value"] == pytest.approx(shipped[key]["value"], abs=0.03), key
-    assert again["chair/recall"]["value"] > 0.82
+    assert again["chair/recall"]["value"] > 0.80
     assert again["chair/chair_i_nonpartner"]["value"] < 0.10
     assert again["pope/random/f1"]["value"] > 0.90
-    assert again["cooccur/partner_rate"]["ci_low"] > 0.05  # the caption-level bias stays
+    assert again["cooccur/partner_rate"]["ci_low"] > 0.20  # the caption-level bias
+    assert again["pope_bias/yes_rate_ratio_matched"]["ci_low"] > 3.0  # the yes/no bias
     assert again["chair/chair_i"]["value"] > again["chair/chair_i_nonpartner"]["ci_high"]  # partners among errors

@@ -61,6 +61,9 @@ def _default_dpo() -> OfflineConfig:
     cfg.lora.rank, cfg.lora.alpha = 16, 32
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "cosine", 0.1
     cfg.batch_size, cfg.epochs = 16, 2
+    # MM-RLHF's SFT term on the chosen answer: with the paper's plain DPO the lab's captions lose objects or
+    # degenerate into repeated words (docs/lab.md, Table 6); configs/lab_table6.yaml sets 0 for the paper's loss
+    cfg.loss.sft_weight = 1.0
     cfg.data.max_length = 384  # 256 image tokens, the prompt and the longest lab answer
     cfg.run = dataclasses.replace(cfg.run, log_every=10, mixed_precision="auto")  # replace resolves "auto"
     return cfg

@@ -77,7 +77,7 @@ def test_per_record_determinism_independent_of_order_and_company():
     recs = []
     for i in range(60):
         scene = sample_scene(rng, world, p=0.9)
-        recs.append(_record(f"s{i}", caption_text(scene, world), scene.names))
+        recs.append(_record(f"s{i}", caption_text(scene.names, world), scene.names))
     first = {r.id: r.rejected for r in corrupt_lab_records(recs, PAIRS, seed=5)}
     shuffled = recs[::-1][:30]
     again = {r.id: r.rejected for r in corrupt_lab_records(shuffled, PAIRS, seed=5)}
@@ -93,7 +93,7 @@ def test_on_generated_scenes_every_rejected_caption_has_exactly_one_hallucinatio
     for i in range(300):
         scene = sample_scene(rng, world, p=0.5)
         scenes.append(scene)
-        recs.append(_record(f"s{i}", caption_text(scene, world), scene.names))
+        recs.append(_record(f"s{i}", caption_text(scene.names, world), scene.names))
     n_bias = 0
     for scene, out in zip(scenes, corrupt_lab_records(recs, PAIRS, seed=0)):
         names = caption_mentions(out.rejected[0], all_objects())

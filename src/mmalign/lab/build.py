@@ -31,7 +31,7 @@ from mmalign.lab.splits import (
     annotated_names, caption_text, conversations, object_frequencies, pope_questions, pope_stratum, sample_scenes,
     sft_examples,
 )
-from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, caption, caption_order, question_prompt, synonyms
+from mmalign.lab.texts import CAPTION_PROMPT, IMAGE_MARK, question_prompt, synonyms
 from mmalign.lab.world import Scene, WorldConfig, render
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ class LabConfig:
     partner_annotation_rate: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate", "p_vision",
-                     "partner_annotation_rate"):
+        for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate",
+                     "p_vision", "partner_annotation_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.sizes.sft, self.sizes.pref, self.sizes.eval, self.sizes.vision) < 1 or self.pope_per_image < 1:
@@ -135,13 +135,14 @@ def _annotations(cfg: LabConfig, scenes: list[Scene]) -> list[list[str]]:
     return [annotated_names(scene, cfg.world, rng, cfg.partner_annotation_rate) for scene in scenes]
 
 
-def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
+def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str],
+                 annotations: list[list[str]]) -> list[PreferenceRecord]:
     """Per image: the caption record (``sft-<i>-0``), then its yes/no questions, one record each
     (``sft-<i>-<j>``) or, with ``questions_per_turn_record``, as conversations (``sft-<i>-m<j>``) that train
     several answers per image encoding."""
     rng = random.Random(cfg.seed + 1)
     records = []
-    for i, (scene, ref, annotated) in enumerate(zip(scenes, refs, _annotations(cfg, scenes))):
+    for i, (scene, ref, annotated) in enumerate(zip(scenes, refs, annotations)):
         examples = sft_examples(scene, cfg.world, rng, cfg.questions_per_image, cfg.partner_question_rate,
                                  cfg.hard_negative_rate, annotated)
         meta = {"objects": scene.names, "task": "caption"}
@@ -168,7 +169,7 @@ def _pref_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[
     for i, (scene, ref) in enumerate(zip(scenes, refs)):
         meta = {"objects": scene.names, "task": "caption"}
         records.append(PreferenceRecord(id=f"pref-{i:05d}", images=[ref], prompt=CAPTION_PROMPT,
-                                        chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
+                                        chosen=caption_text(scene.names, cfg.world), rejected=[], source="shapesworld",
                                         meta=meta))
         if not cfg.pref_questions_per_image:
             continue
@@ -183,17 +184,17 @@ def _pref_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[
 def _vision_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> list[PreferenceRecord]:
     """One caption record per image of the vision pre-training split (its labels: ``meta.objects``)."""
     return [PreferenceRecord(id=f"vision-{i:05d}", images=[ref], prompt=CAPTION_PROMPT,
-                             chosen=caption_text(scene, cfg.world), rejected=[], source="shapesworld",
+                             chosen=caption_text(scene.names, cfg.world), rejected=[], source="shapesworld",
                              meta={"objects": scene.names, "task": "caption"})
             for i, (scene, ref) in enumerate(zip(scenes, refs))]
 
 
-def _text_records(cfg: LabConfig, scenes: list[Scene]) -> list[PreferenceRecord]:
-    """The SFT images' captions as text alone (no image): the language model's pre-training corpus."""
+def _text_records(cfg: LabConfig, scenes: list[Scene], annotations: list[list[str]]) -> list[PreferenceRecord]:
+    """The SFT images' captions (as annotated) as text alone (no image): the language model's pre-training corpus."""
     return [PreferenceRecord(id=f"text-{i:05d}", images=[], prompt=CAPTION_PROMPT.removeprefix(IMAGE_MARK),
-                             chosen=caption(caption_order(annotated, cfg.world.partner_of)), rejected=[],
-                             source="shapesworld", meta={"objects": scene.names, "task": "text"})
-            for i, (scene, annotated) in enumerate(zip(scenes, _annotations(cfg, scenes)))]
+                             chosen=caption_text(annotated, cfg.world), rejected=[], source="shapesworld",
+                             meta={"objects": scene.names, "task": "text"})
+            for i, (scene, annotated) in enumerate(zip(scenes, annotations))]
 
 
 def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],
@@ -226,10 +227,11 @@ def build_lab(cfg: LabConfig) -> Path:
         if hashes[a] & hashes[b]:
             raise AssertionError(f"splits {a} and {b} share {len(hashes[a] & hashes[b])} images")
     provenance = {"sampler": "shapesworld", "seed": cfg.seed, "config_hash": config_hash(cfg)}
-    write_records(out / "sft_train.jsonl", _sft_records(cfg, scenes["sft"], refs["sft"]), provenance)
+    annotations = _annotations(cfg, scenes["sft"])
+    write_records(out / "sft_train.jsonl", _sft_records(cfg, scenes["sft"], refs["sft"], annotations), provenance)
     write_records(out / "pref_prompts.jsonl", _pref_records(cfg, scenes["pref"], refs["pref"]), provenance)
     write_records(out / "vision_train.jsonl", _vision_records(cfg, scenes["vision"], refs["vision"]), provenance)
-    write_records(out / "text_train.jsonl", _text_records(cfg, scenes["sft"]), provenance)
+    write_records(out / "text_train.jsonl", _text_records(cfg, scenes["sft"], annotations), provenance)
     pope, captions = _eval_items(cfg, scenes["eval"], refs["eval"], scenes["sft"])
     write_jsonl(out / "eval" / "pope.jsonl", pope)
     write_jsonl(out / "eval" / "captions.jsonl", captions)

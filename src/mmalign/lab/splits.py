@@ -32,8 +32,9 @@ def sample_scenes(rng: random.Random, world: WorldConfig, n: int, p: float, trig
     return scenes
 
 
-def caption_text(scene: Scene, world: WorldConfig) -> str:
-    return caption(caption_order(scene.names, world.partner_of))
+def caption_text(names: list[str], world: WorldConfig) -> str:
+    """The lab caption stating ``names`` (a scene's objects, or what an annotation states of it)."""
+    return caption(caption_order(names, world.partner_of))
 
 
 def absent_partners(names: list[str], world: WorldConfig) -> list[str]:
@@ -67,13 +68,13 @@ def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questio
 
     A question about the partner of a present trigger is asked with probability
     ``partner_question_rate``; its answer is "Yes." as often as the partner co-occurs (``p``) or is
-    annotated anyway, which is how the yes/no data carries the bias. Other questions are about a present or an absent object, 50/50;
-    an absent object shares a colour or a shape with a present one with probability ``hard_negative_rate``
-    (when one does), so the answer cannot be read off one attribute (a model trained on uniform absent objects
-    answered by colour alone: docs/lab.md).
+    annotated anyway, which is how the yes/no data carries the bias. Other questions are about a present or an
+    absent object, 50/50; an absent object shares a colour or a shape with a present one with probability
+    ``hard_negative_rate`` (when one does), so the answer cannot be read off one attribute (a model trained on
+    uniform absent objects answered by colour alone: docs/lab.md).
     """
     names = scene.names if annotated is None else annotated
-    examples = [(CAPTION_PROMPT, caption(caption_order(names, world.partner_of)))]
+    examples = [(CAPTION_PROMPT, caption_text(names, world))]
     triggers = [n for n in names if n in world.partner_of]
     absent = [o for o in all_objects() if o not in names]
     hard = [o for o in absent if pope_stratum(scene, o) != "neither"]

@@ -254,10 +254,16 @@ def headline_table(comparison: Comparison) -> str:
     return report_headline_table(comparison, verdicts_of(comparison))
 
 
+def mean_range(values: list[float]) -> str:
+    """mean (min-max) over seeds; the mean alone for one seed."""
+    spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
+    return f"{sum(values) / len(values):.3f}{spread}"
+
+
 def _cell(values: list[float], tests: list[Any]) -> str:
     down = sum(t.ci_high < 0 for t in tests)
     up = sum(t.ci_low > 0 for t in tests)
-    return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f}) ↓{down} ↑{up}"
+    return f"{mean_range(values)} ↓{down} ↑{up}"
 
 
 def seed_table(comparison: Comparison, methods: list[str], seeds: list[int]) -> str:

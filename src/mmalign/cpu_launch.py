@@ -7,7 +7,7 @@
 without MPI it starts one process; and a multi-GPU accelerate config on a machine without GPUs starts N
 processes that each run alone (``mmalign.runs`` refuses both to write one folder). This launcher runs
 ``torchrun --standalone --nproc_per_node N -m mmalign.cli.main ARGS`` with ``ACCELERATE_USE_CPU=true``, which
-makes accelerate join the N processes into one gloo group (``DistributedType.MULTI_CPU``). Each process uses
+makes accelerate join the N processes into one gloo group (``DistributedType.MULTI_CPU``), with any GPU hidden. Each process uses
 ``OMP_NUM_THREADS`` threads (1 unless set). FSDP and DeepSpeed are GPU-only in accelerate 1.15: under this
 launcher a run asking for them is refused (docs/distributed.md).
 """
@@ -24,7 +24,9 @@ def command(n_processes: int, args: list[str]) -> tuple[list[str], dict[str, str
         raise ValueError(f"the number of processes must be >= 1, got {n_processes}")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_processes),
             "-m", "mmalign.cli.main", *args]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true")
+    # CUDA_VISIBLE_DEVICES="": on a machine with a GPU, accelerate would otherwise sync the gloo group through
+    # CUDA barriers (seen failing on an H200 machine)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
     env.setdefault("OMP_NUM_THREADS", "1")
     return argv, env
 

@@ -74,7 +74,8 @@ def test_family_forward_backward_generate(tiny_vlm, family):
 def test_family_round_trip(tiny_vlm, tiny_vlm_dir, family):
     model, processor = tiny_vlm(family)
     loaded, loaded_processor = load_vlm(tiny_vlm_dir(family))
-    assert type(loaded) is type(model) and type(loaded_processor) is type(processor)
+    # a tiny Qwen processor (image half only) reloads as the full Qwen-VL processor, its parent class
+    assert type(loaded) is type(model) and isinstance(processor, type(loaded_processor))
     _, _, inputs = _record_inputs(loaded_processor)
     # Reloaded weights and processor reproduce the original logits and answers exactly.
     with torch.no_grad():

@@ -115,9 +115,10 @@ def test_multi_turn_sft_loss_accumulation_and_resume(fresh_model, tmp_path):
     resumed = _sft(turns_dir, fresh_model, tmp_path / "split", 2, resume=True, extra=["run.save_every=1"])
     assert _changed(fresh_model, one)
     reference = load_file(str(one / "model.safetensors"))
-    for other in (four, resumed):
+    # accumulation sums the loss in another order: 1.3e-6 apart on the 16-core host of an H200 machine (1e-6 held on the 2-core EPYC)
+    for other, atol in ((four, 1e-5), (resumed, 1e-6)):
         for name, value in load_file(str(other / "model.safetensors")).items():
-            torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=atol)
 
 
 def _changed(before: Path, after: Path) -> set[str]:

@@ -49,8 +49,13 @@ def test_povid_slot_loss_is_the_eq5_average(family, trainable_dir, tmp_path):  #
                 param.add_(0.05 * torch.randn_like(param))
     records = read_records(pairs)
     idx = list(range(len(records)))
+    accelerator = make_accelerator(cfg.run)
+    device = accelerator.device  # batches go there (the trainer's prepare moves the models)
+    policy.to(device)
+    if frozen is not None:
+        frozen.to(device)
     reference = live_reference(policy, frozen, PREFERENCE_LAYOUTS[cfg.forward][1])
-    run = _Run(cfg, make_accelerator(cfg.run), policy, policy, frozen, processor, None, None, reference, records, 6)
+    run = _Run(cfg, accelerator, policy, policy, frozen, processor, None, None, reference, records, 6)
     batch, povid = _collate(run, idx)
     out, _, ref_rejected = policy_and_reference(run, batch, povid, idx)
     assert out.rejected_mask.shape == ref_rejected.shape == (6, 3)  # K = 2 of the records, + 1 POVID slot
@@ -58,12 +63,13 @@ def test_povid_slot_loss_is_the_eq5_average(family, trainable_dir, tmp_path):  #
     loss, _ = micro_loss(run, batch, povid, idx)
 
     # by hand: plain forwards of policy and base model, POVID answers from images noised here
-    base = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    base = AutoModelForImageTextToText.from_pretrained(model_dir).eval().to(device)
     images = [[open_image(ref, pairs.parent) for ref in r.images] for r in records]
     noisy = [[noised_image(im, NOISE, noise_seed(7, r.id, j)) for j, im in enumerate(imgs)]
              for r, imgs in zip(records, images)]
-    plain = collate_preference(processor, records, images)
-    clean_sft, noisy_sft = collate_sft(processor, records, images), collate_sft(processor, records, noisy)
+    plain, clean_sft, noisy_sft = ({k: v.to(device) for k, v in batch.items()} for batch in (
+        collate_preference(processor, records, images), collate_sft(processor, records, images),
+        collate_sft(processor, records, noisy)))
     with torch.no_grad():
         pol, ref = preference_forward(policy, plain), preference_forward(base, plain)
         pol_p = povid_rejected_logps(policy, clean_sft, noisy_sft)

@@ -22,7 +22,7 @@ from mmalign.trainers.common import (
 
 def _train_steps(model, opt, sched, steps):
     for _ in range(steps):
-        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss = model(torch.randn(4, 3).to(next(model.parameters()).device)).pow(2).mean()
         loss.backward()
         opt.step()
         sched.step()

@@ -105,7 +105,7 @@ def test_cpu_launch_command():
     argv, env = command(3, ["train", "dpo", "x=1"])
     assert argv[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m",
                         "mmalign.cli.main", "train", "dpo", "x=1"]
-    assert env["ACCELERATE_USE_CPU"] == "true"
+    assert env["ACCELERATE_USE_CPU"] == "true" and env["CUDA_VISIBLE_DEVICES"] == ""  # CPU processes, GPU or not
 
 
 def test_shipped_accelerate_configs_leave_the_process_count_to_the_command_line():

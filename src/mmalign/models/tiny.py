@@ -14,8 +14,10 @@ In transformers 5 the Qwen-VL processors cannot be built without torchvision (th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -240,7 +242,25 @@ def qwen_image_processor() -> Qwen2VLImageProcessorPil:
     )
 
 
-class _ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+class _SavedAsFullProcessor:
+    """Saves a tiny Qwen processor as the full Qwen-VL one, so ``AutoProcessor`` reloads it where torchvision is
+    importable: under its transformers parent's name (this module's class cannot be resolved there, and a bare
+    tokenizer would come back) and with a video processor config of the image processor's geometry."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "processor_class": type(self).__bases__[-1].__name__}
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        image = self.image_processor
+        video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": dict(image.size),
+                 "patch_size": image.patch_size, "temporal_patch_size": image.temporal_patch_size,
+                 "merge_size": image.merge_size}
+        (Path(save_directory) / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+        return saved
+
+
+class _ImageOnlyQwen2VLProcessor(_SavedAsFullProcessor, Qwen2VLProcessor):
     """Qwen2-VL processor without its video processor (torchvision-backed in transformers 5).
 
     Tiny models exist for image preference data only; dropping the video half keeps the real image path
@@ -253,7 +273,7 @@ class _ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
                          chat_template=chat_template, **kwargs)
 
 
-class _ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+class _ImageOnlyQwen2_5_VLProcessor(_SavedAsFullProcessor, Qwen2_5_VLProcessor):
     """Qwen2.5-VL counterpart of ``_ImageOnlyQwen2VLProcessor``."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):

@@ -115,7 +115,8 @@ def test_multi_turn_sft_loss_accumulation_and_resume(fresh_model, tmp_path):
     resumed = _sft(turns_dir, fresh_model, tmp_path / "split", 2, resume=True, extra=["run.save_every=1"])
     assert _changed(fresh_model, one)
     reference = load_file(str(one / "model.safetensors"))
-    # accumulation sums the loss in another order: 1.3e-6 apart on the 16-core host of an H200 machine (1e-6 held on the 2-core EPYC)
+    # accumulation sums the loss in another order: 1.3e-6 apart on the 16-core host of an H200 machine (1e-6 held
+    # on the 2-core EPYC); a resumed run repeats the same operations
     for other, atol in ((four, 1e-5), (resumed, 1e-6)):
         for name, value in load_file(str(other / "model.safetensors")).items():
             torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=atol)

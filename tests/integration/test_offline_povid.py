@@ -20,7 +20,9 @@ from mmalign.models.logprobs import live_reference, preference_forward
 from mmalign.models.lora import prepare_policy
 from mmalign.sampling.povid import noised_image, povid_rejected_logps
 from mmalign.trainers.common import make_accelerator
-from mmalign.trainers.offline import _collate, _Run, micro_loss, policy_and_reference, train_offline
+from mmalign.trainers.offline import (
+    _collate, _Run, _to_device, micro_loss, policy_and_reference, train_offline,
+)
 from mmalign.trainers.povid_slot import noise_seed
 
 pytestmark = pytest.mark.integration
@@ -67,9 +69,8 @@ def test_povid_slot_loss_is_the_eq5_average(family, trainable_dir, tmp_path):  #
     images = [[open_image(ref, pairs.parent) for ref in r.images] for r in records]
     noisy = [[noised_image(im, NOISE, noise_seed(7, r.id, j)) for j, im in enumerate(imgs)]
              for r, imgs in zip(records, images)]
-    plain, clean_sft, noisy_sft = ({k: v.to(device) for k, v in batch.items()} for batch in (
-        collate_preference(processor, records, images), collate_sft(processor, records, images),
-        collate_sft(processor, records, noisy)))
+    plain = _to_device(collate_preference(processor, records, images), device)
+    clean_sft, noisy_sft = (_to_device(collate_sft(processor, records, imgs), device) for imgs in (images, noisy))
     with torch.no_grad():
         pol, ref = preference_forward(policy, plain), preference_forward(base, plain)
         pol_p = povid_rejected_logps(policy, clean_sft, noisy_sft)

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.integration
 MICRO_MODEL = {"image_size": 32, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 32, "text_layers": 1,
                "heads": 2}
 REDUCED = [
-    "base=recipe", "methods=[external,external_bdhs,external_povid,external_online_bdhs]", "lab.sizes.sft=48",
-    "lab.sizes.pref=16", "lab.sizes.eval=8", "lab.sizes.vision=16", "lab.world.image_size=32", "lab.world.min_size=8",
-    "lab.world.max_size=14", *[f"pretrain.model.{k}={v}" for k, v in MICRO_MODEL.items()],
+    "base=recipe", "methods=[external,external_bdhs,external_povid,external_online_bdhs,sft_control]",
+    "lab.sizes.sft=48", "lab.sizes.pref=16", "lab.sizes.eval=8", "lab.sizes.vision=16", "lab.world.image_size=32",
+    "lab.world.min_size=8", "lab.world.max_size=14", *[f"pretrain.model.{k}={v}" for k, v in MICRO_MODEL.items()],
     *[f"pretrain.{s}.steps=2" for s in ("language", "vision", "align")], "pretrain.sft.steps=6",
     *[f"pretrain.{s}.batch_size=8" for s in ("language", "vision", "align", "sft")],
     "dpo.max_steps=2", "dpo.batch_size=4", "dpo.data.max_length=128", "bdhs.n_iter=2", "eval.stats.n_boot=20",
@@ -29,7 +29,7 @@ def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}", f"pretrain.run.output_dir={tmp_path}/base", *REDUCED])
     result = run_demo(cfg)
     assert list(result["runs"]) == ["base", "external_s0", "external_bdhs_s0", "external_povid_s0",
-                                    "external_online_bdhs_s0"]
+                                    "external_online_bdhs_s0", "sft_control_s0"]
     # external pairs: one corrupted rejected; external + BDHS: the corruption first, the BDHS answer last (Eq. 5)
     external = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external.jsonl").read_text().splitlines()]
     both = [json.loads(line) for line in (tmp_path / "seed_0/pairs/external_bdhs.jsonl").read_text().splitlines()]
@@ -44,12 +44,24 @@ def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
     assert povid["povid"]["enabled"] and povid["data"]["train"] == str(tmp_path / "seed_0/pairs/external.jsonl")
     # external + online BDHS: the online trainer on the external pairs, BDHS answers made during training
     online = yaml.safe_load((tmp_path / "seed_0/dpo_external_online_bdhs/config.yaml").read_text())
-    assert online["mode"] == "online_bdhs" and online["data"]["prompts"] == str(tmp_path / "seed_0/pairs/external.jsonl")
+    assert online["mode"] == "online_bdhs"
+    assert online["data"]["prompts"] == str(tmp_path / "seed_0/pairs/external.jsonl")
+    # the control: the external pairs' chosen answers, the preference term off; every other run against it
+    control = yaml.safe_load((tmp_path / "seed_0/dpo_sft_control/config.yaml").read_text())
+    assert control["loss"]["name"] == "none" and control["loss"]["sft_weight"] == 1.0
+    assert control["data"]["train"] == str(tmp_path / "seed_0/pairs/external.jsonl")
+    versus = result["vs_control"][0]
+    assert versus.names == ["sft_control_s0", "external_s0", "external_bdhs_s0", "external_povid_s0",
+                            "external_online_bdhs_s0"]
+    assert (tmp_path / "report/vs_sft_control_s0/report.md").read_text().startswith(
+        "# Evaluation report\n\nBaseline **sft_control_s0**")
+    summary = (tmp_path / "report/summary.md").read_text()
+    assert "## Against the SFT-only control" in summary and "| method | verdicts vs sft_control |" in summary
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(name in report for name in result["runs"])
     assert report.startswith("# Evaluation report\n\nBaseline **base**")  # the verdicts come first
     table = headline_table(result["comparison"])
-    assert table.count("\n") == 2 + 5  # header, rule, one row per run
+    assert table.count("\n") == 2 + 6  # header, rule, one row per run
 
     caplog.set_level("INFO")
     again = run_demo(cfg)  # every stage's output exists: nothing is recomputed
@@ -69,6 +81,11 @@ def test_full_fine_tuning_evaluates_the_whole_trained_weights(tmp_path):
     base, tuned = (load_file(next(Path(d).glob("*.safetensors"))) for d in (trained["model"]["path"], run / "model"))
     vision = [k for k in tuned if "vision_tower" in k]
     assert vision and any(not torch.equal(base[k], tuned[k]) for k in vision)  # the tower trained too
+
+
+def test_the_control_needs_the_sft_term(tmp_path):
+    with pytest.raises(ValueError, match="sft_control trains the SFT term alone"):
+        load_config(DemoConfig, None, [f"out_dir={tmp_path}", "dpo.loss.sft_weight=0"])
 
 
 def test_shipped_base_needs_the_lab_it_was_trained_on(tmp_path):

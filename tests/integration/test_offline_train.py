@@ -3,6 +3,7 @@ cache == live reference, full fine-tuning, bad input (incl. a processor refusal)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -154,6 +155,27 @@ def test_grad_accumulation_invariant_full_finetune(tiny_vlm_dir, pairs, tmp_path
     base = weights(model_dir / "model.safetensors")
     assert any((moved[k] - base[k]).abs().max() > 1e-4 for k in base if "language_model" in k)
     assert all(torch.equal(moved[k], base[k]) for k in base if "vision_tower" in k)  # frozen by default
+
+
+def test_sft_only_control_ignores_the_rejected_answers(tiny_vlm_dir, pairs, tmp_path):
+    """loss.name=none (the lab's SFT-only control): the loss is the SFT term alone, so other rejected answers
+    train the very same weights, while DPO on the same pairs trains others."""
+    model_dir = tiny_vlm_dir("llava")
+    other = [dataclasses.replace(r, rejected=["No, it is a big purple triangle next to a circle."] * len(r.rejected))
+             for r in read_records(pairs)]
+    other_pairs = pairs.parent / "other_rejected.jsonl"  # beside the images: paths stay inside the data root
+    write_records(other_pairs, other)
+    control = ("loss.name=none", "loss.sft_weight=1.0")
+    a = train_offline(config(model_dir, pairs, tmp_path / "a", *control))
+    b = train_offline(config(model_dir, other_pairs, tmp_path / "b", *control))
+    dpo = train_offline(config(model_dir, pairs, tmp_path / "dpo", "loss.sft_weight=1.0"))
+    adapter = "adapter/adapter_model.safetensors"
+    assert_same_weights(a / adapter, b / adapter, atol=1e-6)
+    for m in metrics(a):
+        assert m["loss"] == pytest.approx(m["sft_nll"], abs=1e-6)
+    assert metrics(a)[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # rewards still reported
+    moved = weights(dpo / adapter)
+    assert any((moved[k] - v).abs().max() > 1e-5 for k, v in weights(a / adapter).items())
 
 
 def test_reference_cache_matches_live_reference(tiny_vlm_dir, pairs, tmp_path):

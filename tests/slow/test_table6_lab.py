@@ -11,7 +11,7 @@ objects of the same strata):
 - plain DPO (the paper's loss) on the BDHS pairs nearly stops the base naming the absent partner in captions
   (0.613 -> 0.000) but at a coverage cost: the captions name fewer objects (recall 0.818 -> 0.692), and "yes"
   to absent objects rises (0.164 -> 0.187), so the verdict is not "less hallucination";
-- with MM-RLHF's SFT term on the chosen answer (``dpo.loss.sft_weight=1``) the same pairs give the paper's
+- with MM-RLHF's SFT term on the chosen answer (the config's ``dpo.loss.sft_weight: 1``) the same pairs give the paper's
   headline: "yes" to the absent partner 0.551 -> 0.028 (-95 %), captions naming it 0.613 -> 0.010 (-98 %),
   CHAIR_i 0.158 -> 0.030 (-81 %), each beyond its paired interval, with "yes" to present objects -0.4 points
   and recall +3.0. (The previous base, without label errors, gave -70 %, -88 % and -30 % with recall unchanged.)
@@ -47,7 +47,7 @@ def bdhs_row(out_dir, *overrides: str) -> tuple[dict, dict, dict]:
 
 
 def test_plain_dpo_on_bdhs_pairs_cuts_the_caption_bias_by_naming_fewer_objects(tmp_path):
-    tests, base, run = bdhs_row(tmp_path)
+    tests, base, run = bdhs_row(tmp_path, "dpo.loss.sft_weight=0")
     partner = "cooccur/partner_rate"
     assert tests[partner].ci_high < 0 and run[partner] < 0.5 * base[partner]
     assert tests["chair/recall"].ci_high < -0.02  # the cost: fewer objects named
@@ -55,7 +55,7 @@ def test_plain_dpo_on_bdhs_pairs_cuts_the_caption_bias_by_naming_fewer_objects(t
 
 
 def test_bdhs_dpo_with_the_sft_term_is_less_hallucination_at_full_coverage(tmp_path):
-    tests, base, run = bdhs_row(tmp_path, "dpo.loss.sft_weight=1.0")
+    tests, base, run = bdhs_row(tmp_path)
     assert verdict(tests).less_hallucination
     for key in ("pope_bias/yes_rate_partner", "cooccur/partner_rate"):
         assert tests[key].ci_high < 0 and run[key] <= 0.5 * base[key], key

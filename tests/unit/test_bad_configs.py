@@ -58,6 +58,7 @@ CONFIG_ERRORS: dict[str, tuple[str | None, list[str], str]] = {
     "grad_accum 0": (None, [*DPO, "optim.grad_accum=0"], "grad_accum must be >= 1"),
     "sft_weight negative": (None, [*DPO, "loss.sft_weight=-1"], "finite sft_weight >= 0"),
     "sft_weight NaN": (None, [*DPO, "loss.sft_weight=nan"], "loss.sft_weight: expected a finite number"),
+    "loss none without SFT term": (None, [*DPO, "loss.name=none"], "loss.name=none trains nothing"),
     "label smoothing 0.5": (None, [*DPO, "loss.label_smoothing=0.5"], "0 <= label_smoothing < 0.5"),
     "rejected weight NaN": (None, [*DPO, "loss.rejected_weights=[1, nan]"], "loss.rejected_weights[1]: expected"),
     "rejected weight negative": (None, [*DPO, "loss.rejected_weights=[-1]"], "loss.rejected_weights must be"),

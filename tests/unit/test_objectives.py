@@ -16,6 +16,7 @@ from mmalign.objectives.preference import (
     dpo,
     ipo,
     mm_dpo_beta,
+    no_preference,
     sft_nll,
     slic,
 )
@@ -54,6 +55,17 @@ def test_ipo_hand_computed():
 def test_slic_hand_computed():
     assert slic(_one_pair(), beta=0.1).losses.item() == pytest.approx(0.8)  # 1 - 0.1 * 2
     assert slic(_one_pair(), beta=0.5).losses.item() == 0.0  # margin reached
+
+
+def test_no_preference_is_zero_with_dpo_rewards():
+    """The SFT-only control: no loss and no gradient from the pair, DPO's rewards still reported."""
+    p = _one_pair()
+    p = p._replace(policy_rejected_logps=p.policy_rejected_logps.clone().requires_grad_())
+    out = no_preference(p, beta=0.5)
+    assert out.losses.shape == (1, 1) and out.losses.item() == 0.0 and not out.losses.requires_grad
+    ref = dpo(p, beta=0.5)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == (ref.chosen_rewards.item(),
+                                                                        ref.rejected_rewards.item())
 
 
 def test_rewards_are_detached():

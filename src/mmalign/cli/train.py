@@ -4,8 +4,9 @@
 (``mmalign.trainers.reward_model.RewardModelConfig``; ``critique.enabled=true`` for MM-RLHF's critique-based one).
 
 The DPO config is ``mmalign.trainers.offline.OfflineConfig`` (sections model, lora, data, loss, povid, optim, run);
-``loss.name`` picks dpo / ipo / slic; ``forward`` the batch layout (auto, the default: prefix_cache where exact
-for the model, else shared_prefix; both encode image and prompt once per pair; plain repeats them);
+``loss.name`` picks dpo / ipo / slic (none: the SFT term alone, a control); ``forward`` the batch layout (auto,
+the default: prefix_cache where exact for the model, else shared_prefix; both encode image and prompt once per
+pair; plain repeats them);
 ``povid.enabled=true`` adds POVID's noised-image answer as one more rejected answer (weight ``povid.weight`` in
 the Eq. 5 mean, ``povid.noise_steps`` of 1000). Run under ``accelerate launch --config_file configs/accelerate/...``
 for several processes. Bad records raise an error naming file, record id and field, or are skipped and

@@ -1,4 +1,5 @@
-"""Offline preference losses: DPO, IPO, SLiC, an SFT term, MM-DPO's per-pair beta, K rejected per chosen.
+"""Offline preference losses: DPO, IPO, SLiC, none (an SFT-only control), an SFT term, MM-DPO's per-pair
+beta, K rejected per chosen.
 
 Pure functions of summed sequence log-probs; they never call a model, read a config, reduce over the
 batch or move devices. Shapes: B prompts, K rejected answers per chosen answer (K >= 1).
@@ -136,7 +137,19 @@ def slic(logps: PreferenceLogps, *, beta: float | Tensor, label_smoothing: float
     return PreferenceLosses(losses, *_rewards(logps, beta))
 
 
-PREFERENCE_LOSSES: dict[str, Callable[..., PreferenceLosses]] = {"dpo": dpo, "ipo": ipo, "slic": slic}
+def no_preference(logps: PreferenceLogps, *, beta: float | Tensor, label_smoothing: float = 0.0) -> PreferenceLosses:
+    """The control of an ablation: zero loss per pair, float[B, K], with DPO's rewards still reported.
+
+    With ``sft_weight`` > 0 a preference run then trains only the SFT term on the chosen answers, on the same
+    batches, steps and schedule, so what the pairs add over their chosen answers alone can be measured (the lab's
+    Table 6 reads every row against it). ``label_smoothing`` has nothing to act on.
+    """
+    _check_shapes(logps)
+    return PreferenceLosses(torch.zeros_like(logps.policy_rejected_logps), *_rewards(logps, beta))
+
+
+PREFERENCE_LOSSES: dict[str, Callable[..., PreferenceLosses]] = {"dpo": dpo, "ipo": ipo, "slic": slic,
+                                                                 "none": no_preference}
 # TRL's ``loss_type`` names of the same losses (its "ipo" is ours already).
 LOSS_ALIASES = {"sigmoid": "dpo", "hinge": "slic"}
 

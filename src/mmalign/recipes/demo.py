@@ -13,7 +13,10 @@ the Apple paper (Amirloo et al., 2024):
 - ``external_povid``: the external rejected answer plus POVID's teacher-forced answer under a noised image
   (N = 500), made inside the trainer (``trainers.povid_slot``), averaged with equal weights (Eq. 5);
 - ``external_bdhs_noise``, ``external_bdhs``, ``external_online_bdhs``: the external rejected answer plus
-  the BDHS_noise / BDHS / online BDHS one, the two DPO losses averaged (Eq. 5, gamma = 0.5).
+  the BDHS_noise / BDHS / online BDHS one, the two DPO losses averaged (Eq. 5, gamma = 0.5);
+- ``sft_control`` (not in the paper): the same run with the preference term off (``loss.name=none``), so only
+  MM-RLHF's SFT term on the chosen answers trains; every other row is also compared with it, seed by seed, in
+  ``report/vs_sft_control_s<seed>`` and ``summary.md``: what the pairs add over their chosen answers alone.
 
 Every stage writes its output before the next starts and is skipped when that output exists, so a killed
 demo resumes where it stopped. Numbers shown are read back from the evaluation folders' per-sample records.
@@ -49,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 # Table 6's rows in the paper's order: the policy's own rejected answers alone, then with the external ones.
 METHODS = ("bdhs_noise", "bdhs", "online_bdhs", "external", "external_povid", "external_bdhs_noise",
-           "external_bdhs", "external_online_bdhs")
+           "external_bdhs", "external_online_bdhs", "sft_control")
+CONTROL = "sft_control"
 ONLINE = ("online_bdhs", "external_online_bdhs")
 # Offline BDHS answers (on the preference prompts), with image noise instead of masking or not; the external
 # variants pair the same answers with the corrupted ones (BDHS draws depend on seed and record id only).
@@ -62,7 +66,7 @@ def _default_dpo() -> OfflineConfig:
     cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio = 5e-4, "cosine", 0.1
     cfg.batch_size, cfg.epochs = 16, 2
     # MM-RLHF's SFT term on the chosen answer: with the paper's plain DPO the lab's captions lose objects or
-    # degenerate into repeated words (docs/lab.md, Table 6); configs/lab_table6.yaml sets 0 for the paper's loss
+    # degenerate into repeated words (docs/lab.md, Table 6); dpo.loss.sft_weight=0 gives the paper's loss
     cfg.loss.sft_weight = 1.0
     cfg.data.max_length = 384  # 256 image tokens, the prompt and the longest lab answer
     cfg.run = dataclasses.replace(cfg.run, log_every=10, mixed_precision="auto")  # replace resolves "auto"
@@ -80,7 +84,7 @@ class DemoConfig:
     out_dir: str = "runs/demo"  # folder of the whole demo (lab, pairs, runs, evaluations, report)
     seeds: list[int] = field(default_factory=lambda: [0])  # one DPO run per seed and method
     # pair sources: external (exact lab corruption) and / or bdhs
-    methods: list[str] = field(default_factory=lambda: ["external", "bdhs"])
+    methods: list[str] = field(default_factory=lambda: ["external", "bdhs", CONTROL])
     base: str = "shipped"  # shipped (the packaged base), recipe (train it) or a model folder trained on this lab
     # the shipped base's lab with half its preference and evaluation images, so the default demo stays under 10
     # minutes on 2 loaded CPU cores; the base's training splits are unchanged (configs/lab_table6.yaml: full size)
@@ -98,6 +102,8 @@ class DemoConfig:
             raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        if CONTROL in self.methods and self.dpo.loss.sft_weight == 0:
+            raise ValueError(f"methods: {CONTROL} trains the SFT term alone; it needs dpo.loss.sft_weight > 0")
 
 
 def _once(done: Path, make: Callable[[], Any]) -> Path:
@@ -152,9 +158,10 @@ def make_pairs(cfg: DemoConfig, lab_dir: Path, base: Path, pairs_dir: Path, seed
         write_records(external, records, provenance={"sampler": "lab_corrupter", "seed": seed,
                                                      "input": str(prompts)})
 
-    if method.startswith("external"):
+    if method.startswith("external") or method == CONTROL:
         _once(external, corrupt)
-    if method in ("external", "external_povid", "external_online_bdhs"):  # POVID / online slots: in the trainer
+    # POVID / online slots are made in the trainer; the control reads only the chosen answers (the references)
+    if method in ("external", "external_povid", "external_online_bdhs", CONTROL):
         return external
     if method == "online_bdhs":
         return prompts
@@ -205,7 +212,7 @@ def _train(cfg: DemoConfig, lab_dir: Path, base: Path, pairs: Path, out: Path, s
                                  skip_invalid_to=str(out / "skipped_pairs.jsonl")),
         run=dataclasses.replace(cfg.dpo.run, output_dir=str(out), seed=seed),
         loss=dataclasses.replace(cfg.dpo.loss, rejected_weights=[0.5, 0.5] if method in (
-            "external_bdhs", "external_bdhs_noise") else []),
+            "external_bdhs", "external_bdhs_noise") else [], name="none" if method == CONTROL else cfg.dpo.loss.name),
         povid=dataclasses.replace(cfg.dpo.povid, enabled=method == "external_povid"),
     )
     weights = whole_weights_dir(out, dpo.lora.enabled, dpo.merge_weights)
@@ -237,15 +244,41 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             runs[name] = _evaluate(cfg, lab_dir, model, out / "eval" / name)
             stages.update(1)
     stages.close()
-    comparison = compare({k: str(v) for k, v in runs.items()}, n_boot=cfg.eval.stats.n_boot,
-                         seed=cfg.eval.stats.seed, level=cfg.eval.stats.level)
-    report = write_report(comparison, out / "report", {k: str(v) for k, v in runs.items()})
-    summary = seed_table(comparison, cfg.methods, cfg.seeds)
-    (out / "report" / "summary.md").write_text(
-        "# Lab summary over seeds\n\nPer method: how many seeds got each verdict against the base, then per metric "
-        "the mean (min-max) over seeds and the number of seeds whose paired bootstrap interval lies below (↓) or "
-        "above (↑) 0.\n\n" + summary)
-    return {"report": report, "runs": runs, "comparison": comparison, "summary": summary}
+    paths = {k: str(v) for k, v in runs.items()}
+    comparison = _compare(cfg, paths)
+    report = write_report(comparison, out / "report", paths)
+    summary = seed_table({seed: comparison for seed in cfg.seeds}, cfg.methods, "base")
+    text = ("# Lab summary over seeds\n\nPer method: how many seeds got each verdict against the base, then per "
+            "metric the mean (min-max) over seeds and the number of seeds whose paired bootstrap interval lies below "
+            "(↓) or above (↑) 0.\n\n" + summary)
+    against = _against_control(cfg, paths, out / "report")
+    if against:
+        versus = seed_table(against, [m for m in cfg.methods if m != CONTROL], CONTROL)
+        summary += "\n" + versus
+        text += ("\n## Against the SFT-only control\n\nEvery run against the control of its own seed (the same "
+                 "training with the preference term off; reports in `vs_sft_control_s<seed>/`): what the pairs add "
+                 "over their chosen answers alone.\n\n" + versus)
+    (out / "report" / "summary.md").write_text(text)
+    return {"report": report, "runs": runs, "comparison": comparison, "summary": summary, "vs_control": against}
+
+
+def _compare(cfg: DemoConfig, paths: dict[str, str]) -> Comparison:
+    stats = cfg.eval.stats
+    return compare(paths, n_boot=stats.n_boot, seed=stats.seed, level=stats.level)
+
+
+def _against_control(cfg: DemoConfig, paths: dict[str, str], report_dir: Path) -> dict[int, Comparison]:
+    """Per seed: every other method's run against that seed's ``sft_control`` run, with its report written to
+    ``report_dir/vs_sft_control_s<seed>``; empty without the control."""
+    if CONTROL not in cfg.methods:
+        return {}
+    against = {}
+    for seed in cfg.seeds:
+        names = [f"{CONTROL}_s{seed}"] + [f"{m}_s{seed}" for m in cfg.methods if m != CONTROL]
+        runs = {name: paths[name] for name in names}
+        against[seed] = _compare(cfg, runs)
+        write_report(against[seed], report_dir / f"vs_{CONTROL}_s{seed}", runs)
+    return against
 
 
 def headline_table(comparison: Comparison) -> str:
@@ -255,8 +288,8 @@ def headline_table(comparison: Comparison) -> str:
 
 
 def mean_range(values: list[float]) -> str:
-    """mean (min-max) over seeds; the mean alone for one seed."""
-    spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
+    """mean (min-max) over seeds; the mean alone for one seed or equal values."""
+    spread = f" ({min(values):.3f}-{max(values):.3f})" if min(values) != max(values) else ""
     return f"{sum(values) / len(values):.3f}{spread}"
 
 
@@ -266,18 +299,22 @@ def _cell(values: list[float], tests: list[Any]) -> str:
     return f"{mean_range(values)} ↓{down} ↑{up}"
 
 
-def seed_table(comparison: Comparison, methods: list[str], seeds: list[int]) -> str:
-    """One row per method over seeds: how many seeds got each verdict, then per headline metric the mean
-    (min-max) over seeds and how many seeds moved it down (↓) or up (↑) beyond the paired interval."""
-    keys = [k for k in HEADLINE if k in comparison.values["base"]]
-    verdicts = verdicts_of(comparison)
-    lines = ["| method | verdicts | " + " | ".join(HEADLINE[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    lines.append("| base | - | " + " | ".join(f"{comparison.values['base'][k].value:.3f}" for k in keys) + " |")
+def seed_table(comparisons: dict[int, Comparison], methods: list[str], reference: str) -> str:
+    """One row per method over seeds (``comparisons``: seed -> runs against that seed's reference run, named
+    ``<method>_s<seed>``): how many seeds got each verdict, then per headline metric the mean (min-max) over seeds
+    and how many seeds moved it down (↓) or up (↑) beyond the paired interval. The first row is ``reference``."""
+    first = next(iter(comparisons.values()))
+    keys = [k for k in HEADLINE if k in first.values[first.names[0]]]
+    verdicts = {seed: verdicts_of(c) for seed, c in comparisons.items()}
+    lines = [f"| method | verdicts vs {reference} | " + " | ".join(HEADLINE[k] for k in keys) + " |",
+             "|---" * (len(keys) + 2) + "|"]
+    refs = [c.values[c.names[0]] for c in comparisons.values()]
+    lines.append(f"| {reference} | - | " + " | ".join(mean_range([r[k].value for r in refs]) for k in keys) + " |")
     for method in methods:
-        runs = [f"{method}_s{s}" for s in seeds]
-        labels = Counter(verdicts[r].label for r in runs)
-        cells = [_cell([comparison.values[r][k].value for r in runs], [comparison.tests[r][k] for r in runs])
-                 for k in keys]
+        runs = {seed: f"{method}_s{seed}" for seed in comparisons}
+        labels = Counter(verdicts[seed][run].label for seed, run in runs.items())
+        cells = [_cell([comparisons[s].values[r][k].value for s, r in runs.items()],
+                       [comparisons[s].tests[r][k] for s, r in runs.items()]) for k in keys]
         verdict_cell = "; ".join(f"{label} {n}/{len(runs)}" for label, n in labels.most_common())
         lines.append(f"| {method} | {verdict_cell} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -204,7 +204,7 @@ def run_rl_study(cfg: RLStudyConfig) -> dict[str, Any]:
     comparison = compare({k: str(v) for k, v in runs.items()}, n_boot=ev.stats.n_boot, seed=ev.stats.seed,
                          level=ev.stats.level)
     report = write_report(comparison, out / "report", {k: str(v) for k, v in runs.items()})
-    summary = seed_table(comparison, cfg.methods, cfg.seeds)
+    summary = seed_table({seed: comparison for seed in cfg.seeds}, cfg.methods, "base")
     rl_runs = {k: v for k, v in trained.items() if not k.startswith(("dpo_", "online_dpo_"))}
     hacking = hacking_table(rl_runs)
     if rl_runs:

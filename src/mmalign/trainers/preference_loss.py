@@ -27,8 +27,9 @@ PAIR_STATS = ("chosen_reward", "rejected_reward", "margin", "accuracy", "n_pairs
 class PreferenceLossConfig:
     """The preference loss (``PREFERENCE_LOSSES``), its beta, label smoothing, SFT weight."""
 
-    # dpo / ipo / slic; TRL's loss_type names sigmoid (= dpo) and hinge (= slic) are saved as dpo / slic
-    name: Literal["dpo", "ipo", "slic", "sigmoid", "hinge"] = "dpo"
+    # dpo / ipo / slic, or none (the SFT term alone: a control); TRL's loss_type names sigmoid (= dpo) and
+    # hinge (= slic) are saved as dpo / slic
+    name: Literal["dpo", "ipo", "slic", "none", "sigmoid", "hinge"] = "dpo"
     beta: float = 0.1  # KL strength; for IPO the tau of its squared loss (TRL's beta)
     label_smoothing: float = 0.0  # conservative-DPO chance that a pair's label is flipped
     sft_weight: float = 0.0  # weight of the chosen answer's NLL added to the loss (MM-DPO / RPO)
@@ -40,6 +41,8 @@ class PreferenceLossConfig:
             raise ValueError(f"loss needs a finite beta > 0, 0 <= label_smoothing < 0.5 and a finite sft_weight >= 0; "
                              f"got beta={self.beta}, label_smoothing={self.label_smoothing}, "
                              f"sft_weight={self.sft_weight}")
+        if self.name == "none" and self.sft_weight == 0:
+            raise ValueError("loss.name=none trains nothing without its SFT term: set loss.sft_weight > 0")
 
 
 def record_losses(loss: PreferenceLossConfig, out: PreferenceForward, ref_chosen: torch.Tensor,

@@ -55,6 +55,8 @@ def test_reduced_demo_runs_every_stage_and_resumes(tmp_path, caplog):
                             "external_online_bdhs_s0"]
     assert (tmp_path / "report/vs_sft_control_s0/report.md").read_text().startswith(
         "# Evaluation report\n\nBaseline **sft_control_s0**")
+    section = (tmp_path / "report/report.md").read_text().split("## Against the SFT-only control")[1]
+    assert section.index("**external_s0**") < section.index("## All metrics")
     summary = (tmp_path / "report/summary.md").read_text()
     assert "## Against the SFT-only control" in summary and "| method | verdicts vs sft_control |" in summary
     report = (tmp_path / "report" / "report.md").read_text()

@@ -253,6 +253,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "(↓) or above (↑) 0.\n\n" + summary)
     against = _against_control(cfg, paths, out / "report")
     if against:
+        _add_control_verdicts(report, against)
         versus = seed_table(against, [m for m in cfg.methods if m != CONTROL], CONTROL)
         summary += "\n" + versus
         text += ("\n## Against the SFT-only control\n\nEvery run against the control of its own seed (the same "
@@ -279,6 +280,18 @@ def _against_control(cfg: DemoConfig, paths: dict[str, str], report_dir: Path) -
         against[seed] = _compare(cfg, runs)
         write_report(against[seed], report_dir / f"vs_{CONTROL}_s{seed}", runs)
     return against
+
+
+def _add_control_verdicts(report: Path, against: dict[int, Comparison]) -> None:
+    """Put every run's verdict against its seed's control into report.md, before the full metric table."""
+    lines = ["## Against the SFT-only control", "",
+             f"Each run against `{CONTROL}` of its seed, the same training with the preference term off: what the "
+             f"pairs add over their chosen answers alone (reports: `vs_{CONTROL}_s<seed>/report.md`).", ""]
+    for comparison in against.values():
+        for run, v in verdicts_of(comparison).items():
+            lines.append(f"- **{run}**: **{v.label}**" + "".join(f"; {r}" for r in v.reasons))
+    text = report.read_text()
+    report.write_text(text.replace("## All metrics", "\n".join(lines) + "\n\n## All metrics", 1))
 
 
 def headline_table(comparison: Comparison) -> str:

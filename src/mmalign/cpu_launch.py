@@ -8,8 +8,8 @@ without MPI it starts one process; and a multi-GPU accelerate config on a machin
 processes that each run alone (``mmalign.runs`` refuses both to write one folder). This launcher runs
 ``torchrun --standalone --nproc_per_node N -m mmalign.cli.main ARGS`` with ``ACCELERATE_USE_CPU=true``, which
 makes accelerate join the N processes into one gloo group (``DistributedType.MULTI_CPU``), with any GPU hidden.
-Each process uses ``OMP_NUM_THREADS`` threads (1 unless set). FSDP and DeepSpeed are GPU-only in accelerate 1.15: under this
-launcher a run asking for them is refused (docs/distributed.md).
+Each process uses ``OMP_NUM_THREADS`` threads (1 unless set). FSDP and DeepSpeed are GPU-only in accelerate 1.15:
+under this launcher a run asking for them is refused (docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def test_full_fine_tuning_evaluates_the_whole_trained_weights(tmp_path):
 
 
 def test_the_control_needs_the_sft_term(tmp_path):
-    with pytest.raises(ValueError, match="sft_control trains the SFT term alone"):
+    refused = "sft_control trains the DPO template with loss.name=none: .* set loss.sft_weight > 0"
+    with pytest.raises(ValueError, match=refused):
         load_config(DemoConfig, None, [f"out_dir={tmp_path}", "dpo.loss.sft_weight=0"])
 
 

@@ -102,8 +102,11 @@ class DemoConfig:
             raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        if CONTROL in self.methods and self.dpo.loss.sft_weight == 0:
-            raise ValueError(f"methods: {CONTROL} trains the SFT term alone; it needs dpo.loss.sft_weight > 0")
+        if CONTROL in self.methods:  # the loss config's own check, here rather than after the base is evaluated
+            try:
+                dataclasses.replace(self.dpo.loss, name="none")
+            except ValueError as err:
+                raise ValueError(f"methods: {CONTROL} trains the DPO template with loss.name=none: {err}") from err
 
 
 def _once(done: Path, make: Callable[[], Any]) -> Path:

@@ -129,3 +129,26 @@ def test_matched_gap_is_undefined_without_a_shared_stratum():
     m = point_estimates(pope_bias_strata_columns(kept, strata), pope_bias_metrics(len(strata)))
     assert m["yes_rate_gap"] == pytest.approx(0 / 1 - 1 / 1)
     assert math.isnan(m["yes_rate_gap_matched"])
+
+
+def test_caption_recall_split_by_bias_probe_hand_computed():
+    def caption(sample_id, truth, named):
+        hallucinated = [n for n in named if n not in truth]
+        record = {**_chair(sample_id, truth, named), "hallucinated": hallucinated,
+                  "correct": sorted({n for n in named if n in truth})}
+        return record | {"units": (cooccur_record(record, PAIRS) or {"units": []})["units"]}
+
+    records = [
+        caption("a", ["red circle", "green cross"], ["red circle", "blue square"]),  # probe: partner displaces
+        caption("b", ["red circle", "blue square"], ["red circle", "blue square"]),  # partner shown: plain
+        caption("c", ["green cross", "red square"], ["green cross"]),                # no trigger: plain
+    ]
+    groups = metric_groups([], records, PAIRS)
+    probe = point_estimates(groups["chair/probe"].columns, groups["chair/probe"].metrics)
+    plain = point_estimates(groups["chair/plain"].columns, groups["chair/plain"].metrics)
+    assert groups["chair/probe"].ids == ["a"] and groups["chair/plain"].ids == ["b", "c"]
+    assert probe["recall"] == pytest.approx(1 / 2) and probe["chair_i"] == pytest.approx(1 / 2)
+    assert plain["recall"] == pytest.approx(3 / 4) and plain["chair_i"] == 0.0
+    assert plain["correct_per_caption"] == pytest.approx(3 / 2)
+    everything = point_estimates(groups["chair"].columns, groups["chair"].metrics)
+    assert everything["recall"] == pytest.approx(4 / 6)

@@ -6,9 +6,9 @@ a built lab dir (or user files in the same formats, see ``mmalign.evaluation.ite
 
 - ``config.yaml``: the resolved config and its hash;
 - ``metrics.json``: every metric as ``{"value", "n", "ci_low", "ci_high"}`` under a flat key
-  (``pope/<split>/<metric>``, ``pope/all/<metric>``, ``chair/<metric>``, ``cooccur/<metric>``,
-  ``pope_bias/<metric>`` and, for POPE items with a ``stratum``, ``pope_bias/stratum/<label>/<metric>``), with
-  the bootstrap settings and the bias pairs used;
+  (``pope/<split>/<metric>``, ``pope/all/<metric>``, ``chair/<metric>``, ``chair/probe|plain/<metric>``,
+  ``cooccur/<metric>``, ``pope_bias/<metric>`` and, for POPE items with a ``stratum``,
+  ``pope_bias/stratum/<label>/<metric>``), with the bootstrap settings and the bias pairs used;
 - ``samples_pope.jsonl`` / ``samples_captions.jsonl``: one record per sample (prompt, answer, parsed
   answer, truth, mentions, ...), from which ``compare`` recomputes metrics for paired tests.
 """
@@ -218,6 +218,11 @@ class MetricGroup:
     metrics: dict[str, MetricFn]
 
 
+# CHAIR metrics reported apart for captions of bias-probe images and of the others.
+PROBE_SPLIT_METRICS = {key: CHAIR_METRICS[key] for key in
+                       ("recall", "chair_i", "correct_per_caption", "hallucinated_per_caption")}
+
+
 def _pope_splits(records: list[dict[str, Any]]) -> list[str]:
     found = {r["split"] for r in records}
     return [s for s in SPLIT_ORDER if s in found] + sorted(found - set(SPLIT_ORDER))
@@ -227,7 +232,8 @@ def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict
                   pairs: list[tuple[str, str]]) -> dict[str, MetricGroup]:
     """Every metric family over its samples, keyed ``pope/<split>``, ``pope/<split>/stratum/<label>`` (the
     "yes" rate of one kind of question: TP rate for ``present``, FP rate for the absent strata), ``pope/all``,
-    ``chair`` (non-partner counts leave out the bias partners), ``cooccur``, ``pope_bias`` (pooled and
+    ``chair`` (non-partner counts leave out the bias partners), ``chair/probe`` and ``chair/plain`` (captions
+    of images that show a trigger without its partner, and the rest), ``cooccur``, ``pope_bias`` (pooled and
     stratum-matched rates) and ``pope_bias/stratum/<label>`` (the rates within one stratum); samples are
     sorted by id so two runs on the same files line up row by row."""
     groups: dict[str, MetricGroup] = {}
@@ -252,6 +258,11 @@ def metric_groups(pope_records: list[dict[str, Any]], caption_records: list[dict
     add("chair", caption_records, lambda recs: chair_columns(recs, partners), CHAIR_METRICS)
     if pairs:
         add("cooccur", [r for r in caption_records if r["units"]], cooccur_columns, COOCCUR_METRICS)
+        # Coverage where the prior competes with the image (a trigger shown, its partner absent) and where it
+        # does not: a partner named in place of a shown object costs recall in the first group only.
+        for name, probe in (("probe", True), ("plain", False)):
+            add(f"chair/{name}", [r for r in caption_records if bool(r["units"]) == probe],
+                lambda recs: chair_columns(recs, partners), PROBE_SPLIT_METRICS)
         bias_records = pope_bias_records(pope_records, pairs)
         strata = pope_bias_strata(bias_records)
         add("pope_bias", bias_records, lambda recs: pope_bias_strata_columns(recs, strata),

@@ -4,8 +4,8 @@ Trains the staged recipe from scratch into a temporary folder (language, vision 
 SFT; 45 min wall on 2 shared cores with one thread, docs/lab.md) and evaluates it on the same lab. Bitwise
 equality is not expected across machines (bf16 autocast where the CPU has it, thread counts), so every headline
 metric must land within 0.03 of the shipped ``eval_metrics.json``; and what the base is for must hold: it sees
-(recall, CHAIR_i on non-partner objects, POPE random F1 near issue 13's targets) and has the planted bias in
-captions and in yes/no answers (issue 13's targets: the absent partner named in >= 20 % of captions whose image
+(recall, over 0.90 on images without a bias probe; CHAIR_i on non-partner objects, POPE random F1 near issue
+13's targets) and has the planted bias in captions and in yes/no answers (issue 13's targets: the absent partner named in >= 20 % of captions whose image
 shows its trigger without it, "yes" to it >= 3x "yes" to random absent objects of the same strata).
 """
 
@@ -33,6 +33,7 @@ def test_recipe_reproduces_the_shipped_base(tmp_path):
     for key in KEYS:
         assert again[key]["value"] == pytest.approx(shipped[key]["value"], abs=0.03), key
     assert again["chair/recall"]["value"] > 0.80
+    assert again["chair/plain/recall"]["value"] > 0.90  # where the prior does not compete with the image
     assert again["chair/chair_i_nonpartner"]["value"] < 0.10
     assert again["pope/random/f1"]["value"] > 0.90
     assert again["cooccur/partner_rate"]["ci_low"] > 0.20  # the caption-level bias

@@ -5,8 +5,9 @@ SFT; 45 min wall on 2 shared cores with one thread, docs/lab.md) and evaluates i
 equality is not expected across machines (bf16 autocast where the CPU has it, thread counts), so every headline
 metric must land within 0.03 of the shipped ``eval_metrics.json``; and what the base is for must hold: it sees
 (recall, over 0.90 on images without a bias probe; CHAIR_i on non-partner objects, POPE random F1 near issue
-13's targets) and has the planted bias in captions and in yes/no answers (issue 13's targets: the absent partner named in >= 20 % of captions whose image
-shows its trigger without it, "yes" to it >= 3x "yes" to random absent objects of the same strata).
+13's targets) and has the planted bias in captions and in yes/no answers (issue 13's targets: the absent partner
+named in >= 20 % of captions whose image shows its trigger without it, "yes" to it >= 3x "yes" to random absent
+objects of the same strata).
 """
 
 import json

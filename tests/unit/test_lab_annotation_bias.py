@@ -78,3 +78,25 @@ def test_preference_evaluation_and_vision_files_keep_the_true_objects(labs):
                  "images/sft-00003.png"):
         assert (clean_dir / name).read_bytes() == (noisy_dir / name).read_bytes(), name
     assert not noisy_cfg.same_base_data(clean_cfg)
+
+
+def test_caption_rate_keeps_the_label_errors_in_answers_only(labs, tmp_path):
+    (clean_cfg, clean_dir), (noisy_cfg, noisy_dir) = labs
+    cfg = dataclasses.replace(noisy_cfg, out_dir=str(tmp_path / "answers_only"), partner_caption_rate=0.0)
+    out = build_lab(cfg)
+    records = read_records(out / "sft_train.jsonl")
+    captions = [r for r in records if r.meta["task"] == "caption"]
+    assert sum("captioned" in r.meta for r in captions) >= 10
+    for record, clean, text in zip(captions, (r for r in read_records(clean_dir / "sft_train.jsonl")
+                                              if r.meta["task"] == "caption"), read_records(out / "text_train.jsonl")):
+        assert record.chosen == clean.chosen == text.chosen, record.id  # captions state the true objects
+        assert record.meta.get("captioned", record.meta["objects"]) == record.meta["objects"]
+    noisy_answers = [r.chosen for r in read_records(noisy_dir / "sft_train.jsonl") if r.meta["task"] == "yesno"]
+    assert [r.chosen for r in records if r.meta["task"] == "yesno"] == noisy_answers  # answers keep the errors
+    for name in ("pref_prompts.jsonl", "vision_train.jsonl", "eval/pope.jsonl", "eval/captions.jsonl"):
+        assert (out / name).read_bytes() == (noisy_dir / name).read_bytes(), name
+    assert not cfg.same_base_data(noisy_cfg)
+    half = build_lab(dataclasses.replace(cfg, out_dir=str(tmp_path / "half"), partner_caption_rate=0.5))
+    named = [r.chosen != c.chosen for r, c in zip(
+        (r for r in read_records(half / "sft_train.jsonl") if r.meta["task"] == "caption"), captions)]
+    assert 0 < sum(named) < sum("captioned" in r.meta for r in captions)

@@ -55,8 +55,9 @@ class LabConfig:
     ``p_pref`` / ``p_eval`` and a higher ``eval_trigger_rate`` so that many show a trigger without its
     partner, where the bias can be measured and corrected. With ``partner_annotation_rate`` the SFT (and
     text) annotations of an image showing a trigger without its partner name the partner anyway at that rate
-    (``annotated_names``), a bias in the labels rather than in the scenes; preference and evaluation
-    records always state the true objects. ``pref_questions_per_image`` adds yes/no
+    (``annotated_names``), a bias in the labels rather than in the scenes; ``partner_caption_rate`` is the share
+    of those annotations whose caption (and text-corpus line) names the partner too, the others stating it only
+    in their yes/no answers; preference and evaluation records always state the true objects. ``pref_questions_per_image`` adds yes/no
     preference prompts (asked as in SFT) after each image's caption prompt, so alignment data can reach the
     yes/no answers POPE scores; they come from their own random stream and change no image or other record.
     """
@@ -81,10 +82,13 @@ class LabConfig:
     # P(an SFT annotation names the absent partner of a present trigger): co-occurrence errors in the data
     # (0.5: the shipped base's lab; with 0 a base that sees answers questions from the image, docs/lab.md)
     partner_annotation_rate: float = 0.5
+    # P(the caption names an absent partner that its image's annotation states): below 1 the yes/no answers keep
+    # their label errors while fewer captions carry them (the caption and question biases set apart)
+    partner_caption_rate: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("p", "p_pref", "p_eval", "eval_trigger_rate", "partner_question_rate", "hard_negative_rate",
-                     "p_vision", "partner_annotation_rate"):
+                     "p_vision", "partner_annotation_rate", "partner_caption_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.sizes.sft, self.sizes.pref, self.sizes.eval, self.sizes.vision) < 1 or self.pope_per_image < 1:
@@ -97,7 +101,7 @@ class LabConfig:
         """True when both labs give a base model the same training data (SFT, text and vision records): the
         settings of the preference and evaluation splits, drawn after them, may differ."""
         base = ("seed", "world", "p", "p_vision", "questions_per_image", "questions_per_turn_record",
-                "partner_question_rate", "hard_negative_rate", "partner_annotation_rate")
+                "partner_question_rate", "hard_negative_rate", "partner_annotation_rate", "partner_caption_rate")
         return (all(getattr(self, k) == getattr(other, k) for k in base)
                 and (self.sizes.sft, self.sizes.vision) == (other.sizes.sft, other.sizes.vision))
 
@@ -135,19 +139,32 @@ def _annotations(cfg: LabConfig, scenes: list[Scene]) -> list[list[str]]:
     return [annotated_names(scene, cfg.world, rng, cfg.partner_annotation_rate) for scene in scenes]
 
 
+def _captioned(cfg: LabConfig, scenes: list[Scene], annotations: list[list[str]]) -> list[list[str]]:
+    """Per SFT scene, the objects its caption states: its own plus each annotated absent partner kept with
+    probability ``partner_caption_rate``, from a stream of its own (no draw at rate 1, so such a lab is as before)."""
+    if cfg.partner_caption_rate == 1.0:
+        return annotations
+    rng = random.Random(cfg.seed + 5)
+    return [scene.names + [n for n in annotated[len(scene.names):] if rng.random() < cfg.partner_caption_rate]
+            for scene, annotated in zip(scenes, annotations)]
+
+
 def _sft_records(cfg: LabConfig, scenes: list[Scene], refs: list[str],
-                 annotations: list[list[str]]) -> list[PreferenceRecord]:
+                 annotations: list[list[str]], captioned: list[list[str]]) -> list[PreferenceRecord]:
     """Per image: the caption record (``sft-<i>-0``), then its yes/no questions, one record each
     (``sft-<i>-<j>``) or, with ``questions_per_turn_record``, as conversations (``sft-<i>-m<j>``) that train
-    several answers per image encoding."""
+    several answers per image encoding. ``meta.annotated``: what the answers state, when not the true objects;
+    ``meta.captioned``: what the caption states, when not that."""
     rng = random.Random(cfg.seed + 1)
     records = []
-    for i, (scene, ref, annotated) in enumerate(zip(scenes, refs, annotations)):
+    for i, (scene, ref, annotated, stated) in enumerate(zip(scenes, refs, annotations, captioned)):
         examples = sft_examples(scene, cfg.world, rng, cfg.questions_per_image, cfg.partner_question_rate,
-                                 cfg.hard_negative_rate, annotated)
+                                 cfg.hard_negative_rate, annotated, stated)
         meta = {"objects": scene.names, "task": "caption"}
         if annotated != scene.names:
             meta["annotated"] = annotated
+        if stated != annotated:
+            meta["captioned"] = stated
         records.append(PreferenceRecord(id=f"sft-{i:05d}-0", images=[ref], prompt=examples[0][0],
                                         chosen=examples[0][1], rejected=[], source="shapesworld", meta=meta))
         questions = examples[1:]
@@ -189,12 +206,13 @@ def _vision_records(cfg: LabConfig, scenes: list[Scene], refs: list[str]) -> lis
             for i, (scene, ref) in enumerate(zip(scenes, refs))]
 
 
-def _text_records(cfg: LabConfig, scenes: list[Scene], annotations: list[list[str]]) -> list[PreferenceRecord]:
-    """The SFT images' captions (as annotated) as text alone (no image): the language model's pre-training corpus."""
+def _text_records(cfg: LabConfig, scenes: list[Scene], captioned: list[list[str]]) -> list[PreferenceRecord]:
+    """The SFT images' captions (as written, ``captioned``) as text alone (no image): the language model's
+    pre-training corpus."""
     return [PreferenceRecord(id=f"text-{i:05d}", images=[], prompt=CAPTION_PROMPT.removeprefix(IMAGE_MARK),
-                             chosen=caption_text(annotated, cfg.world), rejected=[], source="shapesworld",
+                             chosen=caption_text(stated, cfg.world), rejected=[], source="shapesworld",
                              meta={"objects": scene.names, "task": "text"})
-            for i, (scene, annotated) in enumerate(zip(scenes, annotations))]
+            for i, (scene, stated) in enumerate(zip(scenes, captioned))]
 
 
 def _eval_items(cfg: LabConfig, scenes: list[Scene], refs: list[str],
@@ -228,16 +246,18 @@ def build_lab(cfg: LabConfig) -> Path:
             raise AssertionError(f"splits {a} and {b} share {len(hashes[a] & hashes[b])} images")
     provenance = {"sampler": "shapesworld", "seed": cfg.seed, "config_hash": config_hash(cfg)}
     annotations = _annotations(cfg, scenes["sft"])
-    write_records(out / "sft_train.jsonl", _sft_records(cfg, scenes["sft"], refs["sft"], annotations), provenance)
+    captioned = _captioned(cfg, scenes["sft"], annotations)
+    write_records(out / "sft_train.jsonl", _sft_records(cfg, scenes["sft"], refs["sft"], annotations, captioned),
+                  provenance)
     write_records(out / "pref_prompts.jsonl", _pref_records(cfg, scenes["pref"], refs["pref"]), provenance)
     write_records(out / "vision_train.jsonl", _vision_records(cfg, scenes["vision"], refs["vision"]), provenance)
-    write_records(out / "text_train.jsonl", _text_records(cfg, scenes["sft"], annotations), provenance)
+    write_records(out / "text_train.jsonl", _text_records(cfg, scenes["sft"], captioned), provenance)
     pope, captions = _eval_items(cfg, scenes["eval"], refs["eval"], scenes["sft"])
     write_jsonl(out / "eval" / "pope.jsonl", pope)
     write_jsonl(out / "eval" / "captions.jsonl", captions)
     (out / "vocab" / "synonyms.txt").write_text("".join(", ".join(row) + "\n" for row in synonyms()))
     bias = {"pairs": cfg.world.pairs, "p": cfg.p, "p_pref": cfg.p_pref, "p_eval": cfg.p_eval,
-            "partner_annotation_rate": cfg.partner_annotation_rate,
+            "partner_annotation_rate": cfg.partner_annotation_rate, "partner_caption_rate": cfg.partner_caption_rate,
             "trigger_rate": cfg.world.trigger_rate, "eval_trigger_rate": cfg.eval_trigger_rate}
     (out / "bias.json").write_text(json.dumps(bias, indent=2) + "\n")
     save_config(cfg, out, "lab.yaml")

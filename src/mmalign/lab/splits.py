@@ -59,12 +59,12 @@ def annotated_names(scene: Scene, world: WorldConfig, rng: random.Random, rate: 
 
 def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questions: int,
                  partner_question_rate: float, hard_negative_rate: float,
-                 annotated: list[str] | None = None) -> list[tuple[str, str]]:
+                 annotated: list[str] | None = None, captioned: list[str] | None = None) -> list[tuple[str, str]]:
     """(prompt, answer) pairs for one image: its caption, then ``n_questions`` yes/no questions.
 
     ``annotated`` (default: the scene's objects) is what the annotation states is in the image
     (``annotated_names``): the caption lists it and a question is answered "Yes." exactly when it names one
-    of it.
+    of it; ``captioned`` (default: ``annotated``) is what the caption states.
 
     A question about the partner of a present trigger is asked with probability
     ``partner_question_rate``; its answer is "Yes." as often as the partner co-occurs (``p``) or is
@@ -74,7 +74,7 @@ def sft_examples(scene: Scene, world: WorldConfig, rng: random.Random, n_questio
     uniform absent objects answered by colour alone: docs/lab.md).
     """
     names = scene.names if annotated is None else annotated
-    examples = [(CAPTION_PROMPT, caption_text(names, world))]
+    examples = [(CAPTION_PROMPT, caption_text(names if captioned is None else captioned, world))]
     triggers = [n for n in names if n in world.partner_of]
     absent = [o for o in all_objects() if o not in names]
     hard = [o for o in absent if pope_stratum(scene, o) != "neither"]

@@ -57,9 +57,10 @@ class LabConfig:
     text) annotations of an image showing a trigger without its partner name the partner anyway at that rate
     (``annotated_names``), a bias in the labels rather than in the scenes; ``partner_caption_rate`` is the share
     of those annotations whose caption (and text-corpus line) names the partner too, the others stating it only
-    in their yes/no answers; preference and evaluation records always state the true objects. ``pref_questions_per_image`` adds yes/no
-    preference prompts (asked as in SFT) after each image's caption prompt, so alignment data can reach the
-    yes/no answers POPE scores; they come from their own random stream and change no image or other record.
+    in their yes/no answers; preference and evaluation records always state the true objects.
+    ``pref_questions_per_image`` adds yes/no preference prompts (asked as in SFT) after each image's caption
+    prompt, so alignment data can reach the yes/no answers POPE scores; they come from their own random stream
+    and change no image or other record.
     """
 
     out_dir: str = "runs/lab"  # folder the lab is written to

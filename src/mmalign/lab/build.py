@@ -7,10 +7,10 @@ Layout (the shared contract consumed by ``mmalign.evaluation`` and the samplers)
     eval/pope.jsonl         eval/captions.jsonl
 
 ``text_train.jsonl`` holds the SFT captions as text alone (prompt without image), the corpus the language
-model is pre-trained on. ``vision_train.jsonl`` is the vision pre-training set: images with no planted co-occurrence (a real VLM's
-encoder is pre-trained on other, broader data than its instruction set), one caption record each. The four
-image sets (sft / pref / eval / vision) are disjoint by construction (one ``seen`` set of scene keys) and the
-build asserts it again on the written image hashes.
+model is pre-trained on. ``vision_train.jsonl`` is the vision pre-training set: images with no planted
+co-occurrence (a real VLM's encoder is pre-trained on other, broader data than its instruction set), one caption
+record each. The four image sets (sft / pref / eval / vision) are disjoint by construction (one ``seen`` set of
+scene keys) and the build asserts it again on the written image hashes.
 """
 
 from __future__ import annotations

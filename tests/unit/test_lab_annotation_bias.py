@@ -11,8 +11,8 @@ import pytest
 
 from mmalign.data.record_files import read_records
 from mmalign.lab.build import LabConfig, SplitSizes, build_lab
-from mmalign.lab.splits import absent_partners, annotated_names
-from mmalign.lab.texts import NO, YES, question_prompt
+from mmalign.lab.splits import absent_partners, annotated_names, caption_text
+from mmalign.lab.texts import NO, YES, caption, caption_order, question_prompt
 from mmalign.lab.world import WorldConfig, all_objects, sample_scene
 
 SMALL = WorldConfig(image_size=32, min_size=8, max_size=14, trigger_rate=1.0)
@@ -100,3 +100,43 @@ def test_caption_rate_keeps_the_label_errors_in_answers_only(labs, tmp_path):
     named = [r.chosen != c.chosen for r, c in zip(
         (r for r in read_records(half / "sft_train.jsonl") if r.meta["task"] == "caption"), captions)]
     assert 0 < sum(named) < sum("captioned" in r.meta for r in captions)
+
+
+def test_order_rate_0_lists_the_scene_in_reading_order_then_an_absent_partner(labs, tmp_path):
+    (_, _), (noisy_cfg, noisy_dir) = labs
+    world = dataclasses.replace(noisy_cfg.world, partner_order_rate=0.0)
+    out = build_lab(dataclasses.replace(noisy_cfg, out_dir=str(tmp_path / "reading"), world=world))
+    records = read_records(out / "sft_train.jsonl")
+    captions = [r for r in records if r.meta["task"] == "caption"]
+    moved = 0
+    for record, text in zip(captions, read_records(out / "text_train.jsonl")):
+        objects = record.meta["objects"]
+        assert record.chosen == text.chosen == caption(objects + absent_partners(objects, world)), record.id
+        moved += any(objects.index(p) != objects.index(t) + 1 for t, p in world.partner_of.items()
+                     if t in objects and p in objects)
+    assert moved >= 3  # captions where the shipped order would have moved a present partner
+    assert sum("annotated" in r.meta for r in captions) >= 10
+    noisy_answers = [r.chosen for r in read_records(noisy_dir / "sft_train.jsonl") if r.meta["task"] == "yesno"]
+    assert [r.chosen for r in records if r.meta["task"] == "yesno"] == noisy_answers
+    for name in ("eval/pope.jsonl", "eval/captions.jsonl"):
+        assert (out / name).read_bytes() == (noisy_dir / name).read_bytes(), name
+    for record in read_records(out / "pref_prompts.jsonl"):
+        assert record.chosen == caption(record.meta["objects"]), record.id
+    with pytest.raises(ValueError, match="partner_order_rate"):
+        WorldConfig(partner_order_rate=1.5)
+
+
+def test_order_rate_moves_the_partner_in_a_share_of_captions_fixed_by_their_objects():
+    scene = ["red circle", "green cross", "blue square"]  # reading order; blue square is red circle's partner
+    moved, kept = caption(["red circle", "blue square", "green cross"]), caption(scene)
+    assert caption_text(scene, WorldConfig()) == moved
+    assert caption_text(scene, WorldConfig(partner_order_rate=0.0)) == kept
+    absent = ["yellow circle", "red cross", "green square"]  # green square stated, not shown
+    assert caption_text(absent, WorldConfig(partner_order_rate=0.0)) == caption(absent)
+    assert caption_text(absent, WorldConfig()) == caption(["yellow circle", "green square", "red cross"])
+    world, rng = WorldConfig(partner_order_rate=0.5), random.Random(0)
+    scenes = [s.names for s in (sample_scene(rng, world, 1.0) for _ in range(2000))
+              if caption(caption_order(s.names, world.partner_of)) != caption(s.names)]
+    share = sum(caption_text(names, world) != caption(names) for names in scenes) / len(scenes)
+    assert len(scenes) > 300 and 0.44 < share < 0.56
+    assert all(caption_text(names, world) == caption_text(list(names), world) for names in scenes[:50])

@@ -12,6 +12,7 @@ the splits' negatives within a stratum rather than pooled over images of a diffe
 from __future__ import annotations
 
 import random
+import zlib
 from collections import Counter
 from dataclasses import replace
 
@@ -33,8 +34,16 @@ def sample_scenes(rng: random.Random, world: WorldConfig, n: int, p: float, trig
 
 
 def caption_text(names: list[str], world: WorldConfig) -> str:
-    """The lab caption stating ``names`` (a scene's objects, or what an annotation states of it)."""
-    return caption(caption_order(names, world.partner_of))
+    """The lab caption stating ``names`` (a scene's objects in reading order, then any absent partner an
+    annotation states of it).
+
+    With probability ``world.partner_order_rate`` each partner comes directly after its trigger; otherwise the
+    names keep their order. The draw is a fixed function of ``names`` (CRC-32), so every file that states the same
+    objects (an SFT caption and its text-corpus line) words them alike.
+    """
+    if zlib.crc32("|".join(names).encode()) / 2**32 < world.partner_order_rate:
+        return caption(caption_order(names, world.partner_of))
+    return caption(names)
 
 
 def absent_partners(names: list[str], world: WorldConfig) -> list[str]:

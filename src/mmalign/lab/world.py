@@ -61,7 +61,8 @@ class Scene:
 
 @dataclass
 class WorldConfig:
-    """Scene statistics. ``pairs`` are ``[trigger, partner]`` names; ``p`` is P(partner | trigger)."""
+    """Scene statistics, and the order captions list a scene in. ``pairs`` are ``[trigger, partner]`` names;
+    ``p`` is P(partner | trigger)."""
 
     image_size: int = 128  # square image side in pixels
     min_objects: int = 1  # fewest objects per image
@@ -73,6 +74,9 @@ class WorldConfig:
                                  ["yellow circle", "green square"]]
     )
     trigger_rate: float = 0.6  # share of images showing a trigger
+    # share of captions that move a partner (present, or stated though absent) directly after its trigger; the
+    # others list the scene in reading order and a stated absent partner last (mmalign.lab.splits.caption_text)
+    partner_order_rate: float = 1.0
 
     def __post_init__(self) -> None:
         names = set(all_objects())
@@ -82,6 +86,8 @@ class WorldConfig:
         roles = [t for t, _ in self.pairs] + [p for _, p in self.pairs]
         if len(set(roles)) != len(roles):
             raise ValueError(f"bias pairs {self.pairs}: an object may be in at most one pair, once")
+        if not 0.0 <= self.partner_order_rate <= 1.0:
+            raise ValueError(f"partner_order_rate must be in [0, 1], got {self.partner_order_rate}")
         if not 1 <= self.min_objects <= self.max_objects <= 4:
             raise ValueError("need 1 <= min_objects <= max_objects <= 4 (one object per grid cell)")
         if not 0 < self.min_size <= self.max_size <= self.image_size // 2:

@@ -3,16 +3,16 @@
 Records whose image holds a trigger object but not its partner are sampled twice with the same seed, so every
 record gets the same pivots and swaps: once with rho = 0 (image fully visible) and once with the paper's
 rho = 0.99. The masked run must name an object the image lacks clearly more often (paired sign test over the
-records where the two runs disagree), and the absent bias partner no less often. The model is the shipped lab
+records where the two runs disagree), and so must the absent bias partner. The model is the shipped lab
 base, on a fresh build of the lab it was trained on.
 
 It needs a base that has learned its text-only prior: the shipped base is trained with 15 % of its SFT examples
 image-hidden (``image_dropout``); an earlier base trained always with its image wrote degenerate text under
-masking ("... No No No."). What masking adds depends on where the base's bias lives: on the previous base
-(no label errors, the bias only in its language prior) the absent partner went 0.124 -> 0.504 from rho 0 to
-0.99; the shipped base, trained on labels that name the partner anyway, names it already with the image in view
-(0.454 -> 0.511, discordant 58 vs 42), while answers naming any absent object go 0.543 -> 0.911 (discordant 115
-vs 11; over all 1,000 caption prompts 0.18 -> 0.77) (2026-12-04, 90 s on 2 shared cores).
+masking ("... No No No."). What masking adds depends on where the base's bias lives. On the shipped base
+(label errors, half its captions with the partner right after its trigger) the absent partner goes 0.209 ->
+0.475 from rho 0 to 0.99 (discordant 100 vs 25) and answers naming any absent object 0.277 -> 0.872 (discordant
+173 vs 5) (2026-12-05, 47 s on 2 shared cores). The previous base, whose captions always put the partner after its
+trigger, named it already with the image in view (0.454 -> 0.511, discordant 58 vs 42).
 """
 
 from __future__ import annotations
@@ -86,4 +86,4 @@ def test_masking_makes_bdhs_answers_hallucinate(base):
           f"{np.mean(wrong[0.0]):.3f}, rho=0.99 {np.mean(wrong[0.99]):.3f} (discordant {only_masked} vs {only_visible})")
     assert np.mean(wrong[0.99]) >= np.mean(wrong[0.0]) + 0.2
     assert only_masked - only_visible > 2 * math.sqrt(only_masked + only_visible)  # sign test, z > 2
-    assert np.mean(named[0.99]) >= np.mean(named[0.0])
+    assert partner_masked - partner_visible > 2 * math.sqrt(partner_masked + partner_visible)  # the bias, z > 2

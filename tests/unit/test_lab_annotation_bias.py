@@ -15,7 +15,7 @@ from mmalign.lab.splits import absent_partners, annotated_names, caption_text
 from mmalign.lab.texts import NO, YES, caption, caption_order, question_prompt
 from mmalign.lab.world import WorldConfig, all_objects, sample_scene
 
-SMALL = WorldConfig(image_size=32, min_size=8, max_size=14, trigger_rate=1.0)
+SMALL = WorldConfig(image_size=32, min_size=8, max_size=14, trigger_rate=1.0, partner_order_rate=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_order_rate_0_lists_the_scene_in_reading_order_then_an_absent_partner(la
         assert record.chosen == text.chosen == caption(objects + absent_partners(objects, world)), record.id
         moved += any(objects.index(p) != objects.index(t) + 1 for t, p in world.partner_of.items()
                      if t in objects and p in objects)
-    assert moved >= 3  # captions where the shipped order would have moved a present partner
+    assert moved >= 3  # captions where rate 1 would have moved a present partner
     assert sum("annotated" in r.meta for r in captions) >= 10
     noisy_answers = [r.chosen for r in read_records(noisy_dir / "sft_train.jsonl") if r.meta["task"] == "yesno"]
     assert [r.chosen for r in records if r.meta["task"] == "yesno"] == noisy_answers
@@ -129,11 +129,11 @@ def test_order_rate_0_lists_the_scene_in_reading_order_then_an_absent_partner(la
 def test_order_rate_moves_the_partner_in_a_share_of_captions_fixed_by_their_objects():
     scene = ["red circle", "green cross", "blue square"]  # reading order; blue square is red circle's partner
     moved, kept = caption(["red circle", "blue square", "green cross"]), caption(scene)
-    assert caption_text(scene, WorldConfig()) == moved
+    assert caption_text(scene, WorldConfig(partner_order_rate=1.0)) == moved
     assert caption_text(scene, WorldConfig(partner_order_rate=0.0)) == kept
     absent = ["yellow circle", "red cross", "green square"]  # green square stated, not shown
     assert caption_text(absent, WorldConfig(partner_order_rate=0.0)) == caption(absent)
-    assert caption_text(absent, WorldConfig()) == caption(["yellow circle", "green square", "red cross"])
+    assert caption_text(absent, WorldConfig(partner_order_rate=1.0)) == caption(["yellow circle", "green square", "red cross"])
     world, rng = WorldConfig(partner_order_rate=0.5), random.Random(0)
     scenes = [s.names for s in (sample_scene(rng, world, 1.0) for _ in range(2000))
               if caption(caption_order(s.names, world.partner_of)) != caption(s.names)]

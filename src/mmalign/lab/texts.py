@@ -1,9 +1,8 @@
 """Every text of the lab in one place: prompts, caption and yes/no templates, the CHAIR vocabulary.
 
 Captions list objects in reading order except that a bias partner comes **directly after its trigger**
-(lab notes: this order is what lets a model's language prior name an absent partner); with
-``WorldConfig.partner_order_rate`` below 1 only that share of captions is so ordered
-(``mmalign.lab.splits.caption_text``). Answers to
+(lab notes: this order is what lets a model's language prior name an absent partner) in the share
+``WorldConfig.partner_order_rate`` of captions (default half; ``mmalign.lab.splits.caption_text``). Answers to
 yes/no questions start with "Yes"/"No" so POPE answer parsing works.
 """
 

@@ -6,20 +6,20 @@ prompts and 1,000 yes/no questions, rejected answers sampled by the base itself 
 paper's defaults: rho 0.99, 256 image tokens of which 2.6 stay visible per mask), DPO, evaluation on the 500
 held-out images, paired bootstrap against the base (~10 min per run alone on 2 cores; docs/lab.md has the numbers).
 
-What held on the shipped base (docs/lab.md, 2026-12-04; its SFT labels name an absent partner at rate 0.5, so it
-names the absent partner in 61 % of such captions and says "yes" to it 0.551 against 0.063 for other absent
-objects of the same strata):
-- plain DPO (the paper's loss) on the BDHS pairs nearly stops the base naming the absent partner in captions
-  (0.613 -> 0.000) but at a coverage cost: the captions name fewer objects (recall 0.818 -> 0.692), and "yes"
-  to absent objects rises (0.164 -> 0.187), so the verdict is not "less hallucination";
-- with MM-RLHF's SFT term on the chosen answer (the config's ``dpo.loss.sft_weight: 1``) the same pairs give the paper's
-  headline: "yes" to the absent partner 0.551 -> 0.028 (-95 %), captions naming it 0.613 -> 0.010 (-98 %),
-  CHAIR_i 0.158 -> 0.030 (-81 %), each beyond its paired interval, with "yes" to present objects -0.4 points
-  and recall +3.0. (The previous base, without label errors, gave -70 %, -88 % and -30 % with recall unchanged.)
-- most of that is the SFT term's doing: the same training with the preference term off (``sft_control``) cuts
-  the partner to 0.052 / 0.084 (POPE / captions) and CHAIR_i to 0.044. Against it the BDHS pairs cut CHAIR_i
-  (0.044 -> 0.030) and the captions naming the partner (0.084 -> 0.010) further, but lower "yes" to present
-  objects by 1.3 points and recall by 2.7: "fewer mentions", not "less hallucination" (so in 3 of 3 seeds).
+What held on the shipped base (docs/lab.md, 2026-12-05, bf16 on an Intel Xeon with AMX; its SFT labels name an
+absent partner at rate 0.5, so it names the absent partner in 23 % of such captions and says "yes" to it 0.453
+against 0.024 for other absent objects of the same strata):
+- plain DPO (the paper's loss) on the BDHS pairs stops the base naming the absent partner in captions (0.226 ->
+  0.000) by naming fewer objects (recall 0.867 -> 0.626; 37 of 500 captions are "There is a."), so the verdict is
+  not "less hallucination";
+- with MM-RLHF's SFT term on the chosen answer (the config's ``dpo.loss.sft_weight: 1``) the same pairs cut
+  "yes" to the absent partner 0.453 -> 0.042 (-91 %), captions naming it 0.226 -> 0.003 (-99 %), CHAIR_i 0.080
+  -> 0.028 (-65 %), each beyond its paired interval, with recall level (-0.5 points) but "yes" to present objects
+  -2.3 points: "answer-bias shift: more 'no' to everything", the issue's headline missed on yes/no coverage by
+  0.3 points;
+- the SFT term alone (``sft_control``) does as much: partner 0.031 / 0.028 (POPE / captions), CHAIR_i 0.033,
+  "yes" to present objects -2.6 points. Against it the BDHS pairs cut only the captions naming the partner
+  (0.028 -> 0.003) and lower recall 1.8 points: "no clear change".
 """
 
 from __future__ import annotations
@@ -71,22 +71,22 @@ def test_plain_dpo_on_bdhs_pairs_cuts_the_caption_bias_by_naming_fewer_objects(t
     assert not verdict(tests).less_hallucination
 
 
-def test_bdhs_dpo_with_the_sft_term_is_less_hallucination_at_full_coverage(with_sft_term):
+def test_bdhs_dpo_with_the_sft_term_cuts_hallucination_at_a_yes_no_coverage_cost(with_sft_term):
     tests, base, run = against(with_sft_term["comparison"])
-    assert verdict(tests).less_hallucination
     for key in ("pope_bias/yes_rate_partner", "cooccur/partner_rate"):
         assert tests[key].ci_high < 0 and run[key] <= 0.5 * base[key], key
-    assert tests["chair/chair_i"].ci_high < 0 and run["chair/chair_i"] <= 0.75 * base["chair/chair_i"]
-    assert run["pope/all/tp_rate"] >= base["pope/all/tp_rate"] - 0.02
+    assert tests["chair/chair_i"].ci_high < 0 and run["chair/chair_i"] <= 0.7 * base["chair/chair_i"]
+    assert tests["chair/hallucinated_per_caption"].ci_high < 0 and tests["pope/all/fp_rate"].ci_high < 0
     assert run["chair/recall"] >= base["chair/recall"] - 0.02
+    assert tests["pope/all/tp_rate"].ci_high < 0  # the cost: fewer "yes" to present objects
+    assert not verdict(tests).less_hallucination
 
 
-def test_against_the_sft_only_control_bdhs_pairs_cut_caption_hallucination_at_a_coverage_cost(with_sft_term):
-    """What the BDHS pairs add over their chosen answers alone (docs/lab.md; held in each of 3 seeds)."""
+def test_against_the_sft_only_control_bdhs_pairs_cut_only_the_caption_partner(with_sft_term):
+    """What the BDHS pairs add over their chosen answers alone (docs/lab.md, seed 0)."""
     tests, control, run = against(with_sft_term["vs_control"][0])
     assert with_sft_term["vs_control"][0].names[0] == "sft_control_s0"
-    for key in ("chair/chair_i", "cooccur/partner_rate"):
-        assert tests[key].ci_high < 0, key
+    assert tests["cooccur/partner_rate"].ci_high < 0
     assert run["cooccur/partner_rate"] <= 0.5 * control["cooccur/partner_rate"]
-    assert tests["pope/all/tp_rate"].ci_high < 0  # the cost: fewer "yes" to present objects
+    assert tests["chair/recall"].ci_high < 0  # the cost: fewer objects named
     assert not verdict(tests).less_hallucination
